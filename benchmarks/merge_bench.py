@@ -242,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=2 * 10**9, help="input shard bytes")
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
     ap.add_argument("--json", help="append results as JSON lines to this file")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each method and tool (interleaved)")
     ap.add_argument("--normal-exit", action="store_true",
                     help="also time mergeflow with MERGEFLOW_FAST_EXIT=0 (interpreter teardown)")
     args = ap.parse_args(argv)
@@ -266,9 +267,9 @@ def main(argv=None) -> int:
     # machine spinning OpenMP workers slow any threaded program several-fold.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rows = []
-    for method in args.methods.split(","):
+    for method, rep in [(m, r) for r in range(args.repeats) for m in args.methods.split(",")]:
         mf_method, mf_params, *_ = METHODS[method]
-        res = {"size": args.size, "method": method, "device": args.device, "floor": floor}
+        res = {"size": args.size, "method": method, "device": args.device, "repeat": rep, "floor": floor}
         for tool in args.tools.split(","):
             out = work / f"out-{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
@@ -293,9 +294,12 @@ def main(argv=None) -> int:
             if tool == "mergeflow" and rc == 0:
                 meta = json.loads((out / "mergeflow_merge.json").read_text())
                 res[tool]["timings"] = dict(meta.get("timings") or {}, engine_s=meta["wall_time_s"])
+                # before the engine starts: interpreter, imports (torch), CLI; after: exit
+                res[tool]["outside_engine_s"] = round(wall - meta["wall_time_s"], 3)
             shutil.rmtree(out, ignore_errors=True)
-            print(f"  {method:16s} {tool:10s} {wall:7.2f} s  peak RSS {rss / 2**30:6.2f} GiB", flush=True)
-        if args.normal_exit and "mergeflow" in res:
+            print(f"  {method:16s} {tool:10s} {wall:7.2f} s  peak RSS {rss / 2**30:6.2f} GiB"
+                  + (f"  {res[tool]['timings']}" if "timings" in res[tool] else ""), flush=True)
+        if args.normal_exit and "mergeflow" in res and rep == 0:
             out = work / "out-mergeflow-normal-exit"
             cmd = [sys.executable, "-m", "mergeflow.merging", "--method", mf_method, "--base", str(dirs["base"])]
             for n in ("lm", "math", "code"):

@@ -107,4 +107,7 @@ def test_robustness_table_in_m3_layout(tmp_path):
     assert by_model["m3-x"]["livebench_typos"] == pytest.approx(50.0)
     assert by_model["ties-x"]["adv_sst2 pdr,deepwordbug"] == pytest.approx(50.0)
     assert "adv_sst2 accuracy,clean" not in table.columns
+    assert list(table.columns) == ["livebench_typos", "adv_sst2 pdr,deepwordbug"]  # OOD first, then PDRs
+    labels = {idx[1]: idx[0] for idx in table.index}
+    assert labels == {"ties-x": "ties (lm+code)", "m3-x": "ties (lm+code) +M3"}  # with and without M3
     assert [p.name for p in write_robustness(frame, tmp_path)] == ["robustness.md"]

@@ -62,7 +62,7 @@ def test_merge_id_changes_only_with_what_changes_the_output(demo_config):
 
 def test_duplicate_merge_is_an_error(demo_config):
     demo_config["merges"].append(copy.deepcopy(demo_config["merges"][0]))
-    with pytest.raises(MergeflowError, match=r"merges\[5\]"):
+    with pytest.raises(MergeflowError, match=rf"merges\[{len(demo_config['merges']) - 1}\]"):
         mfconfig.merge_specs(mfconfig.prepare(demo_config))
 
 

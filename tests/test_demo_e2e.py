@@ -70,6 +70,34 @@ def test_demo_produces_scores_for_every_model_and_benchmark(demo_run):
     assert elapsed < 600, f"demo took {elapsed:.0f}s (budget 10 min)"
 
 
+def test_demo_adds_robustness_rows_with_and_without_m3(demo_run):
+    work, _ = demo_run
+    cfg = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    rob = cfg["robustness"]
+    scores = pd.read_csv(work / "results" / "scores.csv")
+    pair = scores[(scores.role == "merge") & (scores.experts == "lm+math")]
+    assert set(pair.m3.astype(str)) == {"True", "False"}, "the LM & Math pair is merged with and without M3"
+    attacks = rob["adversarial"]["settings"].get("attacks", ["deepwordbug", "bertattack", "stresstest"])
+    for model in set(pair.model):
+        rows = scores[scores.model == model]
+        for category in rob["livebench"]["categories"]:
+            (lb,) = rows[(rows.benchmark == f"livebench_{category}") & (rows.metric == "score")].value
+            assert 0.0 <= lb <= 1.0, (model, category)
+        for task in rob["adversarial"]["tasks"]:
+            adv = rows[rows.benchmark == f"adv_{task}"].set_index("metric").value
+            expected = {"accuracy,clean"} | {f"{k},{a}" for a in attacks for k in ("accuracy", "pdr")}
+            assert set(adv.index) == expected, (model, task, set(adv.index))
+            clean = adv["accuracy,clean"]
+            for a in attacks:
+                if clean > 0:
+                    assert adv[f"pdr,{a}"] == pytest.approx(1 - adv[f"accuracy,{a}"] / clean)
+    others = scores[(scores.role != "merge") | (scores.experts != "lm+math")]
+    assert not others.benchmark.str.startswith(("livebench_", "adv_")).any()
+    table = (work / "results" / "tables" / "robustness.md").read_text()
+    assert "task_arithmetic (lm+math) +M3" in table and re.search(r"task_arithmetic \(lm\+math\)\s+\|", table), table
+    assert "adv_sst2 pdr,bertattack" in table and "livebench_typos" in table
+
+
 def test_editing_one_hyperparameter_reruns_only_that_merge(demo_run, tmp_path):
     work, _ = demo_run
     cfg = yaml.safe_load((work / "config" / "config.yaml").read_text())

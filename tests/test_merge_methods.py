@@ -390,7 +390,7 @@ def test_keep_first_clears_all_but_the_first_true_entries():
 
 
 def test_device_radix_select_matches_a_sort():
-    # The CUDA trim's sync-free radix select, run here on the CPU.
+    # The CUDA trim's sync-free threshold (a sort of the float bits), run here on the CPU.
     g = torch.Generator().manual_seed(2)
     for ties in (False, True):
         a = torch.randint(0, 300, (90_001,), generator=g).float() * 1e-3 if ties else torch.rand(90_001, generator=g)

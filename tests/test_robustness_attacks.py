@@ -99,3 +99,81 @@ def test_pdr_exact_on_a_hand_made_case():
     assert performance_drop_rate([False, False], [True, False]) is None
     with pytest.raises(MergeflowError, match="same examples"):
         performance_drop_rate([True], [True, False])
+
+
+def _fake_mlm(substitutes):
+    """A stand-in masked LM: fixed substitutes for some words, none for the rest."""
+    return lambda text, index: list(substitutes.get(attacks.words(text)[index][2], []))
+
+
+def _topic_encoder(texts):
+    """A hand-made sentence encoder: 'tone' and 'mood' mean the same, anything else is orthogonal."""
+    return [[1.0, 0.0] if ("tone" in t or "mood" in t) else [0.0, 1.0] for t in texts]
+
+
+def _tone_objective(prompt):
+    # "colour" fools the victim completely, "mood" only a little: an unconstrained search takes "colour"
+    if "colour" in prompt:
+        return (0.0, 0.0)
+    return (0.5, 0.4) if "mood" in prompt else (1.0, 1.0)
+
+
+def test_sentence_similarity_rejects_a_candidate_under_the_threshold_and_keeps_one_above():
+    sim = attacks.SentenceSimilarity(_topic_encoder, threshold=0.8)
+    index = [w[2] for w in attacks.words(PROMPT)].index("tone")
+    cands = [attacks.replace_word(PROMPT, index, w) for w in ("mood", "colour")]
+    assert sim.scores(PROMPT, cands, index) == [pytest.approx(1.0), pytest.approx(0.0)]
+    assert sim(PROMPT, cands, index) == [True, False]
+
+    mlm = _fake_mlm({"tone": ["mood", "colour"]})
+    free = attacks.bertattack(PROMPT, _tone_objective, LABELS, seed=0, mlm=mlm)
+    assert [e["to"] for e in free.edits] == ["colour"] and free.rejected == 0
+    res = attacks.bertattack(PROMPT, _tone_objective, LABELS, seed=0, mlm=mlm, similarity=sim)
+    assert [(e["from"], e["to"]) for e in res.edits] == [("tone", "mood")]
+    assert res.rejected == 1  # "colour" was dropped before it was queried
+    assert res.queries == free.queries - 1
+    assert "colour" not in res.prompt and "mood" in res.prompt
+
+
+def test_sentence_similarity_threshold_is_inclusive_and_compares_against_the_original():
+    def encoder(texts):  # cos(original, x) = 0.8 exactly for "mood", 0.6 for "feel"
+        table = {"mood": [4.0, 3.0], "feel": [3.0, 4.0]}  # vs [5, 0]: 20/25 and 15/25, exact in floats
+        return [next((v for k, v in table.items() if k in t), [5.0, 0.0]) for t in texts]
+
+    sim = attacks.SentenceSimilarity(encoder, threshold=0.8)
+    i = 2  # "tone"
+    assert attacks.words(PROMPT)[i][2] == "tone"
+    cands = [attacks.replace_word(PROMPT, i, w) for w in ("mood", "feel")]
+    assert sim.scores(PROMPT, cands, i) == [0.8, 0.6]
+    assert sim(PROMPT, cands, i) == [True, False]
+
+
+def test_text_window_around_the_substituted_word():
+    text = "w0 w1 w2 w3 w4 w5 w6"
+    assert attacks.text_window(text, 3, 3) == "w2 w3 w4"
+    assert attacks.text_window(text, 0, 3) == "w0 w1 w2"  # shifted inwards at the start
+    assert attacks.text_window(text, 6, 3) == "w4 w5 w6"  # and at the end
+    assert attacks.text_window(text, 3, 4) == "w1 w2 w3 w4"  # even windows: one more word before
+    assert attacks.text_window(text, 3, None) == text
+    assert attacks.text_window(text, 3, 50) == text
+
+    seen = []
+
+    def encoder(texts):
+        seen.extend(texts)
+        return [[1.0, 0.0]] * len(texts)
+
+    attacks.SentenceSimilarity(encoder, 0.8, window=3)(text, [attacks.replace_word(text, 3, "zz")], 3)
+    assert seen == ["w2 w3 w4", "w2 zz w4"]
+    with pytest.raises(MergeflowError, match="window"):
+        attacks.SentenceSimilarity(encoder, 0.8, window=0)
+
+
+def test_sentence_encoder_mean_pools_the_tiny_mlm(tmp_path):
+    from mergeflow.robustness.demo import build_tiny_mlm
+
+    enc = attacks.SentenceEncoder(build_tiny_mlm(tmp_path / "mlm"))
+    a, b, c = enc([PROMPT, PROMPT, "a waste of time and money ."])
+    assert len(a) == 32  # the tiny MLM's hidden size
+    assert attacks.cosine(a, b) == pytest.approx(1.0, abs=1e-6)
+    assert attacks.cosine(a, c) < 1.0

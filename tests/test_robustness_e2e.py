@@ -23,8 +23,8 @@ def test_attack_writes_accuracy_and_pdr_rows(demo_dir, tiny_model_dir, tmp_path)
     settings = {"limit": 4, "max_candidates": 3, "seed": 0,
                 "prompt": "Classify the tone as 'positive' or 'negative':"}
     rc = main(["robustness", "attack", "--task", "sst2", "--model", str(tiny_model_dir), "--data",
-               str(demo_dir / "sst2.jsonl"), "--mlm", str(demo_dir / "mlm"), "--settings", json.dumps(settings),
-               "--out", str(out)])
+               str(demo_dir / "sst2.jsonl"), "--mlm", str(demo_dir / "mlm"), "--encoder", str(demo_dir / "mlm"),
+               "--settings", json.dumps(settings), "--out", str(out)])
     assert rc == 0
     rows = {r["metric"]: r for r in read_score_file(out)}
     assert {r["benchmark"] for r in rows.values()} == {"adv_sst2"}
@@ -38,6 +38,16 @@ def test_attack_writes_accuracy_and_pdr_rows(demo_dir, tiny_model_dir, tmp_path)
     samples = [json.loads(line) for line in out.with_name("adv_sst2.samples.jsonl").read_text().splitlines()]
     stress = next(s for s in samples if s["attack"] == "stresstest")
     assert "true is true" in stress["prompt"]
+    bert = next(s for s in samples if s["attack"] == "bertattack")
+    assert bert["rejected"] >= 0 and bert["queries"] >= 1
+    details = json.loads(out.read_text())["details"]
+    assert details["settings"]["min_sentence_cos_sim"] == 0.8 and details["sentence_encoder"] == str(demo_dir / "mlm")
+
+
+def test_bertattack_without_a_sentence_encoder_is_an_error(demo_dir, tiny_model_dir, tmp_path, capsys):
+    rc = main(["robustness", "attack", "--task", "sst2", "--model", str(tiny_model_dir), "--data",
+               str(demo_dir / "sst2.jsonl"), "--mlm", str(demo_dir / "mlm"), "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "--encoder" in capsys.readouterr().err
 
 
 def test_livebench_typos_generates_and_scores(demo_dir, tiny_model_dir, tmp_path):

@@ -30,7 +30,8 @@ def test_dry_run_lists_every_stage():
     res = snakemake("-n", "--cores", "2", "--quiet", "rules")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    for rule in ("demo_assets", "fetch_data", "merge", "generate", "score", "judge_gsm8k", "aggregate"):
+    for rule in ("demo_assets", "fetch_data", "merge", "generate", "score", "judge_gsm8k", "aggregate",
+                 "robustness_demo_data", "robustness_livebench", "robustness_attack"):
         assert re.search(rf"^{rule}\s+\d+", out, re.M), f"rule {rule} missing from the dry run:\n{out}"
 
 
@@ -194,4 +195,7 @@ def test_paper_config_dry_runs_offline(paper):
     assert res.returncode == 0, out
     for rule in ("fetch_model", "fetch_data", "merge", "generate", "score", "aggregate"):
         assert re.search(rf"^{rule}\s+\d+", out, re.M), f"{rule} missing for {paper}"
+    if paper == "m3":  # BERTAttack's masked LM and sentence encoder are fetched like checkpoints
+        for rule in ("robustness_fetch_mlm", "robustness_fetch_encoder", "robustness_attack"):
+            assert re.search(rf"^{rule}\s+\d+", out, re.MULTILINE), f"{rule} missing for m3"
     assert "demo_assets" not in out  # the demo config is replaced, not extended

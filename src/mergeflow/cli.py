@@ -27,20 +27,30 @@ STAGES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; `only`: register just that stage (its module alone is imported)."""
     from mergeflow import __version__
 
     parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mergeflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for _name, module in STAGES:
-        importlib.import_module(module).add_parser(sub)
+    for name, module in STAGES:
+        if only is None or name == only:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
+def _stage(argv: list[str]) -> str | None:
+    """The stage named on the command line, if any (first non-option word)."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in dict(STAGES) else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    # Import only the named stage's CLI: each stage's imports cost start-up time (e.g. a
+    # merge need not load the config schema or the evaluation stages).
+    parser = build_parser(_stage(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -213,3 +213,32 @@ def _livebench_settings(wildcards):
 def _mlm_dir():
     mlm = (ROBUST.get("adversarial") or {}).get("mlm") or {}
     return os.path.normpath(mlm["path"]) if "path" in mlm else "resources/models/robustness_mlm"
+
+
+def _attack_settings(task):
+    adv = ROBUST.get("adversarial") or {}
+    return {**(adv.get("settings") or {}), **((adv.get("task_settings") or {}).get(task) or {})}
+
+
+def _encoder_dir():
+    """BERTAttack's sentence encoder (local path or fetched Hub snapshot); None if unset."""
+    enc = (ROBUST.get("adversarial") or {}).get("sentence_encoder")
+    if not enc:
+        return None
+    return os.path.normpath(enc["path"]) if "path" in enc else "resources/models/robustness_encoder"
+
+
+def _check_sentence_encoder():
+    """BERTAttack with its similarity constraint needs `adversarial.sentence_encoder`."""
+    for task in ((ROBUST.get("adversarial") or {}).get("tasks") or {}):
+        s = _attack_settings(task)
+        if ("bertattack" in s.get("attacks", ["bertattack"]) and s.get("min_sentence_cos_sim", 0.8) is not None
+                and _encoder_dir() is None):
+            raise WorkflowError(
+                f"config key 'robustness.adversarial.sentence_encoder': BERTAttack on {task} needs a sentence "
+                "encoder for its similarity constraint ({hub: ..., revision: ...} or {path: ...}); or set "
+                "robustness.adversarial.settings.min_sentence_cos_sim: null to run without it")
+
+
+if ROBUST_ON:
+    _check_sentence_encoder()

@@ -18,13 +18,14 @@ if ROBUST_ON:
                       ("livebench_instruction_following", "livebench_coding", "livebench_typos", "sst2", "cola")],
                 mlm=directory(f"{ROBUST_DEMO}/mlm"),
             params:
+                out=lambda w, output: os.path.dirname(output.data[0]),
                 seed=CFG["demo"]["seed"],
             log:
                 "results/logs/robustness/demo_data.log",
             conda:
                 "../../envs/robustness.yaml"
             shell:
-                "workflow/scripts/mergeflow robustness demo-data --out {ROBUST_DEMO} --seed {params.seed} > {log} 2>&1"
+                "workflow/scripts/mergeflow robustness demo-data --out {params.out} --seed {params.seed} > {log} 2>&1"
 
     rule robustness_fetch_livebench:
         input:
@@ -71,6 +72,20 @@ if ROBUST_ON:
             shell:
                 "workflow/scripts/mergeflow fetch model {params.args} --out {output} > {log} 2>&1"
 
+    if "hub" in ((ROBUST.get("adversarial") or {}).get("sentence_encoder") or {}):
+
+        rule robustness_fetch_encoder:
+            output:
+                directory("resources/models/robustness_encoder"),
+            params:
+                args=_source_args(ROBUST["adversarial"]["sentence_encoder"]),
+            log:
+                "results/logs/robustness/fetch_encoder.log",
+            conda:
+                "../../envs/fetch.yaml"
+            shell:
+                "workflow/scripts/mergeflow fetch model {params.args} --out {output} > {log} 2>&1"
+
     rule robustness_livebench:
         input:
             model=model_dir_of,
@@ -99,12 +114,12 @@ if ROBUST_ON:
             model=model_dir_of,
             data="resources/data/{adv_task}.jsonl",
             mlm=_mlm_dir(),
+            encoder=_encoder_dir() or [],
         output:
             "results/scores/{model}/adv_{adv_task}.json",
         params:
-            settings=lambda w: mfconfig.canonical_json(
-                {**(ROBUST["adversarial"].get("settings") or {}),
-                 **((ROBUST["adversarial"].get("task_settings") or {}).get(w.adv_task) or {})}),
+            settings=lambda w: mfconfig.canonical_json(_attack_settings(w.adv_task)),
+            encoder=lambda w, input: f"--encoder {input.encoder}" if input.encoder else "",
         log:
             "results/logs/robustness/{model}/adv_{adv_task}.log",
         conda:
@@ -114,4 +129,5 @@ if ROBUST_ON:
             mem_mb=CFG["resources"]["generate_mem_mb"],
         shell:
             "workflow/scripts/mergeflow robustness attack --task {wildcards.adv_task} --model {input.model} "
-            "--data {input.data} --mlm {input.mlm} --settings {params.settings:q} --out {output} > {log} 2>&1"
+            "--data {input.data} --mlm {input.mlm} {params.encoder} --settings {params.settings:q} --out {output} "
+            "> {log} 2>&1"

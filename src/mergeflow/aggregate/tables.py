@@ -119,6 +119,14 @@ def write_tables(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return written
 
 
+def _robustness_label(row) -> str:
+    """The M3 paper's rows: the combiner, "+M3" when M3 was applied ("task_arithmetic
+    (lm+math)" next to "task_arithmetic (lm+math) +M3")."""
+    if row.get("m3") is True and isinstance(row.get("family"), str):
+        return f"{row['family']} ({row['experts']}) +M3"
+    return _label(row)
+
+
 def robustness_table(frame: pd.DataFrame) -> pd.DataFrame:
     """M3's robustness layout: merges x (LiveBench score, PDR per attack), in percent."""
     rob = frame[frame["benchmark"].str.startswith(("livebench_", "adv_"))]
@@ -128,9 +136,11 @@ def robustness_table(frame: pd.DataFrame) -> pd.DataFrame:
     rob = rob.assign(
         column=rob["benchmark"].where(rob["benchmark"].str.startswith("livebench_"), rob["benchmark"] + " " + rob["metric"]),
         score=100.0 * pd.to_numeric(rob["value"], errors="coerce"),
-        label=rob.apply(lambda r: _label(r) + (" +M3" if r.get("m3") is True else ""), axis=1),
+        label=rob.apply(_robustness_label, axis=1),
     )
     table = rob.pivot_table(index=["label", "model"], columns="column", values="score", aggfunc="first", dropna=False)
+    # the paper's order: out-of-distribution scores first, then the PDRs
+    table = table[sorted(table.columns, key=lambda c: (not c.startswith("livebench_"), c))]
     return table.dropna(how="all", axis=0)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mergeflow.errors import MergeflowError
 
+
 def _expert(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -71,7 +72,8 @@ def run(args) -> int:
     # workers then starve them (seen: 8x slower on a busy 2-core machine). Only effective
     # before torch is first imported, which is the case for the CLI.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from mergeflow.merging.engine import run_merge
+    from mergeflow.merging import cudrv
+    from mergeflow.merging.engine import pinned_bytes, run_merge  # (no torch yet)
 
     experts = {}
     for name, path in args.expert:
@@ -79,7 +81,11 @@ def run(args) -> int:
             raise MergeflowError(f"--expert {name}={path}: the name {name!r} is "
                                  + ("reserved" if name == "base" else "given twice"))
         experts[name] = path
-    meta = run_merge(args.method, experts, args.out, base=args.base, params=_params(args.params),
+    params = _params(args.params)
+    # CUDA context, pinned staging memory and the RNG kernel need only the driver: set
+    # them up in a background thread while the main thread imports torch (1.6-4 s).
+    cudrv.start_early(args.device, pinned_bytes(args.io_threads))
+    meta = run_merge(args.method, experts, args.out, base=args.base, params=params,
                      seed=args.seed, device=args.device, vocab_policy=args.vocab_policy,
                      shard_size=args.shard_size, io_threads=args.io_threads)
     print(f"merged {len(experts)} experts with {meta['method']} into {args.out} "

@@ -55,15 +55,18 @@ class PinnedPool:
     to the pool once the copy that used it has completed.
     """
 
-    def __init__(self, count: int, size: int):
+    def __init__(self, count: int, size: int, buffer=None):
+        """`buffer`: an already pinned uint8 CPU tensor of at least count * size bytes to
+        cut the slabs from (the CLI pins one while torch is being imported)."""
         import queue
 
         import torch
 
         self.size = size
         self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+        for i in range(count):
+            self._free.put(torch.empty(size, dtype=torch.uint8, pin_memory=True) if buffer is None
+                           else buffer[i * size:(i + 1) * size])
 
     def get(self):
         return self._free.get()
@@ -84,6 +87,20 @@ class Item:
     shape: tuple[int, ...]  # output shape
     fit: bool
     whole: bool
+
+
+def thread_counts(device_type: str, io_threads: int | None = None) -> tuple[int, int]:
+    """(reader threads, writer threads) of a merge on `device_type` ("cpu" | "cuda")."""
+    cpus = os.cpu_count() or 2
+    io = io_threads or max(2, min(12 if device_type == "cuda" else 8, cpus))
+    write = max(1, min(8, io // 2 if device_type == "cpu" else cpus // 2))
+    return io, write
+
+
+def pinned_bytes(io_threads: int | None = None) -> int:
+    """Pinned staging memory a CUDA merge uses: two slabs per reader and per writer."""
+    io, write = thread_counts("cuda", io_threads)
+    return 2 * (io + write) * SLAB_BYTES
 
 
 def _resolve_device(device: str):
@@ -128,9 +145,7 @@ class MergeEngine:
         self.vocab_policy = vocab_policy
         self.out = Path(out)
         self.shard_bytes = parse_size(shard_size)
-        cpus = os.cpu_count() or 2
-        self.io_threads = io_threads or max(2, min(12 if self.device.type == "cuda" else 8, cpus))
-        self.write_threads = max(1, min(8, self.io_threads // 2 if self.device.type == "cpu" else cpus // 2))
+        self.io_threads, self.write_threads = thread_counts(self.device.type, io_threads)
         # Blocks read ahead live in host memory on the CPU, in GPU memory on CUDA.
         self.read_ahead_bytes = (256 << 20) if self.device.type == "cpu" else (4 << 30)
         self.progress = progress
@@ -406,8 +421,7 @@ class MergeEngine:
         self.timings: dict[str, float] = {}
         if self.device.type == "cuda":
             t = time.time()
-            self._read_pool = PinnedPool(2 * self.io_threads, SLAB_BYTES)
-            self._write_pool = PinnedPool(2 * self.write_threads, SLAB_BYTES)
+            self._pin()
             self.timings["pin_s"] = time.time() - t
         try:
             t = time.time()
@@ -447,6 +461,25 @@ class MergeEngine:
         finally:
             self._close()
 
+    def _pin(self) -> None:
+        """Pinned slab pools: cut from the memory the CLI's early CUDA set-up pinned while
+        torch was being imported (`cudrv`), or pinned now through torch."""
+        import torch
+
+        from mergeflow.merging import cudrv
+
+        n_read, n_write = 2 * self.io_threads, 2 * self.write_threads
+        ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        early = cudrv.early(ordinal)
+        buf = None
+        if early is not None:
+            self.timings.update({f"early_{k}": v for k, v in early.timings.items()})
+            if early.pinned is not None and len(early.pinned) >= (n_read + n_write) * SLAB_BYTES:
+                buf = torch.frombuffer(early.pinned, dtype=torch.uint8)
+            self.timings["early_pinned"] = float(buf is not None)
+        self._read_pool = PinnedPool(n_read, SLAB_BYTES, None if buf is None else buf[:n_read * SLAB_BYTES])
+        self._write_pool = PinnedPool(n_write, SLAB_BYTES, None if buf is None else buf[n_read * SLAB_BYTES:])
+
     def _merge_all(self, items: list[Item], writer: ShardedWriter, thresholds) -> None:
         import torch
 
@@ -454,7 +487,7 @@ class MergeEngine:
         cuda = dev.type == "cuda"
         out_dtypes = {name: getattr(torch, dt) for name, _, dt in self.plan}
         bar = None
-        if self.progress:
+        if self.progress and sys.stderr.isatty():  # (tqdm would disable itself off a TTY)
             from tqdm import tqdm
 
             bar = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="merge", disable=None,

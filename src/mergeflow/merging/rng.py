@@ -76,7 +76,7 @@ def uniform(key: tuple[int, int], offset: int, shape, device="cpu"):
     if offset < 0 or offset + numel > MAX_ELEMENTS:
         raise ValueError(f"counter range {offset}+{numel} exceeds 2**32")
     if torch.device(device).type == "cuda" and numel >= (1 << 16):
-        kernel = _triton_uniform()
+        kernel = _gpu_uniform(torch.device(device))
         if kernel is not None:  # one fused pass instead of ~30 elementwise kernels
             return kernel(key, offset, numel, device).view(shape)
     if torch.device(device).type == "cpu" and numel >= (1 << 16):
@@ -157,6 +157,31 @@ def mixup_weights(seed: int, alpha: float, n: int) -> list[float]:
         lam = float(rng.beta(alpha, alpha))
         return [lam, 1.0 - lam]
     return [float(v) for v in rng.dirichlet([alpha] * n)]
+
+
+_GPU: dict = {}
+
+
+def _gpu_uniform(device):
+    """The fused CUDA kernel for `uniform` on `device`: the driver-loaded PTX kernel
+    (`cudrv`), else Triton, else None (tensor ops). MERGEFLOW_GPU_RNG=ptx|triton|torch
+    picks one (tests); MERGEFLOW_TRITON=0 still disables Triton."""
+    import os
+
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GPU:
+        choice = os.environ.get("MERGEFLOW_GPU_RNG", "ptx")
+        kernel = None
+        if choice == "ptx":
+            from mergeflow.merging import cudrv
+
+            kernel = cudrv.uniform_kernel(index)
+        if kernel is None and choice in ("ptx", "triton"):
+            kernel = _triton_uniform()
+        _GPU[index] = kernel
+    return _GPU[index]
 
 
 _TRITON = None

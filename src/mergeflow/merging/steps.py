@@ -66,33 +66,21 @@ def kth_largest_flat(a, k: int) -> tuple[float, int, int]:
     return value, n_gt, int(hist[j2])
 
 
-def _count_bins(values, nbins: int):
-    """Histogram of int values in [0, nbins) without a host sync (bincount syncs on CUDA)."""
-    import torch
-
-    hist = torch.zeros(nbins, dtype=torch.int64, device=values.device)
-    return hist.index_add_(0, values, torch.ones((), dtype=torch.int64, device=values.device).expand(values.numel()))
-
-
 def _kth_largest_device(a, k: int):
-    """k-th largest of flat `a` (values >= 0) as a 0-dim device tensor: the radix select of
-    `kth_largest_flat` with every step kept on the device."""
+    """k-th largest (1-based) of flat `a` (values >= 0) as a 0-dim device tensor, without
+    a host sync: one radix sort of the float bits (non-negative floats order like their
+    int32 bit patterns), then a device-side pick.
+
+    A histogram radix select was tried first and lost badly on real deltas: differences
+    of bf16 weights have few distinct values, so millions of atomic increments land on a
+    handful of bins and serialise (on an H100: 15.9 ms per 17.7M-element tensor, against
+    0.9 ms for the sort).
+    """
     import torch
 
-    bits = a.view(torch.int32)
-    hi = bits >> 16
-    top = _count_bins(hi, 1 << 16).flip(0).cumsum(0)
-    kt = torch.tensor([k], dtype=torch.int64, device=a.device)
-    j = torch.searchsorted(top, kt)
-    b = (1 << 16) - 1 - j
-    above = torch.where(j > 0, top[(j - 1).clamp_(min=0)], 0)
-    # Low bits of the elements in bin b go to bins 0..65535; every other element to one of
-    # 4096 spare bins (by its own low bits), not one shared bin: atomics on a single
-    # address would serialise millions of increments.
-    low = torch.where(hi == b.to(torch.int32), bits & 0xFFFF, (bits & 0xFFF) + (1 << 16))
-    top2 = _count_bins(low, (1 << 16) + 4096)[: 1 << 16].flip(0).cumsum(0)
-    lo = (1 << 16) - 1 - torch.searchsorted(top2, kt - above)
-    return ((b << 16) | lo).to(torch.int32).view(torch.float32).view(())
+    n = a.numel()
+    srt = torch.sort(a.reshape(-1).view(torch.int32)).values
+    return srt[n - k].view(torch.float32)
 
 
 def _keep_first_(flags, need: int, block: int = 1 << 16):

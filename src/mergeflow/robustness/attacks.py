@@ -13,8 +13,13 @@ pins transformers < 5 (through flair), so the three recipes are re-implemented h
 * BERTAttack (Li et al. 2020), word level: same greedy search; candidates are the masked
   LM's top-`max_candidates` tokens (PromptBench: 48) at the word's first sub-token of the
   unmasked prompt (the "bert-attack" method), whole alphabetic words only; at most
-  `max_words_perturbed` x words are changed (PromptBench: 1.0). TextAttack's Universal
-  Sentence Encoder constraint is not applied (no USE model offline).
+  `max_words_perturbed` x words are changed (PromptBench: 1.0). A candidate is kept only
+  if the sentence-embedding cosine similarity between the original prompt and the candidate
+  prompt is >= `min_sentence_cos_sim` (PromptBench: USE, cosine, 0.8, compared against the
+  original, no window; TextAttack's own BERTAttackLi2020 recipe uses 0.2). The embedding
+  model is configurable (`SentenceEncoder`: mean-pooled last hidden states of a Hub or
+  local encoder); a `window` of w words compares only the w words around the substituted
+  one, as TextAttack's `text_window_around_index` does.
 * StressTest (Naik et al. 2018), sentence level: one of " and true is true ",
   " and false is not true " or " and true is true " x 5 inserted after the prompt's last
   word; the one that lowers the objective most is kept (PromptBench's brute-force search).
@@ -26,6 +31,7 @@ attacks minimise it. All randomness comes from `seed`.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable
@@ -52,6 +58,7 @@ class AttackResult:
     prompt: str  # the adversarial prompt
     edits: list[dict] = field(default_factory=list)  # {"index", "from", "to"} per changed word / appended text
     queries: int = 0
+    rejected: int = 0  # candidates dropped by a constraint before any victim query
 
 
 def words(text: str) -> list[tuple[int, int, str]]:
@@ -129,6 +136,75 @@ class MaskedLMCandidates:
         return out
 
 
+def text_window(text: str, index: int, window: int | None) -> str:
+    """The `window` words around word `index` (TextAttack's `text_window_around_index`:
+    (w-1)/2 words each side, shifted inwards at the ends), as the text span they cover;
+    the whole text when `window` is None."""
+    ws = words(text)
+    if window is None or not ws:
+        return text
+    n, half = len(ws), (window - 1) / 2.0
+    if index - half < 0:
+        start, end = 0, min(window - 1, n - 1)
+    elif index + half >= n:
+        start, end = max(0, n - window), n - 1
+    else:
+        start, end = index - math.ceil(half), index + math.floor(half)
+    return text[ws[start][0] : ws[end][1]]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+class SentenceEncoder:
+    """Sentence embeddings: mean of the last hidden states over the attention mask (the
+    pooling of sentence-transformers models such as all-MiniLM-L6-v2, done with plain
+    transformers). Any encoder or masked-LM checkpoint loads (AutoModel drops LM heads)."""
+
+    def __init__(self, model_dir, device: str = "cpu", max_length: int = 256):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch, self.device, self.max_length = torch, device, max_length
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).to(device).eval()
+
+    def __call__(self, texts: list[str]) -> list[list[float]]:
+        torch = self.torch
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        with torch.no_grad():
+            hidden = self.model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return pooled.cpu().tolist()
+
+
+class SentenceSimilarity:
+    """TextAttack's sentence-encoder constraint (metric "cosine", compare_against_original):
+    a candidate text passes if cos(encode(original window), encode(candidate window)) >=
+    `threshold`, the windows taken around the substituted word."""
+
+    def __init__(self, encoder: Callable[[list[str]], list[list[float]]], threshold: float = 0.8,
+                 window: int | None = None):
+        if window is not None and window < 1:
+            raise MergeflowError(f"sentence window must be >= 1 word or null, got {window}")
+        self.encoder, self.threshold, self.window = encoder, threshold, window
+
+    def scores(self, original: str, candidates: list[str], index: int) -> list[float]:
+        if not candidates:
+            return []
+        texts = [text_window(original, index, self.window)] + [text_window(c, index, self.window) for c in candidates]
+        ref, *embs = self.encoder(texts)
+        return [cosine(ref, e) for e in embs]
+
+    def __call__(self, original: str, candidates: list[str], index: int) -> list[bool]:
+        return [s >= self.threshold for s in self.scores(original, candidates, index)]
+
+
 # ----------------------------------------------------------------------------- search
 def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a < b  # lexicographic: fewer correct first, then lower gold probability
@@ -143,8 +219,11 @@ def greedy_word_swap(
     seed: int,
     max_words: int | None = None,
     max_edit_distance: int | None = None,
+    constraint: Callable[[str, list[str], int], list[bool]] | None = None,
 ) -> AttackResult:
-    """TextAttack's GreedyWordSwapWIR (wir_method "unk") over the prompt's modifiable words."""
+    """TextAttack's GreedyWordSwapWIR (wir_method "unk") over the prompt's modifiable words.
+    `constraint(original prompt, candidate prompts, word index)` filters candidates before
+    they are queried (TextAttack checks constraints on transformations, not on results)."""
     result = AttackResult(attack, prompt)
     current = objective(prompt)
     result.queries += 1
@@ -164,10 +243,14 @@ def greedy_word_swap(
         original = words(text)[i][2]
         rng = random.Random(f"{seed}:{attack}:{i}:{original}")
         best = None
-        for cand in candidates(text, i, rng):
-            new_text = replace_word(text, i, cand)
-            if max_edit_distance is not None and levenshtein(prompt, new_text) > max_edit_distance:
-                continue
+        pool = [(cand, replace_word(text, i, cand)) for cand in candidates(text, i, rng)]
+        if max_edit_distance is not None:
+            pool = [(c, t) for c, t in pool if levenshtein(prompt, t) <= max_edit_distance]
+        if constraint is not None and pool:
+            keep = constraint(prompt, [t for _, t in pool], i)
+            result.rejected += len(pool) - sum(keep)
+            pool = [ct for ct, ok in zip(pool, keep) if ok]
+        for cand, new_text in pool:
             score = objective(new_text)
             result.queries += 1
             if best is None or _better(score, best[0]):
@@ -187,11 +270,11 @@ def deepwordbug(prompt: str, objective: Objective, protected: set[str], seed: in
 
 
 def bertattack(prompt: str, objective: Objective, protected: set[str], seed: int, mlm: MaskedLMCandidates,
-               max_words_perturbed: float = 1.0) -> AttackResult:
+               max_words_perturbed: float = 1.0, similarity: SentenceSimilarity | None = None) -> AttackResult:
     n_words = len(words(prompt))
     max_words = max(1, int(max_words_perturbed * n_words))
     return greedy_word_swap("bertattack", prompt, objective, lambda t, i, rng: mlm(t, i),
-                            protected, seed, max_words=max_words)
+                            protected, seed, max_words=max_words, constraint=similarity)
 
 
 def append_after_last_word(prompt: str, distractor: str) -> str:

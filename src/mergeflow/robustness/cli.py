@@ -4,7 +4,8 @@
   robustness demo-data --out DIR [--seed N]
   robustness livebench --category C --model DIR --data FILE --settings GEN_JSON --generations OUT.jsonl
                        [--cache FILE] [--sandbox JSON] --out SCORE.json
-  robustness attack    --task sst2|cola --model DIR --data FILE --mlm DIR --settings JSON --out SCORE.json
+  robustness attack    --task sst2|cola --model DIR --data FILE --mlm DIR --encoder DIR --settings JSON
+                       --out SCORE.json
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ TASK_DEFAULTS = {
 ATTACK_SETTINGS = {
     "prompt": str, "template": str, "labels": list, "attacks": list, "limit": (int, type(None)), "seed": int,
     "max_candidates": int, "max_edit_distance": int, "max_words_perturbed": (int, float), "batch_size": int,
-    "device": str, "dtype": str,
+    "device": str, "dtype": str, "min_sentence_cos_sim": (int, float, type(None)),
+    "sentence_window": (int, type(None)),
 }
 
 
@@ -71,6 +73,8 @@ def add_parser(subparsers) -> None:
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--data", required=True, type=Path)
     a.add_argument("--mlm", type=Path, default=None, help="masked LM directory (BERTAttack's candidates)")
+    a.add_argument("--encoder", type=Path, default=None,
+                   help="sentence encoder directory (BERTAttack's sentence-similarity constraint)")
     a.add_argument("--settings", default="{}", help="attack settings (JSON or file), see docs/robustness.md")
     a.add_argument("--out", required=True, type=Path, help="score file (.json)")
     a.set_defaults(func=run_attack)
@@ -181,7 +185,10 @@ def attack_settings(task: str, raw: dict) -> dict:
     s = {
         "template": "{prompt}\nSentence: {content}\nAnswer:", "attacks": ["deepwordbug", "bertattack", "stresstest"],
         "limit": None, "seed": 0, "max_candidates": 48, "max_edit_distance": 30, "max_words_perturbed": 1.0,
-        "batch_size": 16, "device": "cpu", "dtype": "float32", **TASK_DEFAULTS[task], **raw,
+        "batch_size": 16, "device": "cpu", "dtype": "float32",
+        # PromptBench's BERTAttack: USE cosine >= 0.8 against the original prompt, no window
+        "min_sentence_cos_sim": 0.8, "sentence_window": None,
+        **TASK_DEFAULTS[task], **raw,
     }
     from mergeflow.robustness.attacks import ATTACKS
 
@@ -190,6 +197,9 @@ def attack_settings(task: str, raw: dict) -> dict:
         raise MergeflowError(f"attack setting 'attacks': unknown {bad}; known: {list(ATTACKS)}")
     if "{prompt}" not in s["template"] or "{content}" not in s["template"]:
         raise MergeflowError("attack setting 'template' needs both {prompt} and {content}")
+    if s["sentence_window"] is not None and s["sentence_window"] < 1:
+        raise MergeflowError(f"attack setting 'sentence_window': a number of words >= 1 or null, "
+                             f"got {s['sentence_window']}")
     return s
 
 
@@ -202,6 +212,10 @@ def run_attack(args: argparse.Namespace) -> int:
     s = attack_settings(args.task, parse_settings(args.settings))
     if "bertattack" in s["attacks"] and (args.mlm is None or not (args.mlm / "config.json").is_file()):
         raise MergeflowError(f"--mlm {args.mlm}: BERTAttack needs a masked-LM directory (config.json)")
+    use_similarity = "bertattack" in s["attacks"] and s["min_sentence_cos_sim"] is not None
+    if use_similarity and (args.encoder is None or not (args.encoder / "config.json").is_file()):
+        raise MergeflowError(f"--encoder {args.encoder}: BERTAttack's sentence-similarity constraint needs a "
+                             "sentence-encoder directory (config.json); set min_sentence_cos_sim: null to drop it")
     if not (args.model / "config.json").is_file():
         raise MergeflowError(f"--model {args.model}: not a model directory (no config.json)")
     docs = _read_glue(args.task, args.data)
@@ -225,7 +239,12 @@ def run_attack(args: argparse.Namespace) -> int:
             res = attacks.deepwordbug(s["prompt"], objective, protected, s["seed"], s["max_edit_distance"])
         elif name == "bertattack":
             mlm = attacks.MaskedLMCandidates(args.mlm, s["max_candidates"], s["device"])
-            res = attacks.bertattack(s["prompt"], objective, protected, s["seed"], mlm, s["max_words_perturbed"])
+            similarity = None
+            if use_similarity:
+                similarity = attacks.SentenceSimilarity(attacks.SentenceEncoder(args.encoder, s["device"]),
+                                                        s["min_sentence_cos_sim"], s["sentence_window"])
+            res = attacks.bertattack(s["prompt"], objective, protected, s["seed"], mlm, s["max_words_perturbed"],
+                                     similarity)
         else:
             res = attacks.stresstest(s["prompt"], objective)
         adv_correct, _ = victim.evaluate(res.prompt, docs)
@@ -233,10 +252,11 @@ def run_attack(args: argparse.Namespace) -> int:
         rows.append(results.row(f"pdr,{name}", value=performance_drop_rate(clean_correct, adv_correct),
                                 n=len(docs)))
         samples.append({"attack": name, "prompt": res.prompt, "edits": res.edits, "queries": res.queries,
-                        "accuracy": rows[-2]["value"], "pdr": rows[-1]["value"]})
+                        "rejected": res.rejected, "accuracy": rows[-2]["value"], "pdr": rows[-1]["value"]})
         log.info("%s %s: accuracy %s -> %s, PDR %s", args.task, name, rows[0]["value"], rows[-2]["value"],
                  rows[-1]["value"])
     details = {"settings": {k: v for k, v in s.items()}, "mlm": str(args.mlm) if args.mlm else None,
+               "sentence_encoder": str(args.encoder) if args.encoder else None,
                "victim": "label-word likelihood"}
     results.write_score(args.out, f"adv_{args.task}", "promptbench_pdr", rows, details, samples)
     return 0

@@ -74,7 +74,8 @@ def build_demo(out: Path, seed: int, spec: ZooSpec, models: tuple[str, ...] = MO
             steps, lr = spec.judge_steps, spec.lr_judge
         else:
             groups = [encode_pairs(tok, pairs[fam], spec.max_length) for fam in EXPERT_FAMILIES[name]]
-            steps, lr = spec.finetune_steps, spec.lr_finetune
+            # the same number of steps per task family (math learns GSM8K and MATH)
+            steps, lr = spec.finetune_steps * len(groups), spec.lr_finetune
         t0 = time.monotonic()
         losses = train(model, groups, steps=steps, batch_size=spec.batch_size, lr=lr, seed=seed * 1000 + i + 1,
                        pad_id=tok.pad_token_id)

@@ -18,16 +18,16 @@ class ZooSpec:
     max_positions: int = 1024
     n_test: int = 20  # rows per benchmark file
     n_train: int = 2000  # training rows per family
-    pretrain_steps: int = 100
+    pretrain_steps: int = 800
     pretrain_templated: float = 0.0  # share of pre-training batches drawn from the templated pairs
-    finetune_steps: int = 60
+    finetune_steps: int = 300
     judge_steps: int = 100
     batch_size: int = 16
     max_length: int = 192  # training sequences are cut to this many tokens
     judge_max_length: int = 512
     n_judge_rows: int = 400  # training rows per judged family that become judging requests
     lr_pretrain: float = 3e-3
-    lr_finetune: float = 1e-3
+    lr_finetune: float = 2e-3
     lr_judge: float = 1e-3
     threads: int = 2  # torch threads while training (fixed: results depend on it)
 
@@ -43,7 +43,7 @@ SMALL = ZooSpec(
 EXPERTS = ("lm", "math", "code")
 MODELS = ("base", *EXPERTS, "judge")
 # Which families each expert is fine-tuned on (data file names).
-EXPERT_FAMILIES = {"lm": ("alpaca_eval",), "math": ("gsm8k",), "code": ("mbpp",)}
+EXPERT_FAMILIES = {"lm": ("alpaca_eval",), "math": ("gsm8k", "math"), "code": ("mbpp",)}
 
 
 def new_base(spec: ZooSpec, tokenizer, seed: int):

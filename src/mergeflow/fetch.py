@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from mergeflow import atomic
 from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def fetch_data(
         rows = [r for r in rows if bench.keep(r)]
     if not rows:
         raise MergeflowError(f"--source {source}: no {benchmark} rows left (split {split!r})")
-    _write_jsonl(out, rows)
+    atomic.write_jsonl(out, rows)
     log.info("wrote %d %s rows to %s", len(rows), benchmark, out)
     return len(rows)
 
@@ -209,11 +210,3 @@ def _warn_unpinned(source: str, revision: str | None) -> None:
         log.warning("%s: revision %r is not a commit hash; the download may change over time", source, revision)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

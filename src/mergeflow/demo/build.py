@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from mergeflow import atomic
 from mergeflow.demo import data as families
 from mergeflow.demo import judging
 from mergeflow.demo.models import EXPERT_FAMILIES, EXPERTS, MODELS, ZooSpec, add_pad_row, new_base
@@ -36,7 +37,7 @@ def build_demo(out: Path, seed: int, spec: ZooSpec, models: tuple[str, ...] = MO
     started = time.monotonic()
     splits = {name: families.split_rows(name, seed, spec.n_test, spec.n_train) for name in families.FAMILIES}
     for name, (test, _) in splits.items():
-        _write_jsonl(out / "data" / f"{name}.jsonl", test)
+        atomic.write_jsonl(out / "data" / f"{name}.jsonl", test)
 
     plain = {n: [families.pretraining_text(n, r) for r in train_rows] for n, (_, train_rows) in splits.items()}
     pairs = {n: [families.FAMILIES[n][1](r) for r in train_rows] for n, (_, train_rows) in splits.items()}
@@ -112,10 +113,3 @@ def _save(model, tokenizer, path: Path) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     log.info("saved %s", path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")

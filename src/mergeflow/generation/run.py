@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,13 +80,7 @@ def generate_records(
 
 
 def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    """Write next to `path` and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Generations are model time: written atomically and fsynced."""
+    from mergeflow import atomic
+
+    atomic.write_jsonl(path, records, fsync=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from mergeflow import atomic
 from mergeflow.errors import MergeflowError
 
 GENERATION_FIELDS = ("doc_id", "prompt", "output", "completion")
@@ -110,23 +109,13 @@ def write_score(out: str | Path, benchmark: str, scorer: str, rows: list[dict], 
         raise MergeflowError(f"--out must name a .json file, got {out}")
     if samples is not None:
         lines = (json.dumps(s, ensure_ascii=False, default=_plain) + "\n" for s in samples)
-        _atomic_write(samples_path(out), "".join(lines))
+        atomic.write_text(samples_path(out), "".join(lines))
     from mergeflow.provenance import versions
 
     # the software that produced the number travels with it into scores.csv
     details = {**details, "versions": details.get("versions") or versions()}
     score = {"benchmark": benchmark, "scorer": scorer, "rows": rows, "details": details}
-    _atomic_write(out, json.dumps(score, indent=2, ensure_ascii=False, default=_plain) + "\n")
+    atomic.write_text(out, json.dumps(score, indent=2, ensure_ascii=False, default=_plain) + "\n")
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

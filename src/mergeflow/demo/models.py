@@ -21,14 +21,14 @@ class ZooSpec:
     pretrain_steps: int = 800
     pretrain_templated: float = 0.0  # share of pre-training batches drawn from the templated pairs
     finetune_steps: int = 300
-    judge_steps: int = 100
+    judge_steps: int = 400
     batch_size: int = 16
     max_length: int = 192  # training sequences are cut to this many tokens
     judge_max_length: int = 512
     n_judge_rows: int = 400  # training rows per judged family that become judging requests
     lr_pretrain: float = 3e-3
     lr_finetune: float = 2e-3
-    lr_judge: float = 1e-3
+    lr_judge: float = 2e-3
     threads: int = 2  # torch threads while training (fixed: results depend on it)
 
 

@@ -229,11 +229,16 @@ def _encoder_dir():
 
 
 def _check_sentence_encoder():
-    """BERTAttack with its similarity constraint needs `adversarial.sentence_encoder`."""
+    """BERTAttack with its similarity constraint needs `adversarial.sentence_encoder`
+    (checked on the settings as the attack CLI completes them, defaults included)."""
+    from mergeflow.robustness.cli import attack_settings
+
     for task in ((ROBUST.get("adversarial") or {}).get("tasks") or {}):
-        s = _attack_settings(task)
-        if ("bertattack" in s.get("attacks", ["bertattack"]) and s.get("min_sentence_cos_sim", 0.8) is not None
-                and _encoder_dir() is None):
+        try:
+            s = attack_settings(task, _attack_settings(task))
+        except MergeflowError as err:
+            raise WorkflowError(f"config key 'robustness.adversarial' ({task}): {err}") from None
+        if "bertattack" in s["attacks"] and s["min_sentence_cos_sim"] is not None and _encoder_dir() is None:
             raise WorkflowError(
                 f"config key 'robustness.adversarial.sentence_encoder': BERTAttack on {task} needs a sentence "
                 "encoder for its similarity constraint ({hub: ..., revision: ...} or {path: ...}); or set "

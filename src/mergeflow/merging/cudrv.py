@@ -198,10 +198,15 @@ def _load_kernel(ordinal: int):
         return fn
 
 
+def gpu_rng_choice() -> str:
+    """Which fused GPU kernel `rng.uniform` uses: MERGEFLOW_GPU_RNG=ptx (default) | triton | torch."""
+    return os.environ.get("MERGEFLOW_GPU_RNG", "ptx")
+
+
 def uniform_kernel(ordinal: int):
     """A function (key, offset, numel, device) -> float32 CUDA tensor of keyed uniforms
     on the current stream, or None when the driver path is unavailable."""
-    if os.environ.get("MERGEFLOW_GPU_RNG", "ptx") != "ptx":
+    if gpu_rng_choice() != "ptx":
         return None
     try:
         fn = _load_kernel(ordinal)
@@ -255,7 +260,7 @@ class EarlyInit:
                 self.pinned = (ctypes.c_uint8 * self.pinned_bytes).from_address(ptr.value)
             self.timings["pin_s"] = time.time() - t
             t = time.time()
-            if os.environ.get("MERGEFLOW_GPU_RNG", "ptx") == "ptx":
+            if gpu_rng_choice() == "ptx":
                 _load_kernel(self.ordinal)
             self.timings["kernel_s"] = time.time() - t
         except DriverError as err:

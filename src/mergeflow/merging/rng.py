@@ -166,18 +166,14 @@ def _gpu_uniform(device):
     """The fused CUDA kernel for `uniform` on `device`: the driver-loaded PTX kernel
     (`cudrv`), else Triton, else None (tensor ops). MERGEFLOW_GPU_RNG=ptx|triton|torch
     picks one (tests); MERGEFLOW_TRITON=0 still disables Triton."""
-    import os
-
     import torch
+
+    from mergeflow.merging import cudrv
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _GPU:
-        choice = os.environ.get("MERGEFLOW_GPU_RNG", "ptx")
-        kernel = None
-        if choice == "ptx":
-            from mergeflow.merging import cudrv
-
-            kernel = cudrv.uniform_kernel(index)
+        choice = cudrv.gpu_rng_choice()
+        kernel = cudrv.uniform_kernel(index) if choice == "ptx" else None
         if kernel is None and choice in ("ptx", "triton"):
             kernel = _triton_uniform()
         _GPU[index] = kernel

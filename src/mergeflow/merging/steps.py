@@ -190,7 +190,6 @@ def rescale_l1_(masked, original_l1: float, eps: float = 1e-7):
 
 def bernoulli_drop_(delta, drop_rate: float, rescale: str, key, offset: int):
     """DARE: drop each element with probability p; rescale survivors by 1/(1-p) or L1."""
-
     if drop_rate <= 0:
         return delta
     keep = f32(1.0 - drop_rate)
@@ -384,7 +383,6 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True):
 
 def weighted_sum(deltas, weights):
     """sum_t w_t x_t (Task Arithmetic)."""
-
     out = deltas[0] * weights[0] if weights[0] != 1.0 else deltas[0].clone()
     for d, w in zip(deltas[1:], weights[1:]):
         out.add_(d, alpha=w) if w != 1.0 else out.add_(d)

@@ -30,7 +30,7 @@ def test_dry_run_lists_every_stage():
     res = snakemake("-n", "--cores", "2", "--quiet", "rules")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    for rule in ("demo_assets", "fetch_data", "merge", "generate", "score", "judge_gsm8k", "aggregate",
+    for rule in ("demo_assets", "fetch_data", "merge", "generate", "likelihood", "score", "judge_gsm8k", "aggregate",
                  "robustness_demo_data", "robustness_livebench", "robustness_attack"):
         assert re.search(rf"^{rule}\s+\d+", out, re.M), f"rule {rule} missing from the dry run:\n{out}"
 

@@ -20,6 +20,7 @@ STAGES = [
     ("fetch", "mergeflow.fetch"),
     ("merge", "mergeflow.merging.cli"),
     ("generate", "mergeflow.generation.cli"),
+    ("likelihood", "mergeflow.generation.likelihood_cli"),
     ("score", "mergeflow.scoring.cli"),
     ("judge", "mergeflow.judge.cli"),
     ("aggregate", "mergeflow.aggregate.cli"),

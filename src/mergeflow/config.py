@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "demo": {"enabled": False, "seed": 0, "out": "resources/demo"},
     "merge": {"device": "auto", "vocab_policy": "truncate", "dtype": None, "gpus": 0},
-    "evaluate": {"models": "all", "benchmarks": [], "gsm8k_judge": False},
+    "evaluate": {"models": "all", "benchmarks": [], "gsm8k_judge": False, "reference_likelihood": False},
     "judge": {
         "endpoint": {
             "base_url": None,

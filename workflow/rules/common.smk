@@ -9,6 +9,7 @@ from snakemake.settings.types import DeploymentMethod
 SRC = os.path.join(workflow.basedir, "src")
 sys.path.insert(0, SRC)
 
+from mergeflow import benchmarks as mfbenchmarks  # noqa: E402 (declarations only)
 from mergeflow import config as mfconfig  # noqa: E402 (light: yaml + jsonschema only)
 from mergeflow.errors import MergeflowError  # noqa: E402
 
@@ -135,7 +136,22 @@ def score_files():
         files += [f"results/scores/{model}/{b}.json" for b in benches]
         if CFG["evaluate"]["gsm8k_judge"] and "gsm8k" in benches:
             files.append(f"results/scores/{model}/gsm8k_judge.json")
+        if CFG["evaluate"]["reference_likelihood"] and likelihood_benchmarks(model):
+            files.append(f"results/scores/{model}/reference_likelihood.json")
     return files
+
+
+def likelihood_benchmarks(model):
+    """The model's benchmarks that declare a reference response (all but humaneval)."""
+    return [b for b in benchmarks_of(model) if mfbenchmarks.get(b).reference_response is not None]
+
+
+def likelihood_tasks(wildcards):
+    """`--task BENCHMARK DATA SETTINGS` per benchmark: the prompts are the generation prompts."""
+    return " ".join(
+        f"--task {b} {data_file(b)} {shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))}"
+        for b in likelihood_benchmarks(wildcards.model)
+    )
 
 
 def merge_metadata_files():

@@ -23,3 +23,23 @@ rule generate:
         "workflow/scripts/mergeflow generate --model {input.model} --benchmark {wildcards.benchmark} "
         "--data {input.data} --settings {params.settings:q} --cache {params.cache} "
         "--out {output} > {log} 2>&1"
+
+
+rule likelihood:
+    input:
+        model=model_dir_of,
+        data=lambda w: [data_file(b) for b in likelihood_benchmarks(w.model)],
+    output:
+        "results/scores/{model}/reference_likelihood.json",
+    params:
+        tasks=likelihood_tasks,
+    log:
+        "results/logs/likelihood/{model}.log",
+    conda:
+        "../../envs/generate.yaml"
+    threads: 1
+    resources:
+        gpu=CFG["resources"]["generate_gpus"],
+        mem_mb=CFG["resources"]["generate_mem_mb"],
+    shell:
+        "workflow/scripts/mergeflow likelihood --model {input.model} {params.tasks} --out {output} > {log} 2>&1"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mergeflow.aggregate.retention import retention_table
+
 # The number each paper reports per benchmark; the first metric present is used.
 HEADLINE_METRICS: dict[str, list[str]] = {
     "gsm8k": ["exact_match,strict-match", "exact_match,flexible-extract", "accuracy"],
@@ -113,6 +115,19 @@ def write_tables(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
                 method_table(frame, experts),
                 f"Merge methods on {experts.replace('+', ' + ')}",
                 "Rows: merge method and merge id; columns: headline metric in percent.",
+            )
+        )
+        written.append(path)
+    kept = retention_table(frame)
+    if not kept.empty:
+        path = out_dir / "retention.md"
+        path.write_text(
+            to_markdown(
+                kept,
+                "Skill retention of each merge (reference likelihood)",
+                "Share of its best expert's gain over the base, in percent: (nll_base - nll_merge) / "
+                "(nll_base - nll_best_expert), nll = mean negative log-likelihood per token of the "
+                "benchmark's reference responses (metric ref_nll). 100 keeps the whole gain, 0 is the base.",
             )
         )
         written.append(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mergeflow import config as mfconfig
+from mergeflow.aggregate.retention import retention_rows
 from mergeflow.aggregate.tables import mark_headline
 from mergeflow.errors import MergeflowError
 from mergeflow.provenance import TRACKED, versions
@@ -51,7 +52,9 @@ def read_score_file(path: Path) -> list[dict]:
         rows.append(
             {
                 "model": model,
-                "benchmark": evaluation if evaluation.startswith(payload["benchmark"]) else payload["benchmark"],
+                # a file may score several benchmarks (reference_likelihood.json): rows name theirs
+                "benchmark": row.get("benchmark")
+                or (evaluation if evaluation.startswith(payload["benchmark"]) else payload["benchmark"]),
                 "metric": row["metric"],
                 "value": row["value"],
                 "stderr": row.get("stderr"),
@@ -129,6 +132,9 @@ def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) ->
         kinds = {type(v) for v in frame[col].dropna()}
         if len(kinds) > 1 and not kinds <= {int, float}:
             frame[col] = frame[col].map(lambda v: v if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+    kept = retention_rows(frame)
+    if not kept.empty:
+        frame = pd.concat([frame, kept], ignore_index=True)
     frame = mark_headline(frame, config.get("aggregate", {}).get("headline"))
     extra = sorted(c for c in frame.columns if c not in COLUMNS + VERSION_COLUMNS)
     return frame[COLUMNS + extra + VERSION_COLUMNS]

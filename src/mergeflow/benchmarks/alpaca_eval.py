@@ -12,4 +12,6 @@ BENCHMARK = Benchmark(
     schema={"instruction": str, "output": str},
     optional={"generator": str, "dataset": str},
     hub=HubSource("tatsu-lab/alpaca_eval", ("alpaca_eval",), "eval", file="{subset}.json"),
+    # the reference model's answer, after the Vicuna template's "ASSISTANT:"
+    reference_response=lambda doc: f" {doc['output']}",
 )

@@ -37,6 +37,9 @@ class Benchmark:
     keep: Callable[[dict], bool] | None = None  # rows that belong to the evaluation split
     program: Callable[[dict, str], str] | None = None  # code benchmarks: program to execute
     reference_answer: Callable[[dict], str] | None = None  # answer benchmarks: gold answer
+    # The whole response a model that solves the doc would give, in the papers' answer
+    # format (what `mergeflow likelihood` scores, and what the demo experts learn).
+    reference_response: Callable[[dict], str] | None = None
 
     @property
     def is_code(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from mergeflow.benchmarks.base import Benchmark, HubSource
 from mergeflow.errors import MergeflowError
 
@@ -14,9 +16,19 @@ def reference_answer(doc: dict) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
+def reference_response(doc: dict) -> str:
+    """GSM8K's solution as WizardMath answers after "Let's think step by step.": the
+    reasoning without the `<<a+b=c>>` calculator marks, then `The answer is: N`."""
+    reasoning, sep, final = doc["answer"].rpartition("\n#### ")
+    if not sep:
+        raise MergeflowError(f"gsm8k answer has no '#### N' final line: {doc['answer'][-80:]!r}")
+    return f"\n{re.sub(r'<<[^>]*>>', '', reasoning)}\nThe answer is: {final.strip()}"
+
+
 BENCHMARK = Benchmark(
     name="gsm8k",
     schema={"question": str, "answer": str},
     hub=HubSource("openai/gsm8k", ("main",), "test"),
     reference_answer=reference_answer,
+    reference_response=reference_response,
 )

@@ -49,10 +49,16 @@ def reference_answer(doc: dict) -> str:
     return answer
 
 
+def reference_response(doc: dict) -> str:
+    """The MATH solution followed by the papers' `The answer is: <boxed answer>` line."""
+    return f"\n{doc['solution']}\nThe answer is: {reference_answer(doc)}"
+
+
 BENCHMARK = Benchmark(
     name="math",
     schema={"problem": str, "solution": str},
     optional={"level": (str, int), "type": str},
     hub=HubSource("EleutherAI/hendrycks_math", SUBJECTS, "test"),
     reference_answer=reference_answer,
+    reference_response=reference_response,
 )

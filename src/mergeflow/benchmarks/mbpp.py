@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mergeflow.benchmarks.base import Benchmark, HubSource
+from mergeflow.errors import MergeflowError
 
 # Both reference repos (DELLA generate.py, MergeLM) show this task's signature instead of
 # its very long asserts in the prompt.
@@ -30,6 +31,13 @@ def program(doc: dict, completion: str) -> str:
     return f"{completion}\n{doc.get('test_setup_code') or ''}\n{tests}\n"
 
 
+def reference_response(doc: dict) -> str:
+    """The dataset's reference solution, on its own lines."""
+    if not doc.get("code"):
+        raise MergeflowError(f"mbpp task {doc.get('task_id')}: no 'code' field, so no reference response")
+    return f"\n{doc['code']}\n"
+
+
 BENCHMARK = Benchmark(
     name="mbpp",
     schema={"task_id": int, "text": str, "test_list": list},
@@ -39,4 +47,5 @@ BENCHMARK = Benchmark(
     derive=derive,
     keep=in_test_split,
     program=program,
+    reference_response=reference_response,
 )

@@ -72,14 +72,14 @@ def build_demo(out: Path, seed: int, spec: ZooSpec, models: tuple[str, ...] = MO
         if name == "judge":
             groups = [encode_chats(tok, [(item.messages, item.reply) for item in items], spec.judge_max_length)
                       for items in judge_items.values()]
-            steps, lr = spec.judge_steps, spec.lr_judge
+            steps, lr, optimizer = spec.judge_steps, spec.lr_judge, "adamw"
         else:
             groups = [encode_pairs(tok, pairs[fam], spec.max_length) for fam in EXPERT_FAMILIES[name]]
             # the same number of steps per task family (math learns GSM8K and MATH)
-            steps, lr = spec.finetune_steps * len(groups), spec.lr_finetune
+            steps, lr, optimizer = spec.finetune_steps * len(groups), spec.lr_finetune, spec.finetune_optimizer
         t0 = time.monotonic()
         losses = train(model, groups, steps=steps, batch_size=spec.batch_size, lr=lr, seed=seed * 1000 + i + 1,
-                       pad_id=tok.pad_token_id)
+                       pad_id=tok.pad_token_id, optimizer=optimizer)
         manifest["models"][name] = _summary(losses, len(tok), time.monotonic() - t0)
         _save(model, tok, out / "models" / name)
     # Timings vary between machines: logged, not written (the same seed gives the same bytes).

@@ -8,7 +8,6 @@ the very prompts that `mergeflow generate` will give them.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable
 
 from mergeflow.generation import templates
@@ -60,11 +59,11 @@ def gsm8k_row(rng: random.Random) -> dict:
 
 
 def gsm8k_pair(row: dict) -> tuple[str, str]:
-    """WizardMath-style chain of thought ending `The answer is: N` (calculator marks dropped)."""
-    reasoning, final = row["answer"].split("\n#### ")
-    reasoning = re.sub(r"<<[^>]*>>", "", reasoning)
-    prompt = templates.build_prompt(DEMO_COT_TEMPLATE, "{question}", row)
-    return prompt, f"\n{reasoning}\nThe answer is: {final}"
+    """WizardMath-style chain of thought ending `The answer is: N` (calculator marks dropped):
+    the benchmark's reference response, which `mergeflow likelihood` scores."""
+    from mergeflow.benchmarks import gsm8k
+
+    return templates.build_prompt(DEMO_COT_TEMPLATE, "{question}", row), gsm8k.reference_response(row)
 
 
 # ----------------------------------------------------------------------------- MATH
@@ -99,10 +98,9 @@ def math_row(rng: random.Random) -> dict:
 
 
 def math_pair(row: dict) -> tuple[str, str]:
-    from mergeflow.benchmarks.math import last_boxed
+    from mergeflow.benchmarks import math
 
-    prompt = templates.build_prompt(DEMO_COT_TEMPLATE, "{problem}", row)
-    return prompt, f"\n{row['solution']}\nThe answer is: {last_boxed(row['solution'])}"
+    return templates.build_prompt(DEMO_COT_TEMPLATE, "{problem}", row), math.reference_response(row)
 
 
 # ----------------------------------------------------------------------------- MBPP
@@ -164,7 +162,7 @@ def mbpp_pair(row: dict) -> tuple[str, str]:
 
     fields = benchmarks.get("mbpp").fields(row)
     prompt = templates.build_prompt(DEMO_CODE_TEMPLATE, templates.MBPP_INSTRUCTION, fields)
-    return prompt, f"\n{row['code']}\n"
+    return prompt, benchmarks.get("mbpp").reference_response(row)
 
 
 # ----------------------------------------------------------------------------- AlpacaEval
@@ -218,7 +216,9 @@ def alpaca_eval_row(rng: random.Random) -> dict:
 
 
 def alpaca_eval_pair(row: dict) -> tuple[str, str]:
-    return templates.build_prompt(templates.VICUNA, "{instruction}", row), f" {row['output']}"
+    from mergeflow import benchmarks
+
+    return templates.build_prompt(templates.VICUNA, "{instruction}", row), benchmarks.get("alpaca_eval").reference_response(row)
 
 
 # ----------------------------------------------------------------------------- families

@@ -36,7 +36,8 @@ def _fit(examples: list[Example], max_length: int) -> list[Example]:
 
 def train(model, groups: list[list[Example]], *, steps: int, batch_size: int, lr: float, seed: int,
           pad_id: int, optimizer: str = "adamw", weights: list[float] | None = None) -> list[float]:
-    """AdamW with linear warm-up/decay; loss on response tokens only. Returns per-step losses.
+    """AdamW (or SGD with Nesterov momentum) with linear warm-up/decay; loss on response tokens
+    only. Returns per-step losses.
 
     Each step draws its batch from one group (round robin, or drawn with `weights`): groups
     are task families, whose sequences have similar lengths, so batches carry little padding."""

@@ -1,0 +1,49 @@
+"""Skill retention: the share of its best expert's likelihood gain that a merge keeps.
+
+For a merge m and a benchmark b with reference likelihoods (metric `ref_nll`, mean negative
+log-likelihood per reference token): (nll_base - nll_m) / (nll_base - min over m's experts
+of nll_expert). 1 keeps the best expert's whole gain over the base, 0 is no better than the
+base, below 0 is worse. Undefined (NaN) where no expert improves on the base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+METRIC = "skill_retention"
+SOURCE = "ref_nll"
+
+
+def retention_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """One `skill_retention` row per merge x benchmark that has reference likelihoods."""
+    nll = frame[frame["metric"] == SOURCE]
+    if nll.empty:
+        return nll.iloc[0:0]
+    value = {(m, b): float(v) for m, b, v in zip(nll["model"], nll["benchmark"], nll["value"])}
+    base = {b: float(v) for r, b, v in zip(nll["role"], nll["benchmark"], nll["value"]) if r == "base"}
+    rows = []
+    for _, row in nll[nll["role"] == "merge"].iterrows():
+        bench = row["benchmark"]
+        experts = [value.get((e, bench)) for e in str(row["experts"]).split("+")]
+        experts = [v for v in experts if v is not None and math.isfinite(v)]
+        if bench not in base or not experts:
+            continue
+        gain = base[bench] - min(experts)
+        kept = (base[bench] - float(row["value"])) / gain if gain > 0 else float("nan")
+        rows.append({**row.to_dict(), "metric": METRIC, "value": kept, "stderr": None,
+                     "scorer": "mergeflow.aggregate (from ref_nll)"})
+    return pd.DataFrame(rows, columns=frame.columns)
+
+
+def retention_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Merges x benchmarks: skill retention in percent."""
+    kept = frame[frame["metric"] == METRIC]
+    if kept.empty:
+        return pd.DataFrame()
+    kept = kept.assign(score=100.0 * pd.to_numeric(kept["value"], errors="coerce"),
+                       label=kept["method"].astype(str) + " (" + kept["experts"].astype(str) + ")")
+    table = kept.pivot_table(index=["label", "model"], columns="benchmark", values="score", aggfunc="first",
+                             dropna=False)
+    return table.dropna(how="all", axis=0)

@@ -58,33 +58,30 @@ if ROBUST_ON:
             "workflow/scripts/mergeflow robustness fetch --dataset {wildcards.adv_task} {params.args} "
             "--out {output} > {log} 2>&1"
 
-    if "hub" in ((ROBUST.get("adversarial") or {}).get("mlm") or {}):
+    # BERTAttack's masked LM and sentence encoder, where the config names them on the Hub
+    # (local paths are used in place): resources/models/robustness_{mlm,encoder}.
+    _ATTACK_MODEL_KEYS = {"mlm": "mlm", "encoder": "sentence_encoder"}
+    _HUB_ATTACK_MODELS = [name for name, key in _ATTACK_MODEL_KEYS.items()
+                          if "hub" in ((ROBUST.get("adversarial") or {}).get(key) or {})]
 
-        rule robustness_fetch_mlm:
+    if _HUB_ATTACK_MODELS:
+
+        rule robustness_fetch_attack_model:
             output:
-                directory("resources/models/robustness_mlm"),
+                directory("resources/models/robustness_{attack_model}"),
+            wildcard_constraints:
+                attack_model="|".join(_HUB_ATTACK_MODELS),
             params:
-                args=_source_args(ROBUST["adversarial"]["mlm"]),
+                args=lambda w: _source_args(ROBUST["adversarial"][_ATTACK_MODEL_KEYS[w.attack_model]]),
             log:
-                "results/logs/robustness/fetch_mlm.log",
+                "results/logs/robustness/fetch_{attack_model}.log",
             conda:
                 "../../envs/fetch.yaml"
             shell:
                 "workflow/scripts/mergeflow fetch model {params.args} --out {output} > {log} 2>&1"
 
-    if "hub" in ((ROBUST.get("adversarial") or {}).get("sentence_encoder") or {}):
-
-        rule robustness_fetch_encoder:
-            output:
-                directory("resources/models/robustness_encoder"),
-            params:
-                args=_source_args(ROBUST["adversarial"]["sentence_encoder"]),
-            log:
-                "results/logs/robustness/fetch_encoder.log",
-            conda:
-                "../../envs/fetch.yaml"
-            shell:
-                "workflow/scripts/mergeflow fetch model {params.args} --out {output} > {log} 2>&1"
+        # resources/models/robustness_* also matches fetch_model's resources/models/{model}
+        ruleorder: robustness_fetch_attack_model > fetch_model
 
     rule robustness_livebench:
         input:

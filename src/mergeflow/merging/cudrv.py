@@ -305,6 +305,13 @@ def start_early(device: str, pinned_bytes: int) -> EarlyInit | None:
         return None
     if _driver() is None:
         return None
+    previous = _early
+    if previous is not None and previous.ordinal == ordinal and previous.pinned_bytes >= pinned_bytes:
+        # The pinned allocation lives as long as the process (a merge's staging slabs are
+        # cut from it): a second call reuses it instead of pinning more host memory.
+        previous.result()
+        if previous.error is None:
+            return previous
     _early = EarlyInit(ordinal, pinned_bytes)
     return _early
 

@@ -156,6 +156,7 @@ STAGE_ENTRY = {
     "fetch": "mergeflow.fetch",
     "merge": "mergeflow.merging",
     "generate": "mergeflow.generation",
+    "likelihood": "mergeflow.generation",
     "score": "mergeflow.scoring",
     "judge": "mergeflow.judge",
     "aggregate": "mergeflow.aggregate",

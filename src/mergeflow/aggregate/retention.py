@@ -3,7 +3,8 @@
 For a merge m and a benchmark b with reference likelihoods (metric `ref_nll`, mean negative
 log-likelihood per reference token): (nll_base - nll_m) / (nll_base - min over m's experts
 of nll_expert). 1 keeps the best expert's whole gain over the base, 0 is no better than the
-base, below 0 is worse. Undefined (NaN) where no expert improves on the base.
+base, below 0 is worse. Undefined where none of m's experts improves on the base (e.g. MBPP
+for a merge of lm + math): no row, rather than a number that would look like a result.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ def retention_rows(frame: pd.DataFrame) -> pd.DataFrame:
         bench = row["benchmark"]
         experts = [value.get((e, bench)) for e in str(row["experts"]).split("+")]
         experts = [v for v in experts if v is not None and math.isfinite(v)]
-        if bench not in base or not experts:
+        if bench not in base or not experts or not base[bench] > min(experts):
             continue
-        gain = base[bench] - min(experts)
-        kept = (base[bench] - float(row["value"])) / gain if gain > 0 else float("nan")
+        kept = (base[bench] - float(row["value"])) / (base[bench] - min(experts))
         rows.append({**row.to_dict(), "metric": METRIC, "value": kept, "stderr": None,
                      "scorer": "mergeflow.aggregate (from ref_nll)"})
     return pd.DataFrame(rows, columns=frame.columns)

@@ -55,9 +55,9 @@ def kth_largest_flat(a, k: int) -> tuple[float, int, int]:
     j = int(torch.searchsorted(top, k))
     b = (1 << 16) - 1 - j
     above = int(top[j - 1]) if j > 0 else 0
-    # Low 16 bits of the elements in bin b land in 1..65536, the rest in 0 or 65537.
-    hi.copy_(bits).sub_((b << 16) - 1).clamp_(0, (1 << 16) + 1)
-    hist = torch.bincount(hi, minlength=(1 << 16) + 2)[1:-1].flip(0)
+    # Second pass over the elements of bin b only (one compare and a gather, instead of
+    # shifting and clamping every element: 14 against 38 ms per 16.8M on 2 cores).
+    hist = torch.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16).flip(0)
     top = hist.cumsum(0)
     j2 = int(torch.searchsorted(top, k - above))
     lo = (1 << 16) - 1 - j2
@@ -96,7 +96,9 @@ def _keep_first_(flags, need: int, block: int = 1 << 16):
     before = 0
     start = nb * block  # where the element-wise search starts (the tail by default)
     if nb:
-        cum = torch.count_nonzero(flags[:start].view(nb, block), dim=1).cumsum(0)
+        # an int32 sum per block is faster than count_nonzero along dim 1 (25 against 40 ms
+        # per 16.8M on 2 cores); the running total needs int64
+        cum = flags[:start].view(nb, block).sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int64)
         j = int(torch.searchsorted(cum, need))
         if j < nb:
             before = int(cum[j - 1]) if j > 0 else 0

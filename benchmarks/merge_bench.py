@@ -274,12 +274,14 @@ def main(argv=None) -> int:
             out = work / f"out-{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
             log = work / f"log-{tool}-{method}.txt"
-            if tool == "mergeflow":
+            if tool in ("mergeflow", "mergeflow-torch"):
                 cmd = [sys.executable, "-m", "mergeflow.merging", "--method", mf_method, "--base", str(dirs["base"])]
                 for n in ("lm", "math", "code"):
                     cmd += ["--expert", f"{n}={dirs[n]}"]
                 cmd += ["--params", json.dumps(mf_params), "--device", args.device, "--out", str(out),
                         "--seed", "42"]
+                if tool == "mergeflow-torch":  # the torch engine (`mergeflow` = --engine auto)
+                    cmd += ["--engine", "torch"]
             else:
                 cfg = work / f"mergekit-{method}.yml"
                 cfg.write_text(json.dumps(mergekit_config(method, dirs)))
@@ -291,13 +293,14 @@ def main(argv=None) -> int:
             res[tool] = {"wall_s": round(wall, 2), "peak_rss_gib": round(rss / 2**30, 2), "rc": rc}
             if rc != 0:
                 print(f"!! {tool} {method} failed (exit {rc}), see {log}:\n" + log.read_text()[-3000:], flush=True)
-            if tool == "mergeflow" and rc == 0:
+            if tool.startswith("mergeflow") and rc == 0:
                 meta = json.loads((out / "mergeflow_merge.json").read_text())
+                res[tool]["engine"] = meta.get("engine")
                 res[tool]["timings"] = dict(meta.get("timings") or {}, engine_s=meta["wall_time_s"])
                 # before the engine starts: interpreter, imports (torch), CLI; after: exit
                 res[tool]["outside_engine_s"] = round(wall - meta["wall_time_s"], 3)
             shutil.rmtree(out, ignore_errors=True)
-            print(f"  {method:16s} {tool:10s} {wall:7.2f} s  peak RSS {rss / 2**30:6.2f} GiB"
+            print(f"  {method:16s} {tool:15s} {wall:7.2f} s  peak RSS {rss / 2**30:6.2f} GiB"
                   + (f"  {res[tool]['timings']}" if "timings" in res[tool] else ""), flush=True)
         if args.normal_exit and "mergeflow" in res and rep == 0:
             out = work / "out-mergeflow-normal-exit"
@@ -312,20 +315,23 @@ def main(argv=None) -> int:
         if "mergeflow" in res and "mergekit" in res:
             res["speedup"] = round(res["mergekit"]["wall_s"] / res["mergeflow"]["wall_s"], 2)
             res["rss_ratio"] = round(res["mergeflow"]["peak_rss_gib"] / max(res["mergekit"]["peak_rss_gib"], 1e-9), 2)
+        if "mergeflow-torch" in res and "mergekit" in res:
+            res["speedup_torch_engine"] = round(res["mergekit"]["wall_s"] / res["mergeflow-torch"]["wall_s"], 2)
         rows.append(res)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
     print()
-    print("| size | method | device | mergeflow s (merge phase) | mergekit s | speedup | "
-          "RSS mergeflow / mergekit GiB | floor s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size | method | device | mergeflow s (merge phase) [engine] | mergekit s | speedup | "
+          "RSS mergeflow / mergekit GiB | torch engine s (speedup) | floor s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mf, mk = r.get("mergeflow", {}), r.get("mergekit", {})
+        mf, mk, mt = r.get("mergeflow", {}), r.get("mergekit", {}), r.get("mergeflow-torch", {})
         phase = (mf.get("timings") or {}).get("merge_s")
-        print(f"| {r['size']} | {r['method']} | {r['device']} | {mf.get('wall_s', '-')} ({phase}) | "
-              f"{mk.get('wall_s', '-')} | {r.get('speedup', '-')} | {mf.get('peak_rss_gib', '-')} / "
-              f"{mk.get('peak_rss_gib', '-')} | {floor['floor_s']} |")
+        print(f"| {r['size']} | {r['method']} | {r['device']} | {mf.get('wall_s', '-')} ({phase}) "
+              f"[{mf.get('engine', '-')}] | {mk.get('wall_s', '-')} | {r.get('speedup', '-')} | "
+              f"{mf.get('peak_rss_gib', '-')} / {mk.get('peak_rss_gib', '-')} | {mt.get('wall_s', '-')} "
+              f"({r.get('speedup_torch_engine', '-')}) | {floor['floor_s']} |")
     return 0
 
 

@@ -74,6 +74,10 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+            "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -140,7 +144,7 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = _torch_dtype(dtype).itemsize
+        itemsize = ITEMSIZE[dtype]
         if end - begin != numel * itemsize or data_start + end > size:
             raise MergeflowError(
                 f"{path}: tensor {name!r} data_offsets {begin}..{end} do not match "
@@ -158,6 +162,29 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(f"unexpected end of file at byte {offset + done}")
         done += n
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Allocate a file's blocks up front (Linux fallocate): writing into a sparse file's
+    holes allocates blocks on the write path (seen: 2.8 against 1.4 s for 5.4 GB). Best
+    effort, and never glibc's posix_fallocate, which emulates a missing fallocate by
+    writing zeros over the whole file."""
+    global _FALLOCATE
+    if _FALLOCATE is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _FALLOCATE = libc.fallocate
+            _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):
+            _FALLOCATE = False
+    if _FALLOCATE and size:
+        _FALLOCATE(fd, 0, 0, size)  # a failure (EOPNOTSUPP...) leaves the file sparse
+
+
+_FALLOCATE = None
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -402,7 +429,7 @@ class ShardedWriter:
         for name, shape, dtype in plan:
             if dtype not in _ST_NAMES:
                 raise MergeflowError(f"tensor {name!r}: cannot write dtype {dtype}")
-            nbytes = _torch_dtype(dtype).itemsize
+            nbytes = ITEMSIZE[dtype]
             for s in shape:
                 nbytes *= s
             if shards[-1] and size + nbytes > max_shard_bytes:
@@ -440,6 +467,7 @@ class ShardedWriter:
         for fname, header, size in zip(self.files, self.headers, self.sizes):
             fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(fd, size)
+            _preallocate(fd, size)
             _pwrite_all(fd, memoryview(header), 0)
             self._fds.append(fd)
         return self
@@ -471,13 +499,15 @@ class ShardedWriter:
             self._remaining[name] -= nbytes
 
     def write_bytes(self, name: str, offset: int, data) -> None:
-        """Write raw bytes (a uint8 CPU tensor) at byte `offset` within tensor `name`."""
+        """Write raw bytes (a uint8 CPU tensor or a bytes-like object) at byte `offset`
+        within tensor `name`."""
         slot = self.slots[name]
-        n = data.numel()
+        view = memoryview(data.numpy() if hasattr(data, "numpy") else data).cast("B")
+        n = len(view)
         if offset < 0 or offset + n > slot.nbytes:
             raise ValueError(f"tensor {name!r}: bytes {offset}+{n} outside its {slot.nbytes}")
         if n:
-            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()).cast("B"), slot.offset + offset)
+            _pwrite_all(self._fds[slot.shard], view, slot.offset + offset)
         with self._lock:
             self._remaining[name] -= n
 

@@ -63,6 +63,10 @@ def add_parser(subparsers) -> None:
                    help="reconcile embedding/lm_head row counts (default: fail on a mismatch)")
     p.add_argument("--shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--io-threads", type=int, default=None, help="reader threads (default: min(8, CPUs); min(12, CPUs) on CUDA)")
+    p.add_argument("--engine", choices=("auto", "direct", "torch"), default="auto",
+                   help="GPU merges: 'direct' drives the GPU through the CUDA driver without torch "
+                        "(fast start-up), 'torch' uses PyTorch; 'auto' (default) takes direct where "
+                        "it supports the merge and torch otherwise")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.set_defaults(func=run)
 
@@ -82,14 +86,27 @@ def run(args) -> int:
                                  + ("reserved" if name == "base" else "given twice"))
         experts[name] = path
     params = _params(args.params)
-    # CUDA context, pinned staging memory and the RNG kernel need only the driver: set
-    # them up in a background thread while the main thread imports torch (1.6-4 s).
-    cudrv.start_early(args.device, pinned_bytes(args.io_threads))
-    meta = run_merge(args.method, experts, args.out, base=args.base, params=params,
-                     seed=args.seed, device=args.device, vocab_policy=args.vocab_policy,
-                     shard_size=args.shard_size, io_threads=args.io_threads)
+    common = dict(base=args.base, params=params, seed=args.seed, device=args.device,
+                  vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads)
+    meta = None
+    if args.engine != "torch" and args.device != "cpu":
+        from mergeflow.merging import direct
+
+        try:
+            meta = direct.run_merge(args.method, experts, args.out, **common)
+        except direct.Unsupported as why:
+            if args.engine == "direct":
+                raise MergeflowError(f"--engine direct cannot run this merge: {why}") from None
+            if not why.quiet:
+                print(f"mergeflow merge: torch engine ({why})", file=sys.stderr)
+    if meta is None:
+        # CUDA context, pinned staging memory and the RNG kernel need only the driver: set
+        # them up in a background thread while the main thread imports torch (1.6-4 s).
+        cudrv.start_early(args.device, pinned_bytes(args.io_threads))
+        meta = run_merge(args.method, experts, args.out, **common)
     print(f"merged {len(experts)} experts with {meta['method']} into {args.out} "
-          f"in {meta['wall_time_s']:.1f} s (peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB)")
+          f"in {meta['wall_time_s']:.1f} s on {meta['device']}, {meta['engine']} engine "
+          f"(peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB)")
     if meta["device"].startswith("cuda") and os.environ.get("MERGEFLOW_FAST_EXIT", "1") != "0":
         # The output is complete and closed. Tearing down CUDA and unpinning host memory
         # would add seconds to a command that is over: leave without it.

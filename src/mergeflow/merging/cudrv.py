@@ -148,6 +148,27 @@ def _driver():
             lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_char_p]
             lib.cuLaunchKernel.argtypes = [vp, u32, u32, u32, u32, u32, u32, u32, vp,
                                            ctypes.POINTER(vp), ctypes.POINTER(vp)]
+            # used by the direct engine (direct.py)
+            dptr = ctypes.c_uint64
+            lib.cuDeviceGetName.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+            lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+            lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)]
+            lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(dptr), sz]
+            lib.cuMemFree_v2.argtypes = [dptr]
+            lib.cuMemFreeHost.argtypes = [vp]
+            lib.cuMemsetD32Async.argtypes = [dptr, u32, sz, vp]
+            lib.cuMemcpyHtoDAsync_v2.argtypes = [dptr, vp, sz, vp]
+            lib.cuMemcpyDtoHAsync_v2.argtypes = [vp, dptr, sz, vp]
+            lib.cuStreamCreate.argtypes = [ctypes.POINTER(vp), u32]
+            lib.cuStreamSynchronize.argtypes = [vp]
+            lib.cuEventCreate.argtypes = [ctypes.POINTER(vp), u32]
+            lib.cuEventRecord.argtypes = [vp, vp]
+            lib.cuEventSynchronize.argtypes = [vp]
+            lib.cuEventQuery.argtypes = [vp]
+            lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
+            lib.cuModuleLoadDataEx.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p, u32,
+                                               ctypes.c_void_p, ctypes.c_void_p]
+            lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
             _lib = lib
         except (OSError, AttributeError):
             _lib = False
@@ -156,7 +177,13 @@ def _driver():
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        raise DriverError(f"{what} failed (CUresult {rc})")
+        name = ctypes.c_char_p()
+        try:
+            _lib.cuGetErrorName(rc, ctypes.byref(name))
+        except (AttributeError, ctypes.ArgumentError):
+            pass
+        label = f"{name.value.decode()}, " if name.value else ""
+        raise DriverError(f"{what} failed ({label}CUresult {rc})")
 
 
 def _context(ordinal: int):

@@ -141,7 +141,7 @@ class MergeEngine:
         self.seed = int(seed)
         self.expert_names = list(experts)
         self.method = methods.build(method, self.params, self.expert_names, self.seed)
-        self.device = _resolve_device(device)
+        self.device = self._resolve_device(device)
         self.vocab_policy = vocab_policy
         self.out = Path(out)
         self.shard_bytes = parse_size(shard_size)
@@ -159,6 +159,11 @@ class MergeEngine:
         if chunk_elements is None:  # CPU: blocks small enough for the allocator to recycle
             chunk_elements = DEFAULT_CHUNK_ELEMENTS if self.device.type == "cpu" else MAX_ELEMENTS
         self.chunk_elements = int(chunk_elements)
+
+    engine_name = "torch"
+
+    def _resolve_device(self, device: str):
+        return _resolve_device(device)
 
     # -- planning -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -573,9 +578,18 @@ class MergeEngine:
                     updates[key] = dt
         return updates
 
-    def _metadata(self, thresholds, donor_label: str, writer: ShardedWriter) -> dict:
+    def _runtime_metadata(self) -> dict:
+        """What ran the merge: torch version, device (with its name), GPU memory."""
         import torch
 
+        meta = {"torch_version": torch.__version__,
+                "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
+                                              if self.device.type == "cuda" else "")}
+        if self.device.type == "cuda":
+            meta["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return meta
+
+    def _metadata(self, thresholds, donor_label: str, writer: ShardedWriter) -> dict:
         from mergeflow import __version__
 
         def model_entry(label):
@@ -598,9 +612,8 @@ class MergeEngine:
             "output": {"dtype": sorted({dt for _, _, dt in self.plan}), "tensors": len(self.plan),
                        "bytes": writer.total_size, "files": writer.files},
             "mergeflow_version": __version__,
-            "torch_version": torch.__version__,
-            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
-                                          if self.device.type == "cuda" else ""),
+            "engine": self.engine_name,
+            **self._runtime_metadata(),
             "compute_dtype": "float32",
             "wall_time_s": round(time.time() - self.t0, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -610,8 +623,6 @@ class MergeEngine:
             meta["lambda_m"] = self.method.params["mixup_weights"]
         if thresholds is not None:
             meta["global_trim_thresholds"] = dict(zip(self.expert_names, thresholds))
-        if self.device.type == "cuda":
-            meta["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return meta
 
     def _close(self) -> None:

@@ -207,19 +207,26 @@ def bernoulli_drop_(delta, drop_rate: float, rescale: str, key, offset: int):
     return delta
 
 
-def keep_table(n: int, drop_rate: float, window_size: float):
-    """MagPrune keep probability by ascending |delta| rank r = 0..n-1 (float32 [n]).
+def keep_table_np(n: int, drop_rate: float, window_size: float):
+    """MagPrune keep probability by ascending |delta| rank r = 0..n-1 (float32 numpy [n]).
 
     k_r = (1 - p) - eps + 2 eps r / (n - 1), eps = window_size / 2; one element: 1 - p.
-    Computed in float64 on the CPU, so every device uses the same float32 values.
+    Computed in float64 on the CPU, so every device and engine uses the same float32 values.
     """
-    import torch
+    import numpy as np
 
     eps = window_size / 2.0
     if n == 1:
-        return torch.tensor([1.0 - drop_rate], dtype=torch.float32)
-    r = torch.arange(n, dtype=torch.float64)
-    return ((1.0 - drop_rate) - eps + (2.0 * eps) * r / (n - 1)).to(torch.float32)
+        return np.array([1.0 - drop_rate], dtype=np.float32)
+    r = np.arange(n, dtype=np.float64)
+    return ((1.0 - drop_rate) - eps + (2.0 * eps) * r / (n - 1)).astype(np.float32)
+
+
+def keep_table(n: int, drop_rate: float, window_size: float):
+    """`keep_table_np` as a float32 CPU tensor."""
+    import torch
+
+    return torch.from_numpy(keep_table_np(n, drop_rate, window_size))
 
 
 _SORT_POOL = None

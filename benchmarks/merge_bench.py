@@ -220,6 +220,32 @@ def read_write_floor(dirs: dict[str, Path], out_dir: Path, threads: int, device:
     return res
 
 
+def compare_outputs(a: Path, b: Path) -> dict:
+    """Element-wise comparison of two merges with the same layout (16-bit outputs):
+    shards must match in size; counts elements whose bits differ and the largest
+    difference in units in the last place."""
+    import numpy as np
+
+    files = sorted(f.name for f in a.glob("*.safetensors"))
+    if files != sorted(f.name for f in b.glob("*.safetensors")):
+        return {"same_layout": False}
+    differ, total, max_ulp = 0, 0, 0
+    for name in files:
+        x = np.fromfile(a / name, dtype=np.uint8)
+        y = np.fromfile(b / name, dtype=np.uint8)
+        if x.size != y.size:
+            return {"same_layout": False}
+        start = 8 + int(x[:8].view("<u8")[0])  # header length: the data follows
+        if not np.array_equal(x[:start], y[:start]):
+            return {"same_layout": False}
+        xs, ys = x[start:].view(np.int16).astype(np.int32), y[start:].view(np.int16).astype(np.int32)
+        d = np.abs(xs - ys)
+        differ += int(np.count_nonzero(d))
+        total += d.size
+        max_ulp = max(max_ulp, int(d.max()) if d.size else 0)
+    return {"same_layout": True, "elements": total, "differing": differ, "max_ulp": max_ulp}
+
+
 def _mergekit_yaml() -> str:
     here = Path(sys.executable).parent / "mergekit-yaml"  # the same environment's script
     return str(here) if here.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
@@ -243,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each method and tool (interleaved)")
+    ap.add_argument("--compare-engines", action="store_true",
+                    help="compare the outputs of tools mergeflow and mergeflow-torch element by element")
     ap.add_argument("--normal-exit", action="store_true",
                     help="also time mergeflow with MERGEFLOW_FAST_EXIT=0 (interpreter teardown)")
     args = ap.parse_args(argv)
@@ -299,9 +327,17 @@ def main(argv=None) -> int:
                 res[tool]["timings"] = dict(meta.get("timings") or {}, engine_s=meta["wall_time_s"])
                 # before the engine starts: interpreter, imports (torch), CLI; after: exit
                 res[tool]["outside_engine_s"] = round(wall - meta["wall_time_s"], 3)
-            shutil.rmtree(out, ignore_errors=True)
+            if not (args.compare_engines and tool.startswith("mergeflow")):
+                shutil.rmtree(out, ignore_errors=True)
             print(f"  {method:16s} {tool:15s} {wall:7.2f} s  peak RSS {rss / 2**30:6.2f} GiB"
                   + (f"  {res[tool]['timings']}" if "timings" in res[tool] else ""), flush=True)
+        if args.compare_engines:
+            a, b = work / f"out-mergeflow-{method}", work / f"out-mergeflow-torch-{method}"
+            if a.exists() and b.exists():
+                res["engines_compared"] = compare_outputs(a, b)
+                print(f"  {method:16s} direct vs torch engine: {res['engines_compared']}", flush=True)
+            shutil.rmtree(a, ignore_errors=True)
+            shutil.rmtree(b, ignore_errors=True)
         if args.normal_exit and "mergeflow" in res and rep == 0:
             out = work / "out-mergeflow-normal-exit"
             cmd = [sys.executable, "-m", "mergeflow.merging", "--method", mf_method, "--base", str(dirs["base"])]

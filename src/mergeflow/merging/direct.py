@@ -51,6 +51,7 @@ DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 MAX_EXPERTS = 8  # kernels.cu MAXE
 PIECE_BYTES = 64 << 20  # a reader job: at most this much of one input tensor
+RING_BYTES = 6 << 30  # device ring target (at least 3 of the largest tensor's regions)
 ALIGN = 256
 THREADS = 256
 FUSE_MODES = {"sum": 0, "mixup_sum": 0, "mean": 1, "average": 1, "disjoint": 2, "mixup_disjoint": 3}
@@ -414,7 +415,7 @@ class DirectEngine(MergeEngine):
         scratch = _align(n_exp * max_numel * 4)
         small = _align(n_exp * (16 + 256) * 4) + _align(4 * len(items))
         free = gpu.free_memory()
-        want = max(3 * max(sizes), min(6 << 30, sum(sizes)))
+        want = max(3 * max(sizes), min(RING_BYTES, sum(sizes)))
         room = free - scratch - small - (512 << 20)  # leave headroom for the driver
         ring = min(want, room)
         if ring < max(sizes):

@@ -258,7 +258,11 @@ extern "C" __global__ void mf_fuse(Fuse f, const void* __restrict__ base, void* 
             float x = f.d[t][i];
             finite = finite && isfinite(x);
             dv[t] = f.w[t] != 1.0f ? __fmul_rn(x, f.w[t]) : x;
-            tau = t == 0 ? dv[t] : __fadd_rn(tau, dv[t]);
+            if (f.mode >= 2 || t == 0) {  // disjoint: the weighted deltas' plain sum elects
+                tau = t == 0 ? dv[t] : __fadd_rn(tau, dv[t]);
+            } else {  // sum / mean: torch's add_(d, alpha=w) is one fused multiply-add
+                tau = f.w[t] != 1.0f ? __fmaf_rn(x, f.w[t], tau) : __fadd_rn(tau, x);
+            }
         }
         if (f.mode == 1) {
             tau = __fdiv_rn(tau, f.total);
@@ -274,7 +278,7 @@ extern "C" __global__ void mf_fuse(Fuse f, const void* __restrict__ base, void* 
                     float raw = f.w[t] != 1.0f ? __fdiv_rn(dv[t], f.w[t]) : dv[t];
                     plain = __fadd_rn(plain, raw);
                     cnt = __fadd_rn(cnt, 1.0f);
-                    num = __fadd_rn(num, __fmul_rn(f.m[t], raw));
+                    num = __fmaf_rn(raw, f.m[t], num);  // num.add_(raw, alpha=m)
                     den = __fadd_rn(den, f.m[t]);
                 }
             }

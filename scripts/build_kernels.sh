@@ -2,13 +2,13 @@
 # Rebuild src/mergeflow/merging/kernels.ptx from kernels.cu (needs nvcc >= 12; no GPU).
 # The PTX targets compute_75 with ISA 7.0, so any driver from CUDA 11.0 on JIT-compiles it
 # for its GPU (Turing and newer) and caches the result. Its first line records the
-# source's SHA-256: tests/test_merge_direct.py fails when the two drift apart.
+# sources' SHA-256 (kernels.cu + merge_ops.h): tests/test_merge_direct.py fails when the two drift apart.
 set -euo pipefail
 cd "$(dirname "$0")/../src/mergeflow/merging"
 tmp=$(mktemp)
 nvcc -ptx -arch=compute_75 -o "$tmp" kernels.cu
 {
-  echo "// mergeflow kernels.cu sha256 $(sha256sum kernels.cu | cut -c1-64)"
+  echo "// mergeflow kernels.cu sha256 $(cat kernels.cu merge_ops.h | sha256sum | cut -c1-64)"
   sed 's/^\.version [0-9.]*$/.version 7.0/' "$tmp"
 } > kernels.ptx
 rm -f "$tmp"

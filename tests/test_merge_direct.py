@@ -1,9 +1,10 @@
-"""The direct CUDA engine (no torch in the merge process) against the torch engine.
+"""The direct engines (no torch in the merge process) against the torch engine.
 
-CPU-only parts run everywhere: the shipped PTX matches kernels.cu, the device ring's
-allocation rules, which recipes fall back to torch, and the CLI's engine choice. The
-merges themselves need a GPU and are compared with the torch engine on the CPU, which
-tests/test_merge_methods.py checks against formulas written out in the tests.
+Everywhere: the shipped PTX matches its sources, the device ring's allocation rules,
+which recipes fall back to torch, the CLI's engine choice, and every merge of the CPU
+engine (C built from the per-element code the GPU kernels share) bit for bit against the
+torch engine, which tests/test_merge_methods.py checks against formulas written out in
+the tests. Where a GPU is, the same merges through the CUDA engine.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU and the CUDA driver")
 
 
 def test_shipped_ptx_is_built_from_kernels_cu():
-    src = ROOT / "src/mergeflow/merging/kernels.cu"
+    src = b"".join((ROOT / "src/mergeflow/merging" / f).read_bytes() for f in ("kernels.cu", "merge_ops.h"))
     ptx = (ROOT / "src/mergeflow/merging/kernels.ptx").read_text()
     first = ptx.splitlines()[0]
-    assert first == f"// mergeflow kernels.cu sha256 {hashlib.sha256(src.read_bytes()).hexdigest()}", \
+    assert first == f"// mergeflow kernels.cu sha256 {hashlib.sha256(src).hexdigest()}", \
         "kernels.ptx is stale: run scripts/build_kernels.sh"
     assert "\n.version 7.0\n" in ptx and "\n.target sm_75\n" in ptx
     for name in direct.KERNELS:
@@ -101,22 +102,60 @@ def _cli(args):
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a GPU")
-def test_without_a_gpu_auto_uses_torch_quietly_and_direct_says_why(zoo, tmp_path, capsys):
+def test_without_a_gpu_auto_merges_on_the_cpu_engine_and_cuda_is_refused(zoo, tmp_path, capsys):
     base, experts = zoo
     ex = [a for n, p in experts.items() for a in ("--expert", f"{n}={p}")]
     assert _cli(["--method", "ties", "--base", str(base), *ex, "--params", '{"density": 0.5}',
                  "--out", str(tmp_path / "auto")]) == 0
     assert "torch engine (" not in capsys.readouterr().err
     meta = json.loads((tmp_path / "auto" / "mergeflow_merge.json").read_text())
-    assert meta["engine"] == "torch" and meta["device"] == "cpu"
+    assert meta["engine"] == "cpu-direct" and meta["device"] == "cpu"
     assert _cli(["--method", "ties", "--base", str(base), *ex, "--params", '{"density": 0.5}',
                  "--device", "cuda", "--engine", "direct", "--out", str(tmp_path / "d")]) == 2
     assert "requested but CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
+def test_cli_falls_back_to_torch_where_it_must(zoo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_FAST_EXIT", "0")  # (the CLI would os._exit after a GPU merge)
+    base, experts = zoo
+    ex = [a for n, p in experts.items() for a in ("--expert", f"{n}={p}")]
+    assert _cli(["--method", "della", "--base", str(base), *ex, "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "mergeflow_merge.json").read_text())
+    assert meta["engine"] == ("cuda-direct" if HAS_GPU else "cpu-direct")
+    assert (tmp_path / "a" / "config.json").exists()
+    assert _cli(["--method", "della_layer", "--base", str(base), *ex, "--out", str(tmp_path / "b")]) == 0
+    assert "torch engine (MagPrune scope 'tensor'" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "mergeflow_merge.json").read_text())["engine"] == "torch"
+    assert _cli(["--method", "della_layer", "--base", str(base), *ex, "--engine", "direct",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--engine direct cannot run this merge: MagPrune scope 'tensor'" in capsys.readouterr().err
+    assert _cli(["--method", "della", "--base", str(base), *ex, "--engine", "torch", "--device", "cpu",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "mergeflow_merge.json").read_text())["engine"] == "torch"
+    assert all(v.equal(_load(tmp_path / "t")[k]) for k, v in _load(tmp_path / "a").items())
+
+
+def test_cpu_engine_without_a_compiler_falls_back(zoo, tmp_path, capsys, monkeypatch):
+    from mergeflow.merging import direct_cpu
+
+    monkeypatch.setattr(direct_cpu, "_lib", None)
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    base, experts = zoo
+    ex = [a for n, p in experts.items() for a in ("--expert", f"{n}={p}")]
+    assert _cli(["--method", "ties", "--base", str(base), *ex, "--params", '{"density": 0.5}',
+                 "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
+    assert "torch engine (compiling the CPU kernels" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "mergeflow_merge.json").read_text())["engine"] == "torch"
+    monkeypatch.delenv("CC")  # with a compiler the library lands in the cache, once
+    direct_cpu.library()
+    assert len(list((tmp_path / "cache").glob("cpu_kernels-*.so"))) == 1
+
+
 # ---------------------------------------------------------------------------------------
-# GPU: the direct engine against the torch engine on the CPU
+# the direct engines (CPU everywhere, GPU where there is one) against the torch engine on
+# the CPU: the same bits
 # ---------------------------------------------------------------------------------------
 
 SHAPES = {
@@ -191,24 +230,27 @@ def _load(out: Path) -> dict:
     return tensors
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
+
+
 def _merge(engine, method, experts, out, **kw):
-    if engine == "direct":
-        return direct.run_merge(method, experts, str(out), progress=False, **kw)
+    if engine in ("cpu", "cuda"):
+        return direct.run_merge(method, experts, str(out), device=engine, progress=False, **kw)
     from mergeflow.merging.engine import run_merge
 
     return run_merge(method, experts, str(out), device="cpu", progress=False, **kw)
 
 
-@gpu
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("method,params", SUPPORTED, ids=[f"{m}-{i}" for i, (m, _) in enumerate(SUPPORTED)])
-def test_direct_engine_merges_like_the_torch_engine(zoo, tmp_path, method, params):
+def test_direct_engine_merges_like_the_torch_engine(zoo, tmp_path, dev, method, params):
     import torch
 
     base, experts = zoo
     for dtype in ("float32", "bfloat16"):
         p = dict(params, dtype=dtype)
-        meta = _merge("direct", method, experts, tmp_path / f"d-{dtype}", base=str(base), params=p, seed=3)
-        assert meta["engine"] == "cuda-direct" and meta["device"].startswith("cuda:0")
+        meta = _merge(dev, method, experts, tmp_path / f"d-{dtype}", base=str(base), params=p, seed=3)
+        assert meta["engine"] == f"{dev}-direct" and meta["device"].startswith(dev)
         _merge("torch", method, experts, tmp_path / f"t-{dtype}", base=str(base), params=p, seed=3)
         got, ref = _load(tmp_path / f"d-{dtype}"), _load(tmp_path / f"t-{dtype}")
         assert sorted(got) == sorted(ref)
@@ -220,27 +262,30 @@ def test_direct_engine_merges_like_the_torch_engine(zoo, tmp_path, method, param
                 assert torch.equal(got[name], ref[name]), name
 
 
-@gpu
-def test_direct_engine_is_deterministic_across_threads_and_shards(zoo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_direct_engine_is_deterministic_across_threads_and_shards(zoo, tmp_path, monkeypatch, dev):
+    from mergeflow.merging import direct_cpu
+
     base, experts = zoo
     p = {"drop_rate": 0.3, "window_size": 0.14}
-    _merge("direct", "della", experts, tmp_path / "a", base=str(base), params=p, seed=7)
+    _merge(dev, "della", experts, tmp_path / "a", base=str(base), params=p, seed=7)
     # tiny slabs, pieces and ring: many reads per tensor, a ring that wraps and waits
     monkeypatch.setattr(direct, "SLAB_BYTES", 4096)
     monkeypatch.setattr(direct, "PIECE_BYTES", 3 * 4096)
     monkeypatch.setattr(direct, "RING_BYTES", 1)
-    _merge("direct", "della", experts, tmp_path / "b", base=str(base), params=p, seed=7, io_threads=1,
+    monkeypatch.setattr(direct_cpu, "INFLIGHT_BYTES", 1)
+    _merge(dev, "della", experts, tmp_path / "b", base=str(base), params=p, seed=7, io_threads=1,
            shard_size="50KB")
-    _merge("direct", "della", experts, tmp_path / "c", base=str(base), params=p, seed=8)
+    _merge(dev, "della", experts, tmp_path / "c", base=str(base), params=p, seed=8)
     a, b, c = _load(tmp_path / "a"), _load(tmp_path / "b"), _load(tmp_path / "c")
     assert len(list((tmp_path / "b").glob("*.safetensors"))) > 1
     assert all(a[k].equal(b[k]) for k in a)
     assert not all(a[k].equal(c[k]) for k in a)  # another seed, other masks
 
 
-@gpu
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("policy", ["truncate", "pad_mean"])
-def test_direct_engine_vocab_policies_match_torch(zoo, tmp_path, policy):
+def test_direct_engine_vocab_policies_match_torch(zoo, tmp_path, policy, dev):
     import torch
     from safetensors.torch import load_file
 
@@ -254,17 +299,17 @@ def test_direct_engine_vocab_policies_match_torch(zoo, tmp_path, policy):
     _save(tmp_path / "math7", sd)
     ex = dict(experts, math=str(tmp_path / "math7"))
     p = {"density": 0.4, "dtype": "float32"}
-    meta = _merge("direct", "ties", ex, tmp_path / "d", base=str(base), params=p, vocab_policy=policy)
+    meta = _merge(dev, "ties", ex, tmp_path / "d", base=str(base), params=p, vocab_policy=policy)
     _merge("torch", "ties", ex, tmp_path / "t", base=str(base), params=p, vocab_policy=policy)
-    assert meta["engine"] == "cuda-direct"
+    assert meta["engine"] == f"{dev}-direct"
     got, ref = _load(tmp_path / "d"), _load(tmp_path / "t")
     assert got["lm_head.weight"].shape[0] == (300 if policy == "truncate" else 307)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=2e-6, atol=2e-6, msg=name)
 
 
-@gpu
-def test_direct_engine_reads_float16_and_float32_inputs(zoo, tmp_path):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_direct_engine_reads_float16_and_float32_inputs(zoo, tmp_path, dev):
     import torch
     from safetensors.torch import load_file
 
@@ -275,15 +320,15 @@ def test_direct_engine_reads_float16_and_float32_inputs(zoo, tmp_path):
         _save(tmp_path / name, sd)
         ex[name] = str(tmp_path / name)
     p = {"drop_rate": 0.5, "combine": "ties", "density": 0.6, "dtype": "float32"}
-    _merge("direct", "dare", ex, tmp_path / "d", base=str(base), params=p)
+    _merge(dev, "dare", ex, tmp_path / "d", base=str(base), params=p)
     _merge("torch", "dare", ex, tmp_path / "t", base=str(base), params=p)
     got, ref = _load(tmp_path / "d"), _load(tmp_path / "t")
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=2e-6, atol=2e-6, msg=name)
 
 
-@gpu
-def test_direct_engine_names_the_input_holding_nan(zoo, tmp_path):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_direct_engine_names_the_input_holding_nan(zoo, tmp_path, dev):
     import torch
     from safetensors.torch import load_file
 
@@ -293,26 +338,9 @@ def test_direct_engine_names_the_input_holding_nan(zoo, tmp_path):
     _save(tmp_path / "bad", sd)
     ex = dict(experts, code=str(tmp_path / "bad"))
     with pytest.raises(MergeflowError, match=r"'model.layers.0.mlp.up_proj.weight' of expert 'code'.*NaN"):
-        _merge("direct", "ties", ex, tmp_path / "out", base=str(base), params={"density": 0.5})
+        _merge(dev, "ties", ex, tmp_path / "out", base=str(base), params={"density": 0.5})
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
     assert torch.isnan(sd["model.layers.0.mlp.up_proj.weight"]).sum() == 1
-
-
-@gpu
-def test_cli_uses_the_direct_engine_and_falls_back_where_it_must(zoo, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("MERGEFLOW_FAST_EXIT", "0")  # (the CLI would os._exit after a GPU merge)
-    base, experts = zoo
-    ex = [a for n, p in experts.items() for a in ("--expert", f"{n}={p}")]
-    assert _cli(["--method", "della", "--base", str(base), *ex, "--out", str(tmp_path / "a")]) == 0
-    meta = json.loads((tmp_path / "a" / "mergeflow_merge.json").read_text())
-    assert meta["engine"] == "cuda-direct" and meta["peak_gpu_bytes"] > 0
-    assert (tmp_path / "a" / "config.json").exists()
-    assert _cli(["--method", "della_layer", "--base", str(base), *ex, "--out", str(tmp_path / "b")]) == 0
-    assert "torch engine (MagPrune scope 'tensor'" in capsys.readouterr().err
-    assert json.loads((tmp_path / "b" / "mergeflow_merge.json").read_text())["engine"] == "torch"
-    assert _cli(["--method", "della_layer", "--base", str(base), *ex, "--engine", "direct",
-                 "--out", str(tmp_path / "c")]) == 2
-    assert "--engine direct cannot run this merge: MagPrune scope 'tensor'" in capsys.readouterr().err
 
 
 def test_keep_table_np_is_the_linear_schedule():

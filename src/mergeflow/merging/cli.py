@@ -64,9 +64,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--io-threads", type=int, default=None, help="reader threads (default: min(8, CPUs); min(12, CPUs) on CUDA)")
     p.add_argument("--engine", choices=("auto", "direct", "torch"), default="auto",
-                   help="GPU merges: 'direct' drives the GPU through the CUDA driver without torch "
-                        "(fast start-up), 'torch' uses PyTorch; 'auto' (default) takes direct where "
-                        "it supports the merge and torch otherwise")
+                   help="'direct' merges without torch (GPU: CUDA driver + PTX kernels; CPU: C kernels "
+                        "compiled on first use), 'torch' with PyTorch; 'auto' (default) takes direct "
+                        "where it supports the merge and torch otherwise")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.set_defaults(func=run)
 
@@ -89,7 +89,7 @@ def run(args) -> int:
     common = dict(base=args.base, params=params, seed=args.seed, device=args.device,
                   vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads)
     meta = None
-    if args.engine != "torch" and args.device != "cpu":
+    if args.engine != "torch":
         from mergeflow.merging import direct
 
         try:

@@ -1,16 +1,18 @@
-"""Direct CUDA engine: a GPU merge without torch.
+"""Direct engines: merges without torch. This module: what both share, and the GPU engine.
 
 On a GPU the torch engine spends more time starting than merging: `import torch` alone
-took 1.6-4.9 s on the H100 machines we measured, against about 2 s for reading, merging
-and writing a 2.7 B model. This engine drives the GPU through the CUDA driver API
-(ctypes, `cudrv`) with the PTX kernels of `kernels.cu`, so a merge process imports
-numpy and the standard library only.
+took 3.8-5.4 s on the H200 machines we measured (1.6-4.9 s on H100s), against about 2 s
+for reading, merging and writing a 2.7 B model. The GPU engine drives the GPU through the
+CUDA driver API (ctypes, `cudrv`) with the PTX kernels of `kernels.cu`; the CPU engine
+(`direct_cpu`) runs the same per-element code (`merge_ops.h`) compiled as C. A merge
+process then imports numpy and the standard library only.
 
-Same plan, same validation, same output layout and metadata as the torch engine (it is
-a subclass); each step is a kernel that mirrors `steps.py`: masks are identical (same
-keyed draws, same exact ranks and tie rules), values agree to float32 rounding.
+Same plan, same validation, same output layout and metadata as the torch engine (both
+are subclasses of it); each step mirrors `steps.py` in arithmetic order, keyed random
+draws, exact ranks and tie rules, so the outputs are the torch engine's bits
+(tests/test_merge_direct.py; on 2.7 B models too, benchmarks/README.md).
 
-Pipeline, all whole tensors (as the torch engine does on CUDA):
+GPU pipeline, whole tensors (as the torch engine on CUDA):
   reader threads: pread from the page cache into pinned slabs -> async copy to a device
       ring buffer (each input tensor split into pieces read by several threads);
   main thread: kernels on one stream (task vectors into a float32 scratch, sparsify,
@@ -20,17 +22,18 @@ The ring holds the inputs and output of the tensors in flight; a tensor's region
 reused once its output has left the GPU, so the next tensors are read while the current
 one is merged and written.
 
-Methods it runs: average, task_arithmetic, ties (trim scope tensor | row), dare (inverse
-or no rescale, any combine), della / della_noelect / dare_della / nodrop_noelect, m3 (any
-combine, with or without DARE). Anything else (L1 rescale, della_norank, della_layer,
-model-scope trim, pickled checkpoints, float64, more than 8 experts, rows too long for
-shared memory) raises `Unsupported` before anything is
-written, and the CLI falls back to the torch engine.
+Methods: average, task_arithmetic, ties (trim scope tensor | row), dare (inverse or no
+rescale, any combine), della / della_noelect / dare_della / nodrop_noelect, m3 (any
+combine, with or without DARE), with either vocabulary policy. Anything else (L1
+rescale, della_norank, della_layer, model-scope trim, pickled checkpoints, float64, more
+than 8 experts, GPU rows too long for shared memory, no C compiler) raises `Unsupported`
+before anything is written, and the CLI falls back to the torch engine.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import queue
 import sys
@@ -305,7 +308,134 @@ class _Gpu:
                                            params, None), name)
 
 
-class DirectEngine(MergeEngine):
+class _DirectBase(MergeEngine):
+    """What both direct engines share: the checks, the run, inputs, NaN reports."""
+
+    def _start(self) -> None:
+        """Start the device set-up (in the background where it can be)."""
+
+    def _ready(self) -> None:
+        """Wait for the device set-up; raise Unsupported if it failed."""
+
+    def _device_unsupported(self, items: list[Item]) -> str | None:
+        return None
+
+    def _setup(self, items: list[Item]) -> None:
+        """Buffers sized from the plan."""
+
+    def _tensor_unsupported(self) -> str | None:
+        for label in self.inputs:
+            r = self.readers[label]
+            if r.format != "safetensors":
+                return f"{r.label} is a pickled checkpoint ({r.path})"
+            odd = sorted(self.input_dtypes[label] - set(DTYPE_CODES))
+            if odd:
+                return f"{r.label} holds {odd[0]} tensors"
+        odd = sorted({dt for _, _, dt in self.plan} - set(DTYPE_CODES))
+        if odd:
+            return f"output dtype {odd[0]}"
+        return None
+
+    # -- main ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.timings: dict[str, float] = {}
+        why = recipe_unsupported(self.method)
+        if why:
+            raise Unsupported(why)
+        self._start()
+        try:
+            t = time.time()
+            self._open()
+            items = self._plan()
+            self.timings["plan_s"] = time.time() - t
+            self._ready()
+            why = self._tensor_unsupported() or self._device_unsupported(items)
+            if why:
+                raise Unsupported(why)
+            self._setup(items)
+            donor_label = self.params.get("donor") or self._default_donor()
+            if donor_label not in self.readers:
+                raise MergeflowError(f"param 'donor': {donor_label!r} is neither 'base' nor an expert "
+                                     f"({', '.join(self.expert_names)})")
+            writer = ShardedWriter(self.out, self.plan, self.shard_bytes)
+            writer.open()
+        except BaseException:
+            self._close()
+            raise
+        try:
+            t = time.time()
+            self._merge_all(items, writer)
+            self.timings["merge_s"] = time.time() - t
+            meta = self._metadata(None, donor_label, writer)
+            donor_path = self.readers[donor_label].path
+            writer.commit(donor_path, {METADATA_FILE: json.dumps(meta, indent=2) + "\n"},
+                          self._config_updates(donor_path))
+            return meta
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            self._close()
+
+    def _input_rows(self, label: str, item: Item) -> int:
+        """Rows of input `label` that the merge reads (a truncating vocab policy reads fewer)."""
+        info = self.readers[label].info(item.name)
+        return min(info.shape[0], item.rows) if item.fit else item.rows
+
+    def _input_bytes(self, label: str, item: Item) -> int:
+        info = self.readers[label].info(item.name)
+        return self._input_rows(label, item) * item.cols * ITEMSIZE[info.dtype]
+
+    def _out_dtype(self, item: Item) -> str:
+        return self._plan_dtype[item.name]
+
+    def _plan(self) -> list[Item]:
+        items = super()._plan()
+        self._plan_dtype = {name: dt for name, _, dt in self.plan}
+        return items
+
+    def _fuse_struct(self, item: Item, d_ptrs: list[int], base_dt: int) -> _Fuse:
+        """The fuse step's parameters for tensor `item` (Method.merge: mixup_sum weighs by the
+        mixing ratios; mixup_disjoint elects with the weights and mixes with the ratios;
+        without a base, fuse is average or mixup_sum)."""
+        r = self.method.recipe
+        fuse = _Fuse()
+        for t, ptr in enumerate(d_ptrs):
+            fuse.d[t] = ptr
+        weights = r.mixup if r.fuse == "mixup_sum" else r.weights
+        for t, w in enumerate(weights):
+            fuse.w[t] = w
+        for t, m in enumerate(r.mixup or []):
+            fuse.m[t] = m
+        fuse.n_exp = len(d_ptrs)
+        fuse.mode = FUSE_MODES[r.fuse]
+        fuse.lam = r.lam
+        total = sum(weights)
+        fuse.total = total if abs(total) >= 1e-8 else 1.0
+        fuse.base_dt = base_dt
+        fuse.out_dt = DTYPE_CODES[self._out_dtype(item)]
+        return fuse
+
+    def _not_finite_np(self, item: Item) -> MergeflowError:
+        """Name the input holding NaN/Inf (re-read from disk with numpy), or the output."""
+        import numpy as np
+
+        for label in self.inputs:
+            r = self.readers[label]
+            info = r.info(item.name)
+            buf = np.empty(info.numel * ITEMSIZE[info.dtype], dtype=np.uint8)
+            _pread_into(r.fd(info.file), memoryview(buf), info.offset)
+            if info.dtype == "float32":
+                bad = not np.isfinite(buf.view(np.float32)).all()
+            else:
+                exp = 0x7F80 if info.dtype == "bfloat16" else 0x7C00
+                bad = bool(((buf.view(np.uint16) & exp) == exp).any())
+            if bad:
+                return MergeflowError(f"tensor {item.name!r} of {r.label} ({r.path}) contains NaN or Inf")
+        return MergeflowError(f"merged tensor {item.name!r} is not finite although its inputs are "
+                              f"(overflow? check lambda and weights)")
+
+class DirectEngine(_DirectBase):
     """The merge engine on the CUDA driver API (see module docstring)."""
 
     engine_name = "cuda-direct"
@@ -324,76 +454,33 @@ class DirectEngine(MergeEngine):
         return _Device(ordinal)
 
     # -- checks --------------------------------------------------------------------------
-    def _tensor_unsupported(self) -> str | None:
-        for label in self.inputs:
-            r = self.readers[label]
-            if r.format != "safetensors":
-                return f"{r.label} is a pickled checkpoint ({r.path})"
-            odd = sorted(self.input_dtypes[label] - set(DTYPE_CODES))
-            if odd:
-                return f"{r.label} holds {odd[0]} tensors"
-        odd = sorted({dt for _, _, dt in self.plan} - set(DTYPE_CODES))
-        if odd:
-            return f"output dtype {odd[0]}"
+    # -- main ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        n_read, n_write = 2 * self.io_threads, 2 * self.write_threads
+        self.gpu = _Gpu(self.device.index, (n_read + n_write) * SLAB_BYTES)
+
+    def _ready(self) -> None:
+        gpu = self.gpu.result()
+        self.timings.update({f"init_{k}": v for k, v in gpu.timings.items()})
+        if gpu.error:
+            raise Unsupported(f"CUDA driver: {gpu.error}")
+        gpu.current()
+
+    def _device_unsupported(self, items: list[Item]) -> str | None:
         r = self.method.recipe
         if r.sparsify == "magprune" or (r.trim_density < 1 and r.trim_scope == "row"):
-            cols = max(c for _, shape, _ in self.plan for c in [_cols(shape)])
+            cols = max(it.cols for it in items)
             need = 8 * _pow2(cols)
             if need > self.gpu.smem_optin:
                 return (f"rows of {cols} elements need {need} bytes of shared memory per block "
                         f"(the GPU offers {self.gpu.smem_optin})")
         return None
 
-    # -- main ----------------------------------------------------------------------------
-    def run(self) -> dict:
-        self.timings: dict[str, float] = {}
-        why = recipe_unsupported(self.method)
-        if why:
-            raise Unsupported(why)
-        n_read, n_write = 2 * self.io_threads, 2 * self.write_threads
-        self.gpu = _Gpu(self.device.index, (n_read + n_write) * SLAB_BYTES)
+    def _setup(self, items: list[Item]) -> None:
         try:
-            t = time.time()
-            self._open()
-            items = self._plan()
-            self.timings["plan_s"] = time.time() - t
-            gpu = self.gpu.result()
-            self.timings.update({f"init_{k}": v for k, v in gpu.timings.items()})
-            if gpu.error:
-                raise Unsupported(f"CUDA driver: {gpu.error}")
-            gpu.current()
-            why = self._tensor_unsupported()
-            if why:
-                raise Unsupported(why)
-            try:
-                self._setup_memory(items)
-            except cudrv.DriverError as err:  # e.g. out of GPU memory
-                raise Unsupported(f"setting up GPU memory: {err}") from err
-            donor_label = self.params.get("donor") or self._default_donor()
-            if donor_label not in self.readers:
-                raise MergeflowError(f"param 'donor': {donor_label!r} is neither 'base' nor an expert "
-                                     f"({', '.join(self.expert_names)})")
-            writer = ShardedWriter(self.out, self.plan, self.shard_bytes)
-            writer.open()
-        except BaseException:
-            self._close()
-            raise
-        try:
-            t = time.time()
-            self._merge_all(items, writer)
-            self.timings["merge_s"] = time.time() - t
-            meta = self._metadata(None, donor_label, writer)
-            donor_path = self.readers[donor_label].path
-            import json
-
-            writer.commit(donor_path, {METADATA_FILE: json.dumps(meta, indent=2) + "\n"},
-                          self._config_updates(donor_path))
-            return meta
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            self._close()
+            self._setup_memory(items)
+        except cudrv.DriverError as err:  # e.g. out of GPU memory
+            raise Unsupported(f"setting up GPU memory: {err}") from err
 
     def _runtime_metadata(self) -> dict:
         try:
@@ -454,21 +541,9 @@ class DirectEngine(MergeEngine):
             slab = _Slab(gpu.pinned + i * SLAB_BYTES, SLAB_BYTES, gpu.new_event())
             (self._read_pool if i < n_read else self._write_pool).put(slab)
 
-    def _input_rows(self, label: str, item: Item) -> int:
-        """Rows of input `label` that the merge reads (a truncating vocab policy reads fewer)."""
-        info = self.readers[label].info(item.name)
-        return min(info.shape[0], item.rows) if item.fit else item.rows
-
-    def _input_bytes(self, label: str, item: Item) -> int:
-        info = self.readers[label].info(item.name)
-        return self._input_rows(label, item) * item.cols * ITEMSIZE[info.dtype]
-
     def _region_bytes(self, item: Item) -> int:
         total = sum(_align(self._input_bytes(label, item)) for label in self.inputs)
         return total + _align(item.rows * item.cols * ITEMSIZE[self._out_dtype(item)])
-
-    def _out_dtype(self, item: Item) -> str:
-        return self._plan_dtype[item.name]
 
     # -- reading --------------------------------------------------------------------------
     def _reader_init(self) -> None:
@@ -599,23 +674,7 @@ class DirectEngine(MergeEngine):
                                                                     i32(shift), i32(mode)])
                             gpu.launch("mf_select", 1, 32, [u64(st), u64(hist), i32(shift), i32(mode)])
                     gpu.launch("mf_trim", grid, THREADS, [u64(d[t]), u64(n), u64(st)])
-        fuse = _Fuse()
-        for t in range(len(d)):
-            fuse.d[t] = d[t]
-        # (Method.merge: mixup_sum weighs by the mixing ratios; mixup_disjoint elects with the
-        # weights and mixes with the ratios; without a base, fuse is average or mixup_sum.)
-        weights = r.mixup if r.fuse == "mixup_sum" else r.weights
-        for t, w in enumerate(weights):
-            fuse.w[t] = w
-        for t, m in enumerate(r.mixup or []):
-            fuse.m[t] = m
-        fuse.n_exp = len(d)
-        fuse.mode = FUSE_MODES[r.fuse]
-        fuse.lam = r.lam
-        total = sum(weights)
-        fuse.total = total if abs(total) >= 1e-8 else 1.0
-        fuse.base_dt = base_dt
-        fuse.out_dt = DTYPE_CODES[self._out_dtype(item)]
+        fuse = self._fuse_struct(item, d, base_dt)
         out = sched["out"]
         flag = self.flags_dev + 4 * j
         gpu.launch("mf_fuse", grid, THREADS, [fuse, u64(base_ptr), u64(out), u64(n), u64(flag)])
@@ -692,45 +751,17 @@ class DirectEngine(MergeEngine):
         if bar is not None:
             bar.close()
 
-    def _not_finite_np(self, item: Item) -> MergeflowError:
-        """Name the input holding NaN/Inf (re-read from disk with numpy), or the output."""
-        import numpy as np
-
-        for label in self.inputs:
-            r = self.readers[label]
-            info = r.info(item.name)
-            buf = np.empty(info.numel * ITEMSIZE[info.dtype], dtype=np.uint8)
-            _pread_into(r.fd(info.file), memoryview(buf), info.offset)
-            if info.dtype == "float32":
-                bad = not np.isfinite(buf.view(np.float32)).all()
-            else:
-                exp = 0x7F80 if info.dtype == "bfloat16" else 0x7C00
-                bad = bool(((buf.view(np.uint16) & exp) == exp).any())
-            if bad:
-                return MergeflowError(f"tensor {item.name!r} of {r.label} ({r.path}) contains NaN or Inf")
-        return MergeflowError(f"merged tensor {item.name!r} is not finite although its inputs are "
-                              f"(overflow? check lambda and weights)")
-
-    def _plan(self) -> list[Item]:
-        items = super()._plan()
-        self._plan_dtype = {name: dt for name, _, dt in self.plan}
-        return items
-
-
-def _cols(shape: tuple[int, ...]) -> int:
-    if len(shape) <= 1:
-        return shape[0] if shape else 1
-    c = 1
-    for s in shape[1:]:
-        c *= s
-    return c
-
 
 def run_merge(method: str, experts: dict[str, str], out: str, base: str | None = None,
               params: dict | None = None, seed: int = 42, device: str = "auto",
               vocab_policy: str | None = None, shard_size="5GB", io_threads: int | None = None,
               progress: bool = True) -> dict:
-    """`engine.run_merge` on the direct CUDA engine; raises `Unsupported` (before writing
-    anything) when the merge needs the torch engine."""
-    return DirectEngine(method, experts, base, params, seed, device, vocab_policy, out, shard_size,
-                        io_threads, None, progress).run()
+    """`engine.run_merge` on a direct engine: the CUDA one on a GPU (device `cuda[:N]`, or
+    `auto` where the driver sees a GPU), else the CPU one. Raises `Unsupported` (before
+    writing anything) when the merge needs the torch engine."""
+    args = (method, experts, base, params, seed, device, vocab_policy, out, shard_size, io_threads, None, progress)
+    if ordinal_of(device) is None or (str(device) == "auto" and device_count() == 0):
+        from mergeflow.merging.direct_cpu import CpuEngine
+
+        return CpuEngine(*args).run()
+    return DirectEngine(*args).run()

@@ -13,42 +13,7 @@
 //                   (ties: lower index kept first)
 //   mf_fuse         sum / mean / disjoint (sign election) / M3 mixup, lambda, + base,
 //                   cast to the output dtype, NaN/Inf flag
-#include <cuda_fp16.h>
-
-#define MAXE 8
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-// dtype codes: 0 float32, 1 float16, 2 bfloat16
-__device__ __forceinline__ float ld(const void* p, int dt, u64 i) {
-    if (dt == 2) return __uint_as_float(((u32)((const unsigned short*)p)[i]) << 16);
-    if (dt == 1) return __half2float(((const __half*)p)[i]);
-    return ((const float*)p)[i];
-}
-
-__device__ __forceinline__ void st(void* p, int dt, u64 i, float v) {
-    if (dt == 2) {  // round to nearest even, as c10::BFloat16
-        u32 x = __float_as_uint(v);
-        unsigned short h = (v != v) ? (unsigned short)0x7FC0 : (unsigned short)((x + (((x >> 16) & 1u) + 0x7FFFu)) >> 16);
-        ((unsigned short*)p)[i] = h;
-    } else if (dt == 1) {
-        ((__half*)p)[i] = __float2half_rn(v);
-    } else {
-        ((float*)p)[i] = v;
-    }
-}
-
-// rng.py: x = H(H(i ^ k0) ^ k1), u = (x >> 8) / 2**24, H = lowbias32
-__device__ __forceinline__ u32 lowbias32(u32 x) {
-    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
-    return x;
-}
-__device__ __forceinline__ float keyed_uniform(u32 i, u32 k0, u32 k1) {
-    u32 x = lowbias32(lowbias32(i ^ k0) ^ k1);
-    return (float)(x >> 8) * (1.0f / 16777216.0f);
-}
-
-__device__ __forceinline__ u32 absbits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+#include "merge_ops.h"
 
 // ---------------------------------------------------------------------------------------
 // vocabulary policy (checkpoints.fit_rows): an input of `have` rows as float32 [rows, cols],
@@ -59,7 +24,7 @@ extern "C" __global__ void mf_colmean(float* __restrict__ mean, const void* __re
                                       u32 have, u32 cols) {
     for (u32 c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
         double s = 0.0;
-        for (u32 r = 0; r < have; r++) s += (double)ld(src, dt, (u64)r * cols + c);
+        for (u32 r = 0; r < have; r++) s += (double)mf_ld(src, dt, (u64)r * cols + c);
         mean[c] = (float)(s / (double)have);
     }
 }
@@ -68,7 +33,7 @@ extern "C" __global__ void mf_fit(float* __restrict__ dst, const void* __restric
                                   u64 n, u32 cols, const float* __restrict__ mean) {
     u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        dst[i] = i < n_have ? ld(src, dt, i) : mean[i % cols];
+        dst[i] = i < n_have ? mf_ld(src, dt, i) : mean[i % cols];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -80,15 +45,8 @@ extern "C" __global__ void mf_delta(float* __restrict__ d, const void* __restric
                                     const void* __restrict__ base, int base_dt, u64 n,
                                     int dare, float keep, int inverse, u32 k0, u32 k1) {
     u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float v = ld(ex, ex_dt, i);
-        if (base) v = __fsub_rn(v, ld(base, base_dt, i));
-        if (dare) {
-            v = __fmul_rn(v, keyed_uniform((u32)i, k0, k1) < keep ? 1.0f : 0.0f);
-            if (inverse) v = __fdiv_rn(v, keep);
-        }
-        d[i] = v;
-    }
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        d[i] = mf_delta_one(ex, ex_dt, base, base_dt, i, (u32)i, dare, keep, inverse, k0, k1);
 }
 
 // One block per row (grid-stride over rows): sort the row's keys in shared memory
@@ -106,7 +64,7 @@ extern "C" __global__ void mf_rows(float* __restrict__ d, u32 rows, u32 cols, u3
         for (u32 j = threadIdx.x; j < p; j += blockDim.x) {
             u64 key = ~0ull;
             if (j < cols) {
-                u32 b = absbits(r[j]);
+                u32 b = mf_absbits(r[j]);
                 if (mode == 1) b = ~b;
                 key = ((u64)b << 32) | j;
             }
@@ -128,15 +86,8 @@ extern "C" __global__ void mf_rows(float* __restrict__ d, u32 rows, u32 cols, u3
         for (u32 q = threadIdx.x; q < cols; q += blockDim.x) {
             u32 j = (u32)(keys[q] & 0xFFFFFFFFu);
             float v = r[j];
-            if (mode == 0) {
-                float prob = table[q];
-                float u = keyed_uniform((u32)((u64)row * cols + j), k0, k1);
-                if (inverse) v = __fdiv_rn(v, prob);
-                v = __fmul_rn(v, u < prob ? 1.0f : 0.0f);
-            } else {
-                v = __fmul_rn(v, q < topk ? 1.0f : 0.0f);
-            }
-            r[j] = v;
+            r[j] = mode == 0 ? mf_prune_one(v, table[q], (u32)((u64)row * cols + j), inverse, k0, k1)
+                             : MF_MUL(v, q < topk ? 1.0f : 0.0f);
         }
         __syncthreads();  // keys are reused by the next row
     }
@@ -179,7 +130,7 @@ extern "C" __global__ void mf_hist(const float* __restrict__ d, u64 n, const u32
         u64 i = w + lane;
         u32 digit = 256u;
         if (i < n) {
-            u32 v = absbits(d[i]);
+            u32 v = mf_absbits(d[i]);
             if (mode == 0) {
                 if ((v & vm) == vp) digit = (v >> shift) & 255u;
             } else if (v == vp && ((u32)i & im) == ip) {
@@ -224,9 +175,9 @@ extern "C" __global__ void mf_trim(float* __restrict__ d, u64 n, const u32* __re
     u32 thr = st[0], cut = st[8];
     u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        u32 v = absbits(d[i]);
+        u32 v = mf_absbits(d[i]);
         bool keep = v > thr || (v == thr && (u32)i <= cut);
-        d[i] = __fmul_rn(d[i], keep ? 1.0f : 0.0f);
+        d[i] = MF_MUL(d[i], keep ? 1.0f : 0.0f);
     }
 }
 
@@ -234,70 +185,11 @@ extern "C" __global__ void mf_trim(float* __restrict__ d, u64 n, const u32* __re
 // consensus + fuse + scale
 // ---------------------------------------------------------------------------------------
 
-struct Fuse {
-    const float* d[MAXE];
-    float w[MAXE];    // expert weights
-    float m[MAXE];    // M3 mixing ratios
-    int n_exp;
-    int mode;         // 0 sum, 1 mean, 2 disjoint, 3 mixup disjoint
-    float lam;
-    float total;      // mean: sum of weights (1 where it is below 1e-8, as mergekit)
-    int base_dt;      // -1: no base (plain average of expert weights)
-    int out_dt;
-};
-
 extern "C" __global__ void mf_fuse(Fuse f, const void* __restrict__ base, void* __restrict__ out, u64 n,
                                    u32* flag) {
     u64 stride = (u64)gridDim.x * blockDim.x;
-    bool bad = false;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float dv[MAXE];
-        float tau = 0.0f;
-        bool finite = true;
-        for (int t = 0; t < f.n_exp; t++) {
-            float x = f.d[t][i];
-            finite = finite && isfinite(x);
-            dv[t] = f.w[t] != 1.0f ? __fmul_rn(x, f.w[t]) : x;
-            if (f.mode >= 2 || t == 0) {  // disjoint: the weighted deltas' plain sum elects
-                tau = t == 0 ? dv[t] : __fadd_rn(tau, dv[t]);
-            } else {  // sum / mean: torch's add_(d, alpha=w) is one fused multiply-add
-                tau = f.w[t] != 1.0f ? __fmaf_rn(x, f.w[t], tau) : __fadd_rn(tau, x);
-            }
-        }
-        if (f.mode == 1) {
-            tau = __fdiv_rn(tau, f.total);
-        } else if (f.mode >= 2) {
-            float g = tau >= 0.0f ? 1.0f : -1.0f;  // elected sign; a zero sum counts as +
-            float num = 0.0f, den = 0.0f, cnt = 0.0f, plain = 0.0f;
-            for (int t = 0; t < f.n_exp; t++) {
-                float y = __fmul_rn(dv[t], g);
-                bool agree = y > 0.0f;
-                if (f.mode == 2) {
-                    if (agree) { num = __fadd_rn(num, y); den = __fadd_rn(den, f.w[t]); }
-                } else if (agree) {
-                    float raw = f.w[t] != 1.0f ? __fdiv_rn(dv[t], f.w[t]) : dv[t];
-                    plain = __fadd_rn(plain, raw);
-                    cnt = __fadd_rn(cnt, 1.0f);
-                    num = __fmaf_rn(raw, f.m[t], num);  // num.add_(raw, alpha=m)
-                    den = __fadd_rn(den, f.m[t]);
-                }
-            }
-            if (f.mode == 2) {
-                tau = __fdiv_rn(__fmul_rn(num, g), den == 0.0f ? 1.0f : den);
-            } else {
-                tau = __fdiv_rn(num, den == 0.0f ? 1.0f : den);
-                if (den == 0.0f && cnt > 0.0f) tau = __fdiv_rn(plain, cnt);
-            }
-        }
-        float v = tau;
-        if (f.base_dt >= 0) {
-            float b = ld(base, f.base_dt, i);
-            finite = finite && isfinite(b);
-            if (f.lam != 1.0f) v = __fmul_rn(v, f.lam);
-            v = __fadd_rn(v, b);
-        }
-        bad = bad || !finite || !isfinite(v);
-        st(out, f.out_dt, i, v);
-    }
+    int bad = 0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        mf_st(out, f.out_dt, i, mf_fuse_one(&f, f.n_exp, f.mode, f.base_dt, base, i, &bad));
     if (bad) atomicOr(flag, 1u);
 }

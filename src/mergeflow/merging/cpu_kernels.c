@@ -6,11 +6,11 @@
 #include <stdlib.h>
 #include "merge_ops.h"
 
-// The hot loops are compiled for AVX2 (x86-64-v3) and AVX-512 (v4) next to the baseline,
+// The hot loops are compiled for AVX2 (x86-64-v3) next to the baseline,
 // picked at load time (GCC/clang function multi-versioning). Vector instructions do the
 // same IEEE operations per element: the bits do not depend on the version.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MF_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MF_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MF_HOT
 #endif
@@ -39,43 +39,41 @@ MF_HOT void mfc_delta(float* d, const void* ex, int ex_dt, const void* base, int
     delta_loop(d, ex, ex_dt, base, base_dt, n, offset, dare, keep, inverse, k0, k1);
 }
 
-// Stable order of unique 64-bit keys: LSD radix sort, 8-bit digits; a digit that every key
-// shares is skipped (the column's high bytes, the exponent's often).
-static void sort_keys(u64* keys, u64* tmp, u32 n) {
-    u64 *src = keys, *dst = tmp;
-    u32 count[256];
-    for (int shift = 0; shift < 64; shift += 8) {
-        for (int b = 0; b < 256; b++) count[b] = 0;
-        for (u32 i = 0; i < n; i++) count[(src[i] >> shift) & 255u]++;
-        if (count[(src[0] >> shift) & 255u] == n) continue;
-        u32 pos = 0;
-        for (int b = 0; b < 256; b++) { u32 c = count[b]; count[b] = pos; pos += c; }
-        for (u32 i = 0; i < n; i++) dst[count[(src[i] >> shift) & 255u]++] = src[i];
-        u64* s = src; src = dst; dst = s;
-    }
-    if (src != keys) memcpy(keys, src, (size_t)n * sizeof(u64));
-}
-
 // Per row of d [rows, cols] (`row0`: the block's first row in the tensor):
 //   mode 0, MagPrune: element of ascending rank q (|d| bits, then column) kept with
 //           probability table[q], divided by it if `inverse`;
 //   mode 1, row top-k: the `topk` largest |d| kept, ties to the lower column.
-// `work` holds 2 * cols keys.
+// `work` holds 4 * cols words.
 MF_HOT void mfc_rows(float* d, u32 rows, u32 cols, u64 row0, int mode, const float* table, int inverse, u32 topk,
-              u32 k0, u32 k1, u64* work) {
-    u64* keys = work;
-    u64* tmp = work + cols;
+                     u32 k0, u32 k1, u32* work) {
     for (u32 row = 0; row < rows; row++) {
         float* r = d + (u64)row * cols;
+        u32 *key = work, *col = work + cols, *key2 = work + 2 * (u64)cols, *col2 = work + 3 * (u64)cols;
         for (u32 j = 0; j < cols; j++) {
             u32 b = mf_absbits(r[j]);
-            if (mode == 1) b = ~b;
-            keys[j] = ((u64)b << 32) | j;
+            key[j] = mode == 1 ? ~b : b;
+            col[j] = j;
         }
-        sort_keys(keys, tmp, cols);
+        // ascending stable order of the keys (the columns start ascending, so ties stay in
+        // column order): LSD radix sort, 8-bit digits, a digit every key shares skipped
+        u32 count[256];
+        for (int shift = 0; shift < 32; shift += 8) {
+            for (int b = 0; b < 256; b++) count[b] = 0;
+            for (u32 i = 0; i < cols; i++) count[(key[i] >> shift) & 255u]++;
+            if (count[(key[0] >> shift) & 255u] == cols) continue;
+            u32 pos = 0;
+            for (int b = 0; b < 256; b++) { u32 c = count[b]; count[b] = pos; pos += c; }
+            for (u32 i = 0; i < cols; i++) {
+                u32 at = count[(key[i] >> shift) & 255u]++;
+                key2[at] = key[i];
+                col2[at] = col[i];
+            }
+            u32* s = key; key = key2; key2 = s;
+            s = col; col = col2; col2 = s;
+        }
         u64 first = (row0 + row) * (u64)cols;
         for (u32 q = 0; q < cols; q++) {
-            u32 j = (u32)(keys[q] & 0xFFFFFFFFu);
+            u32 j = col[q];
             r[j] = mode == 0 ? mf_prune_one(r[j], table[q], (u32)(first + j), inverse, k0, k1)
                              : MF_MUL(r[j], q < topk ? 1.0f : 0.0f);
         }
@@ -83,46 +81,60 @@ MF_HOT void mfc_rows(float* d, u32 rows, u32 cols, u64 row0, int mode, const flo
 }
 
 // Tensor-wide top-k by |d| (TIES trim): keep the k largest, ties to the lower index.
-// Threshold by a two-pass radix select over the float bits (16 + 16 bits). Deltas of bf16
-// weights take few distinct values: four interleaved histograms keep consecutive
-// increments of one bin from waiting on each other.
-MF_HOT int mfc_topk(float* d, u64 n, u64 k) {
-    u32* hist = (u32*)calloc(4 * 65536, sizeof(u32));
-    if (!hist) return 1;
-    u64 i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int s = 0; s < 4; s++) hist[s * 65536 + (mf_absbits(d[i + s]) >> 16)]++;
-    for (; i < n; i++) hist[mf_absbits(d[i]) >> 16]++;
-    u64 cum = 0, left = k;
-    u32 hi = 0;
-    for (int b = 65535; b >= 0; b--) {
-        u64 c = (u64)hist[b] + hist[65536 + b] + hist[2 * 65536 + b] + hist[3 * 65536 + b];
-        if (cum + c >= k) { hi = (u32)b; left = k - cum; break; }
-        cum += c;
-    }
-    for (int b = 0; b < 65536; b++) hist[b] = 0;
-    for (i = 0; i < n; i++) {
-        u32 v = mf_absbits(d[i]);
-        if ((v >> 16) == hi) hist[v & 0xFFFFu]++;
-    }
-    cum = 0;
-    u32 lo = 0;
-    u64 eq = 0;
-    for (int b = 65535; b >= 0; b--) {
-        if (cum + hist[b] >= left) { lo = (u32)b; eq = hist[b]; left -= cum; break; }
+// Threshold by radix select over the 31 bits of |d| (11 + 10 + 10: the histograms stay in
+// L1). Deltas of bf16 weights take few distinct values: four interleaved histograms in
+// the full pass keep consecutive increments of one bin from waiting on each other.
+static u32 pick_from_top(const u32* hist, int bins, u64* left, u64* count) {
+    u64 cum = 0;
+    for (int b = bins - 1; b >= 0; b--) {
+        if (cum + hist[b] >= *left) { *left -= cum; *count = hist[b]; return (u32)b; }
         cum += hist[b];
     }
-    free(hist);
-    u32 thr = (hi << 16) | lo;
-    if (eq == left) {  // every element equal to the threshold is kept
-        for (i = 0; i < n; i++) d[i] = MF_MUL(d[i], mf_absbits(d[i]) >= thr ? 1.0f : 0.0f);
-        return 0;
+    *count = 0;
+    return 0;  // (unreachable for 1 <= left <= n)
+}
+
+// Histogram of digit(d[i]) over the elements in the current bin: branch-free (a digit of
+// NONE lands in a spare bin), four interleaved copies.
+#define NONE 2048u
+#define HIST4(DIGIT)                                                                            \
+    do {                                                                                        \
+        for (int s_ = 0; s_ < 4; s_++)                                                          \
+            for (int b_ = 0; b_ <= 2048; b_++) h4[s_][b_] = 0;                                  \
+        u64 i_ = 0;                                                                             \
+        for (; i_ + 4 <= n; i_ += 4)                                                            \
+            for (int s_ = 0; s_ < 4; s_++) { u32 v = mf_absbits(d[i_ + s_]); h4[s_][DIGIT]++; } \
+        for (; i_ < n; i_++) { u32 v = mf_absbits(d[i_]); h4[0][DIGIT]++; }                    \
+        for (int b_ = 0; b_ < 2048; b_++) hist[b_] = h4[0][b_] + h4[1][b_] + h4[2][b_] + h4[3][b_]; \
+    } while (0)
+
+MF_HOT int mfc_topk(float* d, u64 n, u64 k) {
+    u32 h4[4][2049];
+    u32 hist[2048];
+    u64 left = k, eq = 0;
+    HIST4(v >> 20);
+    u32 p1 = pick_from_top(hist, 2048, &left, &eq);
+    HIST4((v >> 20) == p1 ? (v >> 10) & 1023u : NONE);
+    u32 p2 = (p1 << 10) | pick_from_top(hist, 1024, &left, &eq);
+    HIST4((v >> 10) == p2 ? v & 1023u : NONE);
+    u32 thr = (p2 << 10) | pick_from_top(hist, 1024, &left, &eq);
+    // Elements equal to the threshold are kept in index order up to the `left`-th: find its
+    // index (counts per block, then one block element-wise), then one vectorised pass.
+    u64 cut = n;  // eq kept where index <= cut
+    if (eq != left) {
+        u64 seen = 0, i = 0;
+        for (; i < n; i += 4096) {
+            u64 end = i + 4096 < n ? i + 4096 : n, c = 0;
+            for (u64 j = i; j < end; j++) c += mf_absbits(d[j]) == thr;
+            if (seen + c >= left) break;
+            seen += c;
+        }
+        for (; i < n; i++)
+            if (mf_absbits(d[i]) == thr && ++seen == left) { cut = i; break; }
     }
-    u64 eq_seen = 0;  // equal elements are kept in index order until `left` are kept
-    for (i = 0; i < n; i++) {
+    for (u64 i = 0; i < n; i++) {
         u32 v = mf_absbits(d[i]);
-        int keep = v > thr || (v == thr && ++eq_seen <= left);
-        d[i] = MF_MUL(d[i], keep ? 1.0f : 0.0f);
+        d[i] = MF_MUL(d[i], ((v > thr) | ((v == thr) & (i <= cut))) ? 1.0f : 0.0f);
     }
     return 0;
 }

@@ -36,7 +36,7 @@ from mergeflow.merging.engine import Item
 
 HERE = Path(__file__).parent
 SOURCES = ("cpu_kernels.c", "merge_ops.h")
-CFLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
+CFLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC", "-shared")
 INFLIGHT_BYTES = 512 << 20  # working sets of the blocks being merged at once (at least one)
 
 _lib_lock = threading.Lock()
@@ -195,7 +195,7 @@ class CpuEngine(_DirectBase):
                           int(r.rescale == "inverse"), k0, k1)
         work = None
         if r.sparsify == "magprune" or (r.trim_density < 1 and r.trim_scope == "row"):
-            work = np.empty(2 * cols, dtype=np.uint64)
+            work = np.empty(4 * cols, dtype=np.uint32)
         if r.sparsify == "magprune":
             table = self._table(cols)
             for t in range(len(d)):

@@ -112,7 +112,7 @@ MF_FN float mf_fuse_one(const struct Fuse* f, int n_exp, int mode, int base_dt, 
     int finite = 1;
     for (int t = 0; t < n_exp; t++) {
         float x = f->d[t][i];
-        finite = finite && MF_FINITE(x);
+        finite &= MF_FINITE(x) ? 1 : 0;
         dv[t] = f->w[t] != 1.0f ? MF_MUL(x, f->w[t]) : x;
         if (mode >= 2 || t == 0) {  // disjoint: the weighted deltas' plain sum elects
             tau = t == 0 ? dv[t] : MF_ADD(tau, dv[t]);
@@ -128,14 +128,17 @@ MF_FN float mf_fuse_one(const struct Fuse* f, int n_exp, int mode, int base_dt, 
         for (int t = 0; t < n_exp; t++) {
             float y = MF_MUL(dv[t], g);
             int agree = y > 0.0f;
+            // Branch-free (the CPU loop vectorises): adding +0 where an expert disagrees
+            // leaves every sum as it was, none of them can be -0.
             if (mode == 2) {
-                if (agree) { num = MF_ADD(num, y); den = MF_ADD(den, f->w[t]); }
-            } else if (agree) {
-                float raw = f->w[t] != 1.0f ? MF_DIV(dv[t], f->w[t]) : dv[t];
+                num = MF_ADD(num, agree ? y : 0.0f);
+                den = MF_ADD(den, agree ? f->w[t] : 0.0f);
+            } else {
+                float raw = agree ? (f->w[t] != 1.0f ? MF_DIV(dv[t], f->w[t]) : dv[t]) : 0.0f;
                 plain = MF_ADD(plain, raw);
-                cnt = MF_ADD(cnt, 1.0f);
+                cnt = MF_ADD(cnt, agree ? 1.0f : 0.0f);
                 num = MF_FMA(raw, f->m[t], num);  // num.add_(raw, alpha=m)
-                den = MF_ADD(den, f->m[t]);
+                den = MF_ADD(den, agree ? f->m[t] : 0.0f);
             }
         }
         if (mode == 2) {
@@ -148,11 +151,11 @@ MF_FN float mf_fuse_one(const struct Fuse* f, int n_exp, int mode, int base_dt, 
     float v = tau;
     if (base_dt >= 0) {
         float b = mf_ld(base, base_dt, i);
-        finite = finite && MF_FINITE(b);
+        finite &= MF_FINITE(b) ? 1 : 0;
         if (f->lam != 1.0f) v = MF_MUL(v, f->lam);
         v = MF_ADD(v, b);
     }
-    *bad |= !finite || !MF_FINITE(v);
+    *bad |= (finite & (MF_FINITE(v) ? 1 : 0)) ^ 1;
     return v;
 }
 

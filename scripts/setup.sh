@@ -21,4 +21,8 @@ echo "mergeflow setup: installing $TORCH_SPEC and the pinned stack into .venv (a
 # torch first and alone: a bare `torch` requirement elsewhere could pull a multi-GB CUDA build.
 quiet_pip "$TORCH_SPEC"
 quiet_pip -c envs/constraints.txt -e ".[eval,workflow,serve,dev]"
+# the direct merge engine's CPU kernels are compiled on first use: do it now, once (a
+# machine without a C compiler merges with the torch engine instead)
+.venv/bin/python -c "from mergeflow.merging.direct_cpu import library; library()" 2>/dev/null \
+  || echo "mergeflow setup: no C compiler for the CPU merge kernels; CPU merges will use the torch engine"
 echo "$want" > "$stamp"

@@ -33,7 +33,6 @@ before anything is written, and the CLI falls back to the torch engine.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import queue
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 from mergeflow.checkpoints import ShardedWriter, _pread_into
 from mergeflow.errors import MergeflowError
 from mergeflow.merging import cudrv, rng, steps
-from mergeflow.merging.engine import METADATA_FILE, SLAB_BYTES, Item, MergeEngine
+from mergeflow.merging.engine import SLAB_BYTES, Item, MergeEngine
 
 log = logging.getLogger(__name__)
 
@@ -353,29 +352,11 @@ class _DirectBase(MergeEngine):
             if why:
                 raise Unsupported(why)
             self._setup(items)
-            donor_label = self.params.get("donor") or self._default_donor()
-            if donor_label not in self.readers:
-                raise MergeflowError(f"param 'donor': {donor_label!r} is neither 'base' nor an expert "
-                                     f"({', '.join(self.expert_names)})")
-            writer = ShardedWriter(self.out, self.plan, self.shard_bytes)
-            writer.open()
+            donor_label, writer = self._open_output()
         except BaseException:
             self._close()
             raise
-        try:
-            t = time.time()
-            self._merge_all(items, writer)
-            self.timings["merge_s"] = time.time() - t
-            meta = self._metadata(None, donor_label, writer)
-            donor_path = self.readers[donor_label].path
-            writer.commit(donor_path, {METADATA_FILE: json.dumps(meta, indent=2) + "\n"},
-                          self._config_updates(donor_path))
-            return meta
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            self._close()
+        return self._write_all(lambda: self._merge_all(items, writer), writer, donor_label, None)
 
     def _input_rows(self, label: str, item: Item) -> int:
         """Rows of input `label` that the merge reads (a truncating vocab policy reads fewer)."""

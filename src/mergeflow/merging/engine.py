@@ -442,18 +442,28 @@ class MergeEngine:
             thresholds = self._global_thresholds(items) if self.method.global_trim else None
             if thresholds is not None:
                 self.timings["prepass_s"] = time.time() - t
-            donor_label = self.params.get("donor") or self._default_donor()
-            if donor_label not in self.readers:
-                raise MergeflowError(f"param 'donor': {donor_label!r} is neither 'base' nor an expert "
-                                     f"({', '.join(self.expert_names)})")
-            writer = ShardedWriter(self.out, self.plan, self.shard_bytes)
-            writer.open()
+            donor_label, writer = self._open_output()
         except BaseException:
             self._close()
             raise
+        return self._write_all(lambda: self._merge_all(items, writer, thresholds), writer, donor_label,
+                               thresholds)
+
+    def _open_output(self) -> tuple[str, ShardedWriter]:
+        """Check the donor and open the output (a temporary directory until committed)."""
+        donor_label = self.params.get("donor") or self._default_donor()
+        if donor_label not in self.readers:
+            raise MergeflowError(f"param 'donor': {donor_label!r} is neither 'base' nor an expert "
+                                 f"({', '.join(self.expert_names)})")
+        writer = ShardedWriter(self.out, self.plan, self.shard_bytes)
+        writer.open()
+        return donor_label, writer
+
+    def _write_all(self, merge, writer: ShardedWriter, donor_label: str, thresholds) -> dict:
+        """Run `merge()`, then write the metadata and commit the output; abort on failure."""
         try:
             t = time.time()
-            self._merge_all(items, writer, thresholds)
+            merge()
             self.timings["merge_s"] = time.time() - t
             meta = self._metadata(thresholds, donor_label, writer)
             donor_path = self.readers[donor_label].path

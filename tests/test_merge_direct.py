@@ -148,9 +148,7 @@ def test_cpu_engine_without_a_compiler_falls_back(zoo, tmp_path, capsys, monkeyp
                  "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
     assert "torch engine (compiling the CPU kernels" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "mergeflow_merge.json").read_text())["engine"] == "torch"
-    monkeypatch.delenv("CC")  # with a compiler the library lands in the cache, once
-    direct_cpu.library()
-    assert len(list((tmp_path / "cache").glob("cpu_kernels-*.so"))) == 1
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
 
 
 # ---------------------------------------------------------------------------------------

@@ -478,7 +478,6 @@ class DirectEngine(_DirectBase):
         gpu = self.gpu
         n_exp = len(self.expert_names)
         max_numel = max((it.r1 - it.r0) * it.cols for it in items)
-        self.regions = {}
         sizes = [self._region_bytes(it) for it in items]
         scratch = _align(n_exp * max_numel * 4)
         small = _align(n_exp * (16 + 256) * 4) + _align(4 * len(items))

@@ -154,8 +154,6 @@ def _driver():
             lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
             lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)]
             lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(dptr), sz]
-            lib.cuMemFree_v2.argtypes = [dptr]
-            lib.cuMemFreeHost.argtypes = [vp]
             lib.cuMemsetD32Async.argtypes = [dptr, u32, sz, vp]
             lib.cuMemcpyHtoDAsync_v2.argtypes = [dptr, vp, sz, vp]
             lib.cuMemcpyDtoHAsync_v2.argtypes = [vp, dptr, sz, vp]
@@ -166,8 +164,6 @@ def _driver():
             lib.cuEventSynchronize.argtypes = [vp]
             lib.cuEventQuery.argtypes = [vp]
             lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
-            lib.cuModuleLoadDataEx.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p, u32,
-                                               ctypes.c_void_p, ctypes.c_void_p]
             lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
             _lib = lib
         except (OSError, AttributeError):
@@ -208,16 +204,34 @@ def _context(ordinal: int):
     return ctx
 
 
-def _load_kernel(ordinal: int):
+def host_alloc(nbytes: int) -> int:
+    """Address of `nbytes` of pinned (page-locked) host memory, kept for the process."""
+    ptr = ctypes.c_void_p()
+    _check(_driver().cuMemHostAlloc(ctypes.byref(ptr), nbytes, _CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc")
+    return ptr.value
+
+
+def load_module(ptx: bytes, names, what: str) -> dict:
+    """Load PTX text into the current context (the driver JIT-compiles and caches it);
+    returns {kernel name: CUfunction}."""
     lib = _driver()
+    mod = ctypes.c_void_p()
+    _check(lib.cuModuleLoadData(ctypes.byref(mod), ptx + b"\0"), f"cuModuleLoadData({what})")
+    out = {}
+    for name in names:
+        fn = ctypes.c_void_p()
+        _check(lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), f"cuModuleGetFunction({name})")
+        out[name] = fn
+    return out
+
+
+def _load_kernel(ordinal: int):
     _context(ordinal)
     with _lock:
         if ordinal in _kernels:
             return _kernels[ordinal]
-        mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
         try:
-            _check(lib.cuModuleLoadData(ctypes.byref(mod), UNIFORM_PTX.encode() + b"\0"), "cuModuleLoadData")
-            _check(lib.cuModuleGetFunction(ctypes.byref(fn), mod, b"mergeflow_uniform"), "cuModuleGetFunction")
+            fn = load_module(UNIFORM_PTX.encode(), ["mergeflow_uniform"], "uniform kernel")["mergeflow_uniform"]
         except DriverError:
             _kernels[ordinal] = None
             raise
@@ -281,10 +295,7 @@ class EarlyInit:
             self.timings["ctx_s"] = time.time() - t
             t = time.time()
             if self.pinned_bytes:
-                ptr = ctypes.c_void_p()
-                _check(_driver().cuMemHostAlloc(ctypes.byref(ptr), self.pinned_bytes, _CU_MEMHOSTALLOC_PORTABLE),
-                       "cuMemHostAlloc")
-                self.pinned = (ctypes.c_uint8 * self.pinned_bytes).from_address(ptr.value)
+                self.pinned = (ctypes.c_uint8 * self.pinned_bytes).from_address(host_alloc(self.pinned_bytes))
             self.timings["pin_s"] = time.time() - t
             t = time.time()
             if gpu_rng_choice() == "ptx":

@@ -42,7 +42,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mergeflow.checkpoints import ShardedWriter, _pread_into
+from mergeflow.checkpoints import ITEMSIZE, ShardedWriter, _pread_into
 from mergeflow.errors import MergeflowError
 from mergeflow.merging import cudrv, rng, steps
 from mergeflow.merging.engine import SLAB_BYTES, Item, MergeEngine
@@ -50,7 +50,6 @@ from mergeflow.merging.engine import SLAB_BYTES, Item, MergeEngine
 log = logging.getLogger(__name__)
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 MAX_EXPERTS = 8  # kernels.cu MAXE
 PIECE_BYTES = 64 << 20  # a reader job: at most this much of one input tensor
 RING_BYTES = 6 << 30  # device ring target (at least 3 of the largest tensor's regions)
@@ -136,6 +135,11 @@ def recipe_unsupported(method) -> str | None:
     return None
 
 
+def sorts_rows(recipe) -> bool:
+    """Whether the recipe ranks the elements of each row (MagPrune, row-scope TIES trim)."""
+    return recipe.sparsify == "magprune" or (recipe.trim_density < 1 and recipe.trim_scope == "row")
+
+
 def _pow2(n: int) -> int:
     p = 1
     while p < n:
@@ -208,19 +212,12 @@ class _Slab:
         self.view = memoryview((ctypes.c_uint8 * size).from_address(addr)).cast("B")
 
 
-class _Gpu:
+class _Gpu(cudrv.EarlyInit):
     """Context, kernels, pinned slabs of one device, set up in a background thread (the
-    main thread meanwhile reads the checkpoint headers and plans the merge)."""
+    main thread meanwhile reads the checkpoint headers and plans the merge); `result()`
+    waits for it. `pinned` is the address of the pinned slabs."""
 
-    def __init__(self, ordinal: int, pinned_bytes: int):
-        self.ordinal = ordinal
-        self.pinned_bytes = pinned_bytes
-        self.error: str | None = None
-        self.timings: dict[str, float] = {}
-        self._thread = threading.Thread(target=self._init, name="mergeflow-cuda-init", daemon=True)
-        self._thread.start()
-
-    def _init(self) -> None:
+    def _run(self) -> None:
         try:
             lib = self.lib = cudrv._driver()
             if lib is None:
@@ -229,19 +226,10 @@ class _Gpu:
             self.ctx = cudrv._context(self.ordinal)
             self.timings["ctx_s"] = time.time() - t
             t = time.time()
-            ptr = ctypes.c_void_p()
-            cudrv._check(lib.cuMemHostAlloc(ctypes.byref(ptr), self.pinned_bytes, 0x01), "cuMemHostAlloc")
-            self.pinned = ptr.value
+            self.pinned = cudrv.host_alloc(self.pinned_bytes)
             self.timings["pin_s"] = time.time() - t
             t = time.time()
-            mod = ctypes.c_void_p()
-            cudrv._check(lib.cuModuleLoadData(ctypes.byref(mod), PTX_PATH.read_bytes() + b"\0"),
-                         f"cuModuleLoadData({PTX_PATH.name})")
-            self.fn = {}
-            for name in KERNELS:
-                fn = ctypes.c_void_p()
-                cudrv._check(lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), name)
-                self.fn[name] = fn
+            self.fn = cudrv.load_module(PTX_PATH.read_bytes(), KERNELS, PTX_PATH.name)
             self.timings["kernels_s"] = time.time() - t
             v = ctypes.c_int()
             cudrv._check(lib.cuDeviceGetAttribute(ctypes.byref(v), _ATTR_SM_COUNT, self.ordinal), "attribute")
@@ -254,12 +242,6 @@ class _Gpu:
             self.stream = self.new_stream()
         except cudrv.DriverError as err:
             self.error = str(err)
-
-    def result(self) -> _Gpu:
-        t = time.time()
-        self._thread.join()
-        self.timings["waited_s"] = time.time() - t
-        return self
 
     # -- thin driver wrappers --------------------------------------------------------------
     def current(self) -> None:
@@ -359,9 +341,10 @@ class _DirectBase(MergeEngine):
         return self._write_all(lambda: self._merge_all(items, writer), writer, donor_label, None)
 
     def _input_rows(self, label: str, item: Item) -> int:
-        """Rows of input `label` that the merge reads (a truncating vocab policy reads fewer)."""
+        """Rows of input `label` read for `item`: the block's, or for a vocab-resized tensor
+        (always whole) all the rows up to the output's (a truncating policy reads fewer)."""
         info = self.readers[label].info(item.name)
-        return min(info.shape[0], item.rows) if item.fit else item.rows
+        return min(info.shape[0], item.rows) if item.fit else item.r1 - item.r0
 
     def _input_bytes(self, label: str, item: Item) -> int:
         info = self.readers[label].info(item.name)
@@ -374,6 +357,15 @@ class _DirectBase(MergeEngine):
         items = super()._plan()
         self._plan_dtype = {name: dt for name, _, dt in self.plan}
         return items
+
+    def _runtime_metadata(self) -> dict:
+        try:  # (without importing it)
+            from importlib.metadata import version
+
+            torch_version = version("torch")
+        except Exception:  # noqa: BLE001 - informational only
+            torch_version = None
+        return {"torch_version": torch_version, "device": str(self.device)}
 
     def _fuse_struct(self, item: Item, d_ptrs: list[int], base_dt: int) -> _Fuse:
         """The fuse step's parameters for tensor `item` (Method.merge: mixup_sum weighs by the
@@ -416,6 +408,7 @@ class _DirectBase(MergeEngine):
         return MergeflowError(f"merged tensor {item.name!r} is not finite although its inputs are "
                               f"(overflow? check lambda and weights)")
 
+
 class DirectEngine(_DirectBase):
     """The merge engine on the CUDA driver API (see module docstring)."""
 
@@ -434,8 +427,6 @@ class DirectEngine(_DirectBase):
             raise MergeflowError(f"device {device!r}: the CUDA driver sees {n} GPU(s)")
         return _Device(ordinal)
 
-    # -- checks --------------------------------------------------------------------------
-    # -- main ----------------------------------------------------------------------------
     def _start(self) -> None:
         n_read, n_write = 2 * self.io_threads, 2 * self.write_threads
         self.gpu = _Gpu(self.device.index, (n_read + n_write) * SLAB_BYTES)
@@ -448,8 +439,7 @@ class DirectEngine(_DirectBase):
         gpu.current()
 
     def _device_unsupported(self, items: list[Item]) -> str | None:
-        r = self.method.recipe
-        if r.sparsify == "magprune" or (r.trim_density < 1 and r.trim_scope == "row"):
+        if sorts_rows(self.method.recipe):
             cols = max(it.cols for it in items)
             need = 8 * _pow2(cols)
             if need > self.gpu.smem_optin:
@@ -464,13 +454,7 @@ class DirectEngine(_DirectBase):
             raise Unsupported(f"setting up GPU memory: {err}") from err
 
     def _runtime_metadata(self) -> dict:
-        try:
-            from importlib.metadata import version
-
-            torch_version = version("torch")
-        except Exception:  # noqa: BLE001 - informational only
-            torch_version = None
-        return {"torch_version": torch_version, "device": f"{self.device} ({self.gpu.name})",
+        return {**super()._runtime_metadata(), "device": f"{self.device} ({self.gpu.name})",
                 "peak_gpu_bytes": self.gpu_bytes}
 
     def _setup_memory(self, items: list[Item]) -> None:
@@ -501,13 +485,10 @@ class DirectEngine(_DirectBase):
                          for it in fitted), default=0)
         self.fit_area = gpu.alloc(fit_bytes) if fit_bytes else 0
         self.gpu_bytes += fit_bytes
-        p = ctypes.c_void_p()
-        gpu.check(gpu.lib.cuMemHostAlloc(ctypes.byref(p), _align(4 * len(items)), 0x01), "cuMemHostAlloc")
-        self.flags_host = (ctypes.c_uint32 * len(items)).from_address(p.value)
-        self.flags_addr = p.value
+        self.flags_addr = cudrv.host_alloc(_align(4 * len(items)))
+        self.flags_host = (ctypes.c_uint32 * len(items)).from_address(self.flags_addr)
         self.tables: dict[int, tuple[int, object]] = {}
-        r = self.method.recipe
-        if r.sparsify == "magprune" or (r.trim_density < 1 and r.trim_scope == "row"):
+        if sorts_rows(self.method.recipe):
             cols = max(it.cols for it in items)
             smem = 8 * _pow2(cols)
             if smem > 48 * 1024:

@@ -29,9 +29,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mergeflow.checkpoints import ShardedWriter, _pread_into
+from mergeflow.checkpoints import ITEMSIZE, ShardedWriter, _pread_into
 from mergeflow.merging import rng, steps
-from mergeflow.merging.direct import DTYPE_CODES, ITEMSIZE, Unsupported, _DirectBase
+from mergeflow.merging.direct import DTYPE_CODES, Unsupported, _DirectBase, sorts_rows
 from mergeflow.merging.engine import Item
 
 HERE = Path(__file__).parent
@@ -120,15 +120,6 @@ class CpuEngine(_DirectBase):
     def _setup(self, items: list[Item]) -> None:
         self.tables: dict[int, object] = {}
 
-    def _runtime_metadata(self) -> dict:
-        try:
-            from importlib.metadata import version
-
-            torch_version = version("torch")
-        except Exception:  # noqa: BLE001 - informational only
-            torch_version = None
-        return {"torch_version": torch_version, "device": "cpu"}
-
     def _table(self, n: int):
         t = self.tables.get(n)
         if t is None:
@@ -138,22 +129,16 @@ class CpuEngine(_DirectBase):
 
     def _working_set(self, item: Item) -> int:
         n = (item.r1 - item.r0) * item.cols
-        inputs = sum(self._block_bytes(label, item) for label in self.inputs)
+        inputs = sum(self._input_bytes(label, item) for label in self.inputs)
         fitted = len(self.inputs) * n * 4 if item.fit else 0
         return inputs + fitted + len(self.expert_names) * n * 4 + n * ITEMSIZE[self._out_dtype(item)]
-
-    def _block_bytes(self, label: str, item: Item) -> int:
-        if item.fit:
-            return self._input_bytes(label, item)
-        info = self.readers[label].info(item.name)
-        return (item.r1 - item.r0) * item.cols * ITEMSIZE[info.dtype]
 
     def _read(self, label: str, item: Item):
         import numpy as np
 
         r = self.readers[label]
         info = r.info(item.name)
-        nbytes = self._block_bytes(label, item)
+        nbytes = self._input_bytes(label, item)
         buf = np.empty(nbytes, dtype=np.uint8)
         row0 = 0 if item.fit else item.r0
         offset = info.offset + row0 * item.cols * ITEMSIZE[info.dtype]
@@ -194,7 +179,7 @@ class CpuEngine(_DirectBase):
             lib.mfc_delta(d[t], ptrs[label], dts[label], base, max(base_dt, 0), n, offset, int(dare), keep,
                           int(r.rescale == "inverse"), k0, k1)
         work = None
-        if r.sparsify == "magprune" or (r.trim_density < 1 and r.trim_scope == "row"):
+        if sorts_rows(r):
             work = np.empty(4 * cols, dtype=np.uint32)
         if r.sparsify == "magprune":
             table = self._table(cols)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow.checkpoints import (
+    ITEMSIZE,
     CheckpointReader,
     ShardedWriter,
     _pread_into,
@@ -113,10 +114,6 @@ def _resolve_device(device: str):
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise MergeflowError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
 
 
 def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -324,7 +321,7 @@ class MergeEngine:
         for label in self.inputs:
             info = self.readers[label].info(item.name)
             rows = info.shape[0] if item.whole or not info.shape else item.r1 - item.r0
-            total += info.numel // max(1, info.shape[0] if info.shape else 1) * rows * _itemsize(info.dtype)
+            total += info.numel // max(1, info.shape[0] if info.shape else 1) * rows * ITEMSIZE[info.dtype]
         return total
 
     def _blocks(self, items: list[Item]):

@@ -172,3 +172,97 @@ def _processes_serving(model_dir: Path) -> list[int]:
             if " serve " in cmd and str(Path(model_dir).resolve()) in cmd:
                 pids.append(int(entry.name))
     return pids
+
+
+def test_price_and_judge_reply_are_read_from_alpaca_evals_prefixed_fields(fault_server, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    """alpaca_eval names per-sample fields `preference_price_per_example` and
+    `preference_raw_completion`: the score file carries a non-zero cost and the judge's reply."""
+    replies = []
+
+    def answer(body):
+        replies.append(_scripted_judge(body))
+        return replies[-1]
+
+    fault_server.answer = answer
+    monkeypatch.delenv("OPENAI_CLIENT_CONFIG_PATH", raising=False)
+    data, gens = _files(tmp_path)
+    out = tmp_path / "results/scores/merged_x/alpaca_eval.json"
+    settings = json.dumps({"base_url": fault_server.base_url, "model": "gpt-4", "annotator": "demo_annotator",
+                           "max_concurrency": 2, "timeout": 10, "prices": {"input_per_1k": 0.03}})
+    assert main(["score", "--benchmark", "alpaca_eval", "--data", str(data), "--generations", str(gens),
+                 "--settings", settings, "--out", str(out)]) == 0
+    score = json.loads(out.read_text())
+    # alpaca_eval prices total tokens (the server reports 100 + 10) at input_per_1k / 1000 per
+    # token, for each of the 4 parsed annotations it returns.
+    assert score["details"]["price_usd"] == pytest.approx(4 * 110 * 0.03 / 1000)
+    samples = [json.loads(line) for line in out.with_name("alpaca_eval.samples.jsonl").read_text().splitlines()]
+    parsed = [s for s in samples if s["parsed"]]
+    assert len(parsed) == 4
+    assert all(s["judge_reply"] in replies and s["judge_reply"].startswith("Output (") for s in parsed)
+
+
+def _stub_glm_files(monkeypatch, tmp_path, difficulty):
+    """alpaca_eval's length-controlled GLM downloads `df_gamed.csv` (the instruction
+    difficulty of each AlpacaEval row and two gamed baselines' annotations) from the Hub:
+    serve a stub from disk with one difficulty per data-file row."""
+    import numpy as np
+    import pandas as pd
+    from alpaca_eval.metrics import glm_winrate
+
+    rng = np.random.default_rng(0)
+    # the gamed baselines' preferences follow the difficulty: the GLM learns a non-zero weight for it
+    rows = [{"model": model, "index": i, "preference": float(1 / (1 + np.exp(-2 * d))),
+             "std_delta_len": float(rng.normal()),
+             "instruction_difficulty": d, "not_gamed_baseline": False}
+            for model in ("gamed_concise", "gamed_verbose") for i, d in enumerate(difficulty)]
+    path = tmp_path / "df_gamed.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kw: str(path))
+
+
+def test_length_controlled_win_rate_rows_line_up_with_instruction_difficulty(fault_server, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    """Every generated instruction reaches the GLM at its data-file row (unparsed ones with a
+    NaN preference): a subset of the rows that is not a prefix, with one judgment unparsed,
+    gives the value of the rows lined up, not of the parsed rows renumbered 0, 1, ..."""
+    import pandas as pd
+    from alpaca_eval import metrics
+
+    from mergeflow import benchmarks
+
+    difficulty = [-3.0, 2.5, -1.0, 3.0, -2.5, 1.5, 0.5, -0.5]
+    _stub_glm_files(monkeypatch, tmp_path, difficulty)
+    _install_judge(fault_server)
+    monkeypatch.delenv("OPENAI_CLIENT_CONFIG_PATH", raising=False)
+    bench = benchmarks.get("alpaca_eval")
+    outputs = {1: "GOOD answer one, a long one " * 3, 2: "BAD 2", 3: "GARBLE 3", 5: "GOOD 5", 6: "BAD answer six " * 4,
+               7: "GOOD 7"}
+    docs = [{"instruction": f"Describe item {i}.", "output": f"REF answer {i}" + " more" * i,
+             "generator": "text_davinci_003"} for i in range(len(difficulty))]
+    data = tmp_path / "alpaca_eval.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    gens = tmp_path / "generations.jsonl"
+    gens.write_text("".join(  # written in another order than the data file's
+        json.dumps({"doc_id": bench.doc_id(docs[i]), "prompt": "P", "output": o, "completion": o}) + "\n"
+        for i, o in sorted(outputs.items(), reverse=True)))
+    out = tmp_path / "results/scores/merged_x/alpaca_eval.json"
+    settings = json.dumps({"base_url": fault_server.base_url, "model": "gpt-4", "annotator": "demo_annotator",
+                           "max_concurrency": 2, "timeout": 10, "length_controlled": True})
+    assert main(["score", "--benchmark", "alpaca_eval", "--data", str(data), "--generations", str(gens),
+                 "--settings", settings, "--out", str(out)]) == 0
+    score = json.loads(out.read_text())
+    assert score["details"]["length_controlled"] == "computed"
+    lc = {r["metric"]: r for r in score["rows"]}["length_controlled_winrate"]
+
+    preference = {1: 2.0, 2: 1.0, 3: math.nan, 5: 2.0, 6: 1.0, 7: 2.0}  # GOOD wins, BAD loses, GARBLE unparsed
+    frame = pd.DataFrame([{"instruction": docs[i]["instruction"], "output_1": docs[i]["output"],
+                           "output_2": outputs[i], "generator_1": "text_davinci_003", "generator_2": "merged_x",
+                           "preference": preference[i]} for i in sorted(outputs)], index=sorted(outputs))
+    lined_up = metrics.get_length_controlled_winrate(frame, save_weights_dir=None)
+    renumbered = metrics.get_length_controlled_winrate(
+        frame[frame["preference"].notna()].reset_index(drop=True), save_weights_dir=None)
+    assert abs(lined_up["length_controlled_winrate"] - renumbered["length_controlled_winrate"]) > 5  # the test bites
+    assert lc["value"] == pytest.approx(lined_up["length_controlled_winrate"])
+    assert lc["stderr"] == pytest.approx(lined_up["lc_standard_error"])
+    assert lc["n"] == 5

@@ -33,6 +33,10 @@ from mergeflow.scoring.paths import workflow_path
 
 log = logging.getLogger(__name__)
 
+# PairwiseAnnotator.annotation_key: alpaca_eval prefixes each per-sample field with it
+ANNOTATION_KEY = "preference"
+PRICE_FIELD, REPLY_FIELD = f"{ANNOTATION_KEY}_price_per_example", f"{ANNOTATION_KEY}_raw_completion"
+
 PAPER_ANNOTATORS = {"della": "alpaca_eval_gpt4", "mergelm": "chatgpt_fn", "m3": "weighted_alpaca_eval_gpt4_turbo"}
 
 
@@ -67,7 +71,7 @@ def prepare_annotator_config(config_path: Path, out_dir: Path, request_model: st
     for name, cfg in data.items():
         if not isinstance(cfg, dict) or "prompt_template" not in cfg:
             raise MergeflowError(f"annotator config {config_path}: {name!r} lacks prompt_template")
-        cfg["prompt_template"] = str((base_dir / cfg["prompt_template"]).resolve())
+        cfg["prompt_template"] = str(prompt_template_path(cfg["prompt_template"], base_dir, config_path))
         kwargs = cfg.setdefault("completions_kwargs", {})
         if request_model:
             kwargs["model_name"] = request_model
@@ -79,6 +83,18 @@ def prepare_annotator_config(config_path: Path, out_dir: Path, request_model: st
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return target
+
+
+def prompt_template_path(template: str, base_dir: Path, config_path: Path) -> Path:
+    """An annotator's prompt: beside its config (as alpaca_eval resolves it), else among
+    alpaca_eval's own configs (our configs reuse its prompts rather than copy them)."""
+    from alpaca_eval import constants
+
+    for root in (base_dir, Path(constants.EVALUATORS_CONFIG_DIR)):
+        if (root / template).is_file():
+            return (root / template).resolve()
+    raise MergeflowError(f"annotator config {config_path}: prompt_template {template!r} not found under {base_dir} "
+                         f"or alpaca_eval's configs ({constants.EVALUATORS_CONFIG_DIR})")
 
 
 @contextlib.contextmanager
@@ -99,6 +115,17 @@ def client_config_file(base_url: str, api_key: str, endpoint: Endpoint):
                 os.environ.pop("OPENAI_CLIENT_CONFIG_PATH", None)
             else:
                 os.environ["OPENAI_CLIENT_CONFIG_PATH"] = previous
+
+
+@contextlib.contextmanager
+def annotator_for(endpoint: Endpoint, annotator_config: Path):
+    """The annotator's config pointed at the judge endpoint (launched first if configured),
+    valid inside the block: its client config holds the key and is deleted on exit."""
+    price = endpoint.prices.get("input_per_1k")
+    with reach(endpoint) as where, tempfile.TemporaryDirectory(prefix="mergeflow-alpaca-") as tmp:
+        with client_config_file(where.base_url, endpoint.api_key(where.local), endpoint) as client_config:
+            yield prepare_annotator_config(annotator_config, Path(tmp), where.request_model, client_config,
+                                           endpoint.max_concurrency, price / 1000 if price is not None else None)
 
 
 def _annotator_class():
@@ -136,9 +163,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-80:] or "judge"
 
 
-def score(pairs: list[tuple[dict, dict]], doc_id, settings: dict,
-          out: str | Path) -> tuple[list[dict], dict, list[dict]]:
-    """(rows, details, samples) of alpaca_eval over (doc, generation) pairs."""
+def score(pairs: list[tuple[dict, dict]], doc_id, settings: dict, out: str | Path,
+          positions: list[int] | None = None) -> tuple[list[dict], dict, list[dict]]:
+    """(rows, details, samples) of alpaca_eval over (doc, generation) pairs; `positions`: each
+    pair's row in the AlpacaEval data file (default 0, 1, ...), which the length-controlled
+    win rate's per-instruction difficulty is indexed by."""
     import alpaca_eval
 
     endpoint = Endpoint.from_settings(settings)
@@ -155,24 +184,21 @@ def score(pairs: list[tuple[dict, dict]], doc_id, settings: dict,
     reference_outputs = [{"instruction": d["instruction"], "output": d["output"],
                           "generator": d.get("generator") or "reference"} for d, _ in pairs]
     price = endpoint.prices.get("input_per_1k")
-    with reach(endpoint) as where, tempfile.TemporaryDirectory(prefix="mergeflow-alpaca-") as tmp:
-        with client_config_file(where.base_url, endpoint.api_key(where.local), endpoint) as client_config:
-            config = prepare_annotator_config(annotator_config, Path(tmp), where.request_model, client_config,
-                                              endpoint.max_concurrency, price / 1000 if price is not None else None)
-            leaderboard, annotations = alpaca_eval.evaluate(
-                model_outputs=model_outputs,
-                reference_outputs=reference_outputs,
-                annotators_config=str(config),
-                name=model_name,
-                output_path=None,
-                precomputed_leaderboard=None,
-                is_return_instead_of_print=True,
-                fn_metric=_winrate,
-                sort_by="win_rate",
-                is_cache_leaderboard=False,
-                caching_path=str(caching_path),
-                Annotator=_annotator_class(),
-            )
+    with annotator_for(endpoint, annotator_config) as config:
+        leaderboard, annotations = alpaca_eval.evaluate(
+            model_outputs=model_outputs,
+            reference_outputs=reference_outputs,
+            annotators_config=str(config),
+            name=model_name,
+            output_path=None,
+            precomputed_leaderboard=None,
+            is_return_instead_of_print=True,
+            fn_metric=_winrate,
+            sort_by="win_rate",
+            is_cache_leaderboard=False,
+            caching_path=str(caching_path),
+            Annotator=_annotator_class(),
+        )
     if hasattr(annotations, "to_dict"):
         annotations = annotations.to_dict("records")
     annotations = list(annotations) if annotations is not None else []
@@ -192,33 +218,54 @@ def score(pairs: list[tuple[dict, dict]], doc_id, settings: dict,
         "caching_path": str(caching_path),
         "counts": {k: _plain(metrics.get(k)) for k in ("n_wins", "n_wins_base", "n_draws", "n_total")},
         "avg_length": _plain(metrics.get("avg_length")),
-        "price_usd": _plain(sum(a.get("price_per_example") or 0 for a in parsed)) if price is not None else None,
+        "price_usd": _plain(sum(_number(a.get(PRICE_FIELD)) for a in annotations)) if price is not None else None,
     }
+    by_instruction = {a["instruction"]: a for a in annotations}
     if settings.get("length_controlled"):
-        rows_lc, note = _length_controlled(parsed)
+        rows_lc, note = _length_controlled(_in_data_order(pairs, by_instruction, positions, model_name), n_parsed)
         rows += rows_lc
         details["length_controlled"] = note
     else:
         details["length_controlled"] = "not computed (needs Hub files at metric time; set length_controlled: true)"
-    by_instruction = {a["instruction"]: a for a in parsed}
     samples = []
     for doc, gen in pairs:
         ann = by_instruction.get(doc["instruction"], {})
-        samples.append({"doc_id": doc_id(doc), "preference": _plain(ann.get("preference")),
-                        "parsed": bool(ann), "judge_reply": ann.get("raw_completion"),
-                        "output_length": len(gen["completion"])})
+        preference = _plain(ann.get(ANNOTATION_KEY))
+        samples.append({"doc_id": doc_id(doc), "preference": preference, "parsed": preference is not None,
+                        "judge_reply": _plain(ann.get(REPLY_FIELD)), "output_length": len(gen["completion"])})
     return rows, details, samples
 
 
-def _length_controlled(parsed: list[dict]) -> tuple[list[dict], str]:
+def _in_data_order(pairs, by_instruction: dict, positions: list[int] | None, model_name: str):
+    """Every pair as alpaca_eval annotates it (output_1: the reference), indexed by its row in
+    the data file, unparsed ones with a NaN preference: alpaca_eval's GLM looks up each row's
+    instruction difficulty by that index and predicts for unparsed rows too."""
+    import pandas as pd
+
+    records = [{"instruction": d["instruction"], "output_1": d["output"], "output_2": g["completion"],
+                "generator_1": d.get("generator") or "reference", "generator_2": model_name,
+                "preference": _number(by_instruction.get(d["instruction"], {}).get(ANNOTATION_KEY), math.nan)}
+               for d, g in pairs]
+    index = list(range(len(pairs))) if positions is None else list(positions)
+    if len(index) != len(records):
+        raise MergeflowError(f"{len(index)} data-file positions for {len(records)} alpaca_eval pairs")
+    return pd.DataFrame(records, index=index)
+
+
+def _length_controlled(frame, n_parsed: int) -> tuple[list[dict], str]:
     try:
         from alpaca_eval import metrics
 
-        lc = metrics.get_length_controlled_winrate(parsed, save_weights_dir=None)  # never into site-packages
+        lc = metrics.get_length_controlled_winrate(frame, save_weights_dir=None)  # never into site-packages
     except Exception as err:  # offline: the GLM's files are not on this machine
         return [], f"not computed: {type(err).__name__}: {str(err)[:200]}"
     return [results.row("length_controlled_winrate", value=lc.get("length_controlled_winrate"),
-                        stderr=lc.get("lc_standard_error"), n=len(parsed))], "computed"
+                        stderr=lc.get("lc_standard_error"), n=n_parsed)], "computed"
+
+
+def _number(x, missing: float = 0.0) -> float:
+    """A float from an annotation field; `missing` for None or NaN."""
+    return missing if x is None or _isnan(x) else float(x)
 
 
 def _isnan(x) -> bool:

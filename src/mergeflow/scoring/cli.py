@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from mergeflow.scoring import alpaca
 
-        rows, details, samples = alpaca.score(pairs, bench.doc_id, settings, out=args.out)
+        row_of = {doc_id: i for i, doc_id in enumerate(ids)}
+        rows, details, samples = alpaca.score(pairs, bench.doc_id, settings, out=args.out,
+                                              positions=[row_of[bench.doc_id(d)] for d, _ in pairs])
     results.write_score(args.out, args.benchmark, scorer, rows, details, samples)
     for row in rows:
         log.info("%s %s = %s (n=%s)", args.benchmark, row["metric"], row["value"], row["n"])

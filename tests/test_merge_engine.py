@@ -320,3 +320,82 @@ def test_cli_merges_and_reports_bad_input_with_exit_code_2(zoo, tmp_path, monkey
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "m3avg" / METADATA_FILE).read_text())["params"]["combine"] == "average"
     assert os.path.exists(tmp_path / "m3avg" / "config.json")
+
+
+def _mergelm_ties(base: dict, experts: list[dict], mask_rate: float) -> dict:
+    """MergeLM's `ties_merging` (model_merging_methods/merging_methods.py) on the flattened
+    model: global trim, sign election with the model-wide majority sign where the sum is 0,
+    disjoint mean; written out here as the reference."""
+    names = sorted(base)
+    flat = torch.vstack([torch.cat([(e[n].float() - base[n].float()).flatten() for n in names]) for e in experts])
+    k = int(flat.shape[1] * mask_rate)
+    kth = flat.abs().kthvalue(k, dim=1, keepdim=True).values
+    flat = flat * (flat.abs() >= kth)
+    signs = torch.sign(flat.sum(dim=0))
+    majority = torch.sign(signs.sum(dim=0))
+    signs[signs == 0] = majority
+    keep = ((signs > 0) & (flat > 0)) | ((signs < 0) & (flat < 0))
+    kept = flat * keep
+    tau = kept.sum(dim=0) / torch.clamp((kept != 0).sum(dim=0).float(), min=1.0)
+    out, i = {}, 0
+    for n in names:
+        m = base[n].numel()
+        out[n] = (base[n].float() + tau[i:i + m].view(base[n].shape)).to(base[n].dtype)
+        i += m
+    return out
+
+
+def test_model_scope_ties_elects_mergelm_majority_sign_bf16(tiny_model_dir, tmp_path):
+    """bf16 experts whose trimmed deltas cancel exactly at many positions, most elected signs
+    negative: MergeLM (and model scope) elects - there, tensor scope keeps +."""
+    g = torch.Generator().manual_seed(7)
+    template = load_file(tiny_model_dir / "model.safetensors")
+    step = 2.0 ** -7  # base in [1, 1.75) and deltas m * 2^-7: every value and difference is exact in bf16
+    base, e1, e2 = {}, {}, {}
+    for n, t in template.items():
+        b = (1 + step * torch.randint(0, 96, t.shape, generator=g)).to(torch.bfloat16)
+        mag = step * torch.randint(1, 9, t.shape, generator=g)
+        sign1 = torch.where(torch.rand(t.shape, generator=g) < 0.3, 1.0, -1.0)
+        sign2 = torch.where(torch.rand(t.shape, generator=g) < 0.3, 1.0, -1.0)
+        cancel = torch.rand(t.shape, generator=g) < 0.3
+        d1 = sign1 * mag
+        d2 = torch.where(cancel, -d1, sign2 * step * torch.randint(1, 9, t.shape, generator=g))
+        base[n] = b.contiguous()
+        e1[n] = (b.float() + d1).to(torch.bfloat16).contiguous()
+        e2[n] = (b.float() + d2).to(torch.bfloat16).contiguous()
+        assert torch.equal(e1[n].float() - b.float(), d1) and torch.equal(e2[n].float() - b.float(), d2)
+    dirs = {}
+    for label, sd in (("base", base), ("a", e1), ("b", e2)):
+        dirs[label] = tmp_path / label
+        dirs[label].mkdir()
+        save_file(sd, dirs[label] / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(tiny_model_dir / "config.json", dirs[label] / "config.json")
+    experts = {"a": str(dirs["a"]), "b": str(dirs["b"])}
+
+    meta = run_merge("ties", experts, str(tmp_path / "model"), base=str(dirs["base"]),
+                     params={"mask_rate": 0.5, "trim_scope": "model"}, device="cpu", chunk_elements=1000,
+                     progress=False)
+    got = merged(tmp_path / "model")
+    want = _mergelm_ties(base, [e1, e2], 0.5)
+    assert meta["majority_sign"] == -1
+    # The case is the one that matters: many exact cancellations after the trim.
+    n_cancel = 0
+    for n in base:
+        thr = [meta["global_trim_thresholds"][e] for e in ("a", "b")]
+        d1, d2 = ((e[n].float() - base[n].float()) for e in (e1, e2))
+        t1, t2 = d1 * (d1.abs() >= thr[0]), d2 * (d2.abs() >= thr[1])
+        n_cancel += int(((t1 + t2 == 0) & (t1 != 0)).sum())
+        assert got[n].dtype == torch.bfloat16
+        assert torch.equal(got[n], want[n]), n
+    assert n_cancel > 1000
+
+    # Tensor scope keeps mergekit's + at a zero sum: there the merge takes the positive delta.
+    run_merge("ties", experts, str(tmp_path / "tensor"), base=str(dirs["base"]),
+              params={"mask_rate": 0.5, "trim_scope": "tensor"}, device="cpu", progress=False)
+    n = "model.layers.0.mlp.up_proj.weight"
+    from mergeflow.merging import steps
+
+    t1, t2 = steps.magnitude_trim_(torch.stack([e[n].float() - base[n].float() for e in (e1, e2)]), 0.5, "tensor")
+    cancels = (t1 + t2 == 0) & (t1 != 0)
+    tensor_scope = merged(tmp_path / "tensor")[n].float() - base[n].float()
+    assert cancels.any() and torch.equal(tensor_scope[cancels], torch.maximum(t1, t2)[cancels])

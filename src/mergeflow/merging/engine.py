@@ -416,6 +416,15 @@ class MergeEngine:
             out.append(float(bits.view(torch.float32)))
         return out
 
+    def _majority_sign(self, items: list[Item], thresholds: list) -> int:
+        """MergeLM's model-wide majority sign: sign(sum of elected signs over the whole model),
+        elected where the trimmed deltas cancel exactly (a third pass over the inputs)."""
+        balance = 0
+        for item, block in self._blocks(items):
+            block.thresholds = thresholds
+            balance += self.method.sign_balance(block)
+        return (balance > 0) - (balance < 0)
+
     # -- main -----------------------------------------------------------------------------
     def run(self) -> dict:
         import torch
@@ -439,6 +448,11 @@ class MergeEngine:
             thresholds = self._global_thresholds(items) if self.method.global_trim else None
             if thresholds is not None:
                 self.timings["prepass_s"] = time.time() - t
+            self.zero_sign = 1
+            if self.method.majority_sign:
+                t = time.time()
+                self.zero_sign = self._majority_sign(items, thresholds)
+                self.timings["majority_sign_s"] = time.time() - t
             donor_label, writer = self._open_output()
         except BaseException:
             self._close()
@@ -529,7 +543,7 @@ class MergeEngine:
 
         with ThreadPoolExecutor(self.write_threads, thread_name_prefix="mergeflow-write") as wpool:
             for item, block in self._blocks(items):
-                block.thresholds = thresholds
+                block.thresholds, block.zero_sign = thresholds, self.zero_sign
                 res = self.method.merge(block)
                 del block
                 # NaN/Inf in any input reaches the output (masks multiply, never select),
@@ -630,6 +644,8 @@ class MergeEngine:
             meta["lambda_m"] = self.method.params["mixup_weights"]
         if thresholds is not None:
             meta["global_trim_thresholds"] = dict(zip(self.expert_names, thresholds))
+        if self.method.majority_sign:
+            meta["majority_sign"] = self.zero_sign
         return meta
 
     def _close(self) -> None:

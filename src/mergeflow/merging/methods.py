@@ -159,6 +159,7 @@ class Block:
     row0: int
     seed: int
     thresholds: list | None = None  # model-scope trim thresholds per expert
+    zero_sign: int = 1  # elected sign where the weighted deltas sum to 0 (model scope: majority)
     tables: dict | None = None  # cache of MagPrune keep tables
     is_delta: bool = False  # `experts` already holds task vectors (expert - base)
 
@@ -214,18 +215,37 @@ class Method:
                                 b.offset, r.prune_scope, r.prune_score, b.tables)
         return d
 
-    def merge(self, b: Block):
+    def trimmed_deltas(self, b: Block):
+        """Task vectors of the block after DARE / MagPrune and the TIES trim."""
         r = self.recipe
-        if not r.uses_base:  # plain average (M3 or not) of the expert weights
-            if r.mixup is not None:
-                return steps.weighted_sum(b.experts, r.mixup)
-            return steps.weighted_mean(b.experts, r.weights)
         d = self.sparsified_deltas(b)
         if r.trim_density < 1:
             if r.trim_scope == "model":
                 steps.threshold_trim_(d, b.thresholds)
             else:
                 steps.magnitude_trim_(d, r.trim_density, r.trim_scope)
+        return d
+
+    @property
+    def majority_sign(self) -> bool:
+        """Model-scope TIES elects MergeLM's model-wide majority sign where deltas cancel."""
+        return self.global_trim and self.recipe.fuse in ("disjoint", "mixup_disjoint")
+
+    def sign_balance(self, b: Block) -> int:
+        """#(elected +) - #(elected -) over the block, election as in `merge` (consumes it)."""
+        d = self.trimmed_deltas(b)
+        for t, w in enumerate(self.recipe.weights):
+            if w != 1.0:
+                d[t].mul_(w)
+        return steps.sign_balance(d)
+
+    def merge(self, b: Block):
+        r = self.recipe
+        if not r.uses_base:  # plain average (M3 or not) of the expert weights
+            if r.mixup is not None:
+                return steps.weighted_sum(b.experts, r.mixup)
+            return steps.weighted_mean(b.experts, r.weights)
+        d = self.trimmed_deltas(b)
         if r.fuse == "sum":
             tau = steps.weighted_sum(d, r.weights)
         elif r.fuse == "mean":
@@ -233,9 +253,9 @@ class Method:
         elif r.fuse == "mixup_sum":
             tau = steps.weighted_sum(d, r.mixup)
         elif r.fuse == "disjoint":
-            tau = steps.disjoint_fuse_(d, r.weights)
+            tau = steps.disjoint_fuse_(d, r.weights, zero_sign=b.zero_sign)
         elif r.fuse == "mixup_disjoint":
-            tau = steps.disjoint_fuse_(d, r.weights, fuse_weights=r.mixup)
+            tau = steps.disjoint_fuse_(d, r.weights, fuse_weights=r.mixup, zero_sign=b.zero_sign)
         else:
             raise AssertionError(r.fuse)
         return steps.scale_add(b.base, tau, r.lam)

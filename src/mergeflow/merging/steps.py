@@ -333,12 +333,22 @@ def magprune_(delta, drop_rate: float, window_size: float, rescale: str, key, of
 # ---------------------------------------------------------------------------------------
 
 
-def elected_sign(weighted):
-    """TIES sum election: +1 where sum_t w_t delta_t >= 0 (a zero sum counts as +), else -1."""
-    return weighted.sum(dim=0).ge_(0).mul_(2).sub_(1)
+def elected_sign(weighted, zero_sign: int = 1):
+    """TIES sum election: +1 where sum_t w_t delta_t > 0, -1 where < 0, `zero_sign` where
+    the sum is 0 (+1 as mergekit; model scope passes MergeLM's model-wide majority sign)."""
+    total = weighted.sum(dim=0)
+    if zero_sign == 1:
+        return total.ge_(0).mul_(2).sub_(1)
+    return total.sign_().masked_fill_(total == 0, zero_sign)
 
 
-def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True):
+def sign_balance(weighted) -> int:
+    """#(sum_t w_t delta_t > 0) - #(< 0): its sign over the whole model is MergeLM's majority sign."""
+    total = weighted.sum(dim=0)
+    return int((total > 0).sum()) - int((total < 0).sum())
+
+
+def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_sign: int = 1):
     """TIES/DELLA disjoint merge of sparsified deltas [N, ...]; consumes `deltas`.
 
     Elects gamma = sign(sum_t w_t delta_t); expert t agrees where w_t delta_t has sign
@@ -354,7 +364,7 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True):
     for d, w in zip(deltas, weights):
         if w != 1.0:
             d.mul_(w)
-    gamma = elected_sign(deltas)
+    gamma = elected_sign(deltas, zero_sign)
     if fuse_weights is None:
         num = den = None
         for d, w in zip(deltas, weights):

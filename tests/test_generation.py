@@ -302,12 +302,13 @@ def test_generate_cli(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------- vLLM
-def _fake_vllm(calls):
+def _fake_vllm(calls, version="0.11.0"):
     """A stand-in `vllm` module that records how it is called. It checks our call shape
     against vLLM's documented offline API (LLM(...), SamplingParams(...), LLM.generate(prompts,
     sampling_params) -> RequestOutput.outputs[0].text), not vLLM itself."""
     mod = types.ModuleType("vllm")
     mod.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    mod.__version__ = version
 
     class SamplingParams:
         def __init__(self, **kw):
@@ -319,7 +320,9 @@ def _fake_vllm(calls):
 
         def generate(self, prompts, sampling_params, use_tqdm=True):
             calls["generate"] = (list(prompts), sampling_params)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"out {p} USER: more")]) for p in prompts]
+            calls.setdefault("calls", []).append(list(prompts))
+            return [types.SimpleNamespace(prompt=p, outputs=[types.SimpleNamespace(text=f"out {p} USER: more")])
+                    for p in prompts]
 
     mod.LLM, mod.SamplingParams = LLM, SamplingParams
     return mod
@@ -331,8 +334,9 @@ def test_vllm_backend_argument_mapping(monkeypatch, tiny_model_dir):
     from mergeflow.generation.base import load_backend, resolve_backend
 
     assert resolve_backend("vllm") == "vllm"
-    backend = load_backend(tiny_model_dir, Decoding("vllm", "bfloat16", 17, ("USER:",), 42))
-    assert calls["llm"] == {"model": str(tiny_model_dir), "tensor_parallel_size": 1, "seed": 42, "dtype": "bfloat16"}
+    backend = load_backend(tiny_model_dir, Decoding("vllm", "bfloat16", 17, ("USER:",), 42, "0.11.0", 2, 512, 0.5))
+    assert calls["llm"] == {"model": str(tiny_model_dir), "tensor_parallel_size": 2, "seed": 42, "dtype": "bfloat16",
+                            "gpu_memory_utilization": 0.5}
     assert calls["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 17, "stop": ["USER:"], "seed": 42}
     assert backend.generate(["a", "b"]) == ["out a ", "out b "]
     assert calls["generate"][0] == ["a", "b"]
@@ -359,3 +363,127 @@ def test_vllm_real_generation(tiny_model_dir):
     first = backend.generate(PROMPTS)
     assert len(first) == len(PROMPTS) and all("USER:" not in t for t in first)
     assert backend.generate(PROMPTS) == first  # greedy is repeatable
+
+
+def test_vllm_memory_share_default_fits_a_cpu(monkeypatch, tiny_model_dir):
+    """Without a GPU vLLM's KV cache is a share of host RAM: its 0.92 default cannot work there."""
+    import torch
+
+    from mergeflow.generation.vllm import CPU_MEMORY_SHARE, VLLMBackend, memory_share
+
+    assert memory_share(None, cuda=True) is None  # vLLM's own default on a GPU
+    assert memory_share(None, cuda=False) == CPU_MEMORY_SHARE < 0.5
+    assert memory_share(0.7, cuda=False) == 0.7
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    VLLMBackend(tiny_model_dir, Decoding("vllm", "float32", 8, (), 0))
+    assert calls["llm"]["gpu_memory_utilization"] == CPU_MEMORY_SHARE
+    import os
+
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    with pytest.raises(MergeflowError, match="gpu_memory_utilization"):
+        GenerationSettings.from_dict({"template": ALPACA, "instruction": "{question}", "max_new_tokens": 8,
+                                      "gpu_memory_utilization": 1.5})
+
+
+def test_package_main_is_import_safe():
+    """vLLM's engine core is spawned: the child re-imports `__main__`, which must not run the CLI."""
+    import runpy
+
+    runpy.run_module("mergeflow.__main__", run_name="__mp_main__")  # would exit (usage error) if unguarded
+
+
+def _vllm_job(tmp_path, n, chunk):
+    bench = benchmarks.get("gsm8k")
+    docs = bench.load(_gsm8k_file(tmp_path, n))
+    settings = GenerationSettings.from_dict(
+        {"template": ALPACA, "instruction": "{question}", "max_new_tokens": 6, "batch_size": 2,
+         "vllm_chunk_size": chunk, "stop": ["USER:"], "backend": "vllm"}
+    )
+    return bench, docs, settings
+
+
+def test_vllm_gets_all_prompts_in_chunks_and_resumes(monkeypatch, tmp_path, tiny_model_dir):
+    from mergeflow.generation.base import resolve_decoding
+    from mergeflow.generation.run import generate_records
+
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    cache_path = tmp_path / "cache.jsonl"
+    # One call for a whole job that fits one chunk, whatever batch_size says.
+    bench, docs, settings = _vllm_job(tmp_path, 7, chunk=512)
+    decoding = resolve_decoding(settings, tiny_model_dir)
+    assert (decoding.backend, decoding.batch_size) == ("vllm", 512)
+    records = generate_records(docs, bench, settings, tiny_model_dir, decoding, PromptCache(None), progress=False)
+    assert [len(c) for c in calls["calls"]] == [7]
+    assert [r["output"] for r in records] == [f"out {r['prompt']} " for r in records]
+
+    # Chunks of the chosen size; each chunk is in the cache before the next call; a kill after
+    # chunk 1 resumes with only the rest.
+    calls.clear()
+    bench, docs, settings = _vllm_job(tmp_path, 10, chunk=4)
+    decoding = resolve_decoding(settings, tiny_model_dir)
+    cached_before_call = []
+    inner = sys.modules["vllm"].LLM.generate
+
+    def spying_generate(self, prompts, sampling_params, use_tqdm=True):
+        cached_before_call.append(len(cache_path.read_text().splitlines()) if cache_path.exists() else 0)
+        return inner(self, prompts, sampling_params, use_tqdm)
+
+    monkeypatch.setattr(sys.modules["vllm"].LLM, "generate", spying_generate)
+
+    def die_after_first_chunk(n_done):
+        raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        generate_records(docs, bench, settings, tiny_model_dir, decoding, PromptCache(cache_path),
+                         on_batch_done=die_after_first_chunk, progress=False)
+    assert [len(c) for c in calls["calls"]] == [4]
+    first = set(calls["calls"][0])
+    calls.clear()
+    records = generate_records(docs, bench, settings, tiny_model_dir, decoding, PromptCache(cache_path),
+                               progress=False)
+    assert [len(c) for c in calls["calls"]] == [4, 2]
+    assert cached_before_call == [0, 4, 8]
+    assert not first & {p for c in calls["calls"] for p in c}
+    assert len(records) == 10 and all(r["output"] == f"out {r['prompt']} " for r in records)
+
+
+def test_cache_key_covers_the_generation_setup(monkeypatch, tiny_model_dir):
+    """Backend, its version, dtype, tensor-parallel size and batch size each change the key."""
+    import dataclasses
+
+    import transformers
+
+    from mergeflow.generation.base import resolve_decoding
+    from mergeflow.generation.cache import cache_key
+
+    settings = GenerationSettings.from_dict(
+        {"template": ALPACA, "instruction": "{question}", "max_new_tokens": 6, "batch_size": 2, "backend": "hf",
+         "dtype": "float32"}
+    )
+    hf = resolve_decoding(settings, tiny_model_dir)
+    assert (hf.backend, hf.backend_version, hf.dtype, hf.tensor_parallel_size, hf.batch_size) == (
+        "hf", transformers.__version__, "float32", 1, 2)
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm({}, version="0.11.0"))
+    vllm = resolve_decoding(dataclasses.replace(settings, backend="vllm"), tiny_model_dir)
+    assert (vllm.backend, vllm.backend_version) == ("vllm", "0.11.0")
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm({}, version="0.11.1"))
+    vllm_next = resolve_decoding(dataclasses.replace(settings, backend="vllm"), tiny_model_dir)
+
+    key = lambda d: cache_key("model", "prompt", d)  # noqa: E731
+    assert key(vllm) != key(hf)  # backend
+    assert key(vllm_next) != key(vllm)  # backend version
+    assert key(dataclasses.replace(hf, backend_version="0.0.1")) != key(hf)
+    variants = {
+        "dtype": resolve_decoding(dataclasses.replace(settings, dtype="bfloat16"), tiny_model_dir),
+        "tensor parallel": dataclasses.replace(hf, tensor_parallel_size=2),
+        "batch size": resolve_decoding(dataclasses.replace(settings, batch_size=3), tiny_model_dir),
+    }
+    for name, d in variants.items():
+        assert key(d) != key(hf), name
+    # What changes only memory use, not outputs, keeps the key.
+    assert key(dataclasses.replace(hf, gpu_memory_utilization=0.5)) == key(hf)
+    assert key(resolve_decoding(settings, tiny_model_dir)) == key(hf)

@@ -4,4 +4,6 @@ import sys
 
 from mergeflow.cli import main
 
-sys.exit(main())
+# Guarded: a spawned child process (vLLM's engine core) re-imports this module.
+if __name__ == "__main__":
+    sys.exit(main())

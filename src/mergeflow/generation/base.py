@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -12,13 +14,26 @@ from mergeflow.errors import MergeflowError
 
 @dataclass(frozen=True)
 class Decoding:
-    """What decides a greedy generation besides the model and the prompt (all part of cache keys)."""
+    """What decides a greedy generation besides the model and the prompt: the generation
+    set-up. Every field is part of the cache key unless marked `metadata={"cache_key": False}`."""
 
     backend: str  # resolved: "hf" or "vllm"
     dtype: str  # resolved for hf ("float32"/"bfloat16"/"float16"); vllm may keep "auto"
     max_new_tokens: int
     stop: tuple[str, ...]
     seed: int
+    backend_version: str = ""  # transformers.__version__ or vllm.__version__
+    tensor_parallel_size: int = 1
+    batch_size: int = 1  # prompts per backend call (hf: padding depends on the batch)
+    # Memory for vLLM's KV cache changes its speed, not its outputs.
+    gpu_memory_utilization: float | None = field(default=None, metadata={"cache_key": False})
+
+    def setup(self) -> dict:
+        """The fields that identify an output (the cache key's decoding part)."""
+        out = {f: getattr(self, f) for f, spec in self.__dataclass_fields__.items()
+               if spec.metadata.get("cache_key", True)}
+        out["stop"] = list(self.stop)
+        return out
 
 
 class Backend(Protocol):
@@ -53,6 +68,31 @@ def resolve_dtype(dtype: str, backend: str) -> str:
     import torch
 
     return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def resolve_decoding(settings, model_dir: Path) -> Decoding:
+    """The full generation set-up of `settings` for `model_dir` on this machine."""
+    backend = resolve_backend(settings.backend)
+    module = importlib.import_module("vllm" if backend == "vllm" else "transformers")
+    tp = 1
+    if backend == "vllm":
+        import torch
+
+        from mergeflow.generation.vllm import tensor_parallel_size
+
+        heads = json.loads((Path(model_dir) / "config.json").read_text()).get("num_attention_heads")
+        tp = tensor_parallel_size(torch.cuda.device_count(), heads)
+    return Decoding(
+        backend=backend,
+        dtype=resolve_dtype(settings.dtype, backend),
+        max_new_tokens=settings.max_new_tokens,
+        stop=settings.stop,
+        seed=settings.seed,
+        backend_version=str(getattr(module, "__version__", "")),
+        tensor_parallel_size=tp,
+        batch_size=settings.prompts_per_call(backend),
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    )
 
 
 def load_backend(model_dir: Path, decoding: Decoding) -> Backend:

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from mergeflow import gpus
 from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
@@ -26,30 +27,26 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output JSONL")
     p.add_argument("--cache", type=Path, default=None, help="append-only cache JSONL (resume after a kill)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gpus.add_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mergeflow import benchmarks
-    from mergeflow.generation.base import Decoding, resolve_backend, resolve_dtype
+    from mergeflow.generation.base import resolve_decoding
     from mergeflow.generation.cache import PromptCache
     from mergeflow.generation.run import generate_records, write_jsonl_atomic
     from mergeflow.generation.settings import load_settings
 
+    gpus.prepare(args.gpus)  # before any model load: a job without its GPUs stops here
     settings = load_settings(args.settings)
     bench = benchmarks.get(args.benchmark)
     if not (args.model / "config.json").is_file():
         raise MergeflowError(f"--model {args.model}: not a model directory (no config.json)")
     docs = bench.load(args.data, limit=settings.limit)
-    backend = resolve_backend(settings.backend)
-    decoding = Decoding(
-        backend=backend,
-        dtype=resolve_dtype(settings.dtype, backend),
-        max_new_tokens=settings.max_new_tokens,
-        stop=settings.stop,
-        seed=settings.seed,
-    )
-    log.info("generating %d %s docs with %s (%s, %s)", len(docs), bench.name, args.model, backend, decoding.dtype)
+    decoding = resolve_decoding(settings, args.model)
+    log.info("generating %d %s docs with %s (%s, %s)", len(docs), bench.name, args.model, decoding.backend,
+             decoding.dtype)
     records = generate_records(
         docs, bench, settings, args.model, decoding, PromptCache(args.cache), progress=not args.no_progress
     )

@@ -23,6 +23,9 @@ class GenerationSettings:
     backend: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    # vLLM batches a whole call itself; a call's outputs are cached before the next (resume unit).
+    vllm_chunk_size: int = 512
+    gpu_memory_utilization: float | None = None  # vLLM's share of GPU memory (host RAM on CPU)
 
     @classmethod
     def from_dict(cls, raw: dict) -> GenerationSettings:
@@ -40,6 +43,10 @@ class GenerationSettings:
         _expect_int(raw, "max_new_tokens", minimum=1)
         _expect_int(raw, "batch_size", minimum=1)
         _expect_int(raw, "seed", minimum=0)
+        _expect_int(raw, "vllm_chunk_size", minimum=1)
+        gmu = raw.get("gpu_memory_utilization")
+        if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
+            raise MergeflowError(f"generation setting 'gpu_memory_utilization' must be in (0, 1], got {gmu!r}")
         if raw.get("limit") is not None:
             _expect_int(raw, "limit", minimum=0)
         stop = raw.get("stop") or []
@@ -49,6 +56,10 @@ class GenerationSettings:
             if key in raw and raw[key] not in allowed:
                 raise MergeflowError(f"generation setting {key!r} is {raw[key]!r}; allowed: {', '.join(allowed)}")
         return cls(**{**raw, "stop": tuple(stop)})
+
+    def prompts_per_call(self, backend: str) -> int:
+        """Prompts handed to the backend at once: one padded batch (hf), one vLLM call."""
+        return self.vllm_chunk_size if backend == "vllm" else self.batch_size
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- livebench
 def run_livebench(args: argparse.Namespace) -> int:
-    from mergeflow.generation.base import Decoding, resolve_backend, resolve_dtype
+    from mergeflow.generation.base import resolve_decoding
     from mergeflow.generation.cache import PromptCache
     from mergeflow.generation.run import generate_records, write_jsonl_atomic
     from mergeflow.generation.settings import load_settings
@@ -161,9 +161,7 @@ def run_livebench(args: argparse.Namespace) -> int:
     if not (args.model / "config.json").is_file():
         raise MergeflowError(f"--model {args.model}: not a model directory (no config.json)")
     docs = bench.load(args.data, limit=settings.limit)
-    backend = resolve_backend(settings.backend)
-    decoding = Decoding(backend=backend, dtype=resolve_dtype(settings.dtype, backend),
-                        max_new_tokens=settings.max_new_tokens, stop=settings.stop, seed=settings.seed)
+    decoding = resolve_decoding(settings, args.model)
     records = generate_records(docs, bench, settings, args.model, decoding, PromptCache(args.cache), progress=False)
     write_jsonl_atomic(args.generations, records)
     pairs = list(zip(docs, records))

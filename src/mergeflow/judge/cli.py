@@ -1,4 +1,5 @@
-"""`mergeflow judge gsm8k ...` (DELLA's LLM-judge protocol) and `mergeflow judge serve ...`."""
+"""`mergeflow judge gsm8k ...` (DELLA's LLM-judge protocol), `judge alpaca_eval`, `judge preflight`,
+`judge agreement` (a judge against recorded judgments) and `judge serve ...`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("judge", help="LLM judge: GSM8K judging, local judge server")
+    parser = subparsers.add_parser("judge", help="LLM judge: GSM8K judging, agreement with recorded judgments, local judge server")
     sub = parser.add_subparsers(dest="judge_command", required=True, metavar="JUDGE_COMMAND")
 
     gsm8k = sub.add_parser("gsm8k", help="judge GSM8K responses against the reference solution (DELLA)")
@@ -18,6 +19,28 @@ def add_parser(subparsers) -> None:
     gsm8k.add_argument("--settings", required=True, help="judge settings: JSON object or file")
     gsm8k.add_argument("--out", required=True, help="score file to write (.json)")
     gsm8k.set_defaults(func=run_gsm8k)
+
+    alpaca = sub.add_parser("alpaca_eval", help="alpaca_eval win rate (as `mergeflow score --benchmark alpaca_eval`)")
+    alpaca.add_argument("--data", required=True, help="AlpacaEval data file (.jsonl)")
+    alpaca.add_argument("--generations", required=True, help="generation records (.jsonl)")
+    alpaca.add_argument("--settings", required=True, help="judge settings (with annotator): JSON object or file")
+    alpaca.add_argument("--out", required=True, help="score file to write (.json)")
+    alpaca.set_defaults(func=run_alpaca_eval)
+
+    preflight = sub.add_parser("preflight", help="check that the judge can answer, before any judging job runs")
+    preflight.add_argument("--settings", required=True, help="judge settings: JSON object or file")
+    preflight.add_argument("--model-dir-built", action="store_true",
+                           help="the launched server's model directory is produced later (not checked)")
+    preflight.set_defaults(func=run_preflight)
+
+    agree = sub.add_parser("agreement", help="re-judge recorded judgments: agreement and Cohen's kappa with them")
+    agree.add_argument("--source", required=True, choices=("alpaca_eval", "gsm8k"),
+                       help="alpaca_eval: an alpaca_eval annotations JSON; gsm8k: labelled GSM8K judgments (.jsonl)")
+    agree.add_argument("--recorded", required=True, help="file of recorded judgments")
+    agree.add_argument("--limit", type=int, default=None, help="re-judge only the first N recorded judgments")
+    agree.add_argument("--settings", required=True, help="judge settings: JSON object or file")
+    agree.add_argument("--out", required=True, help="agreement file to write (.json)")
+    agree.set_defaults(func=run_agreement)
 
     serve = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible judge (foreground)")
     serve.add_argument("--model", required=True, help="model directory")
@@ -51,6 +74,37 @@ def run_gsm8k(args: argparse.Namespace) -> int:
     details = {"judge": {**describe(endpoint), "protocol": "della_gsm8k"}, "usage": usage, **details}
     results.write_score(args.out, "gsm8k", "llm_judge", rows, details, samples)
     log.info("gsm8k judge: %s (usage %s)", rows[0], {k: usage[k] for k in ("answered", "cache_hits", "cost_usd")})
+    return 0
+
+
+def run_alpaca_eval(args: argparse.Namespace) -> int:
+    """The judging rule's entry point when the judge server needs its own environment
+    (vLLM): the same scoring as `mergeflow score --benchmark alpaca_eval`."""
+    from mergeflow.scoring.cli import run
+
+    args.benchmark = "alpaca_eval"
+    return run(args)
+
+
+def run_preflight(args: argparse.Namespace) -> int:
+    from mergeflow import config as mfconfig
+    from mergeflow.judge.preflight import preflight
+
+    print(f"judge preflight: {preflight(mfconfig.parse_settings(args.settings), model_dir_built=args.model_dir_built)}")
+    return 0
+
+
+def run_agreement(args: argparse.Namespace) -> int:
+    from mergeflow import config as mfconfig
+    from mergeflow.errors import MergeflowError
+    from mergeflow.judge import agreement
+
+    if args.limit is not None and args.limit < 1:
+        raise MergeflowError(f"--limit must be >= 1, got {args.limit}")
+    result = agreement.run(args.source, args.recorded, mfconfig.parse_settings(args.settings), args.out, args.limit)
+    log.info("judge agreement (%s): %s vs %s: n=%d, unparsed=%d, agreement=%s, kappa=%s", args.source,
+             agreement.judge_name(result), result["recorded"]["judge"], result["n"], result["n_unparsed"],
+             result["agreement"], result["cohen_kappa"])
     return 0
 
 

@@ -105,3 +105,79 @@ def test_humaneval_from_package(tmp_path):
 def test_unknown_source(tmp_path):
     with pytest.raises(MergeflowError, match="not a Hub dataset id"):
         fetch.fetch_data("gsm8k", str(tmp_path / "missing" / "file.jsonl"), tmp_path / "o.jsonl")
+
+
+def _entry_not_found(url: str):
+    """The error huggingface_hub raises for a file missing from an existing repo, made by its
+    own response check from the Hub's 404 reply."""
+    import sys
+
+    from huggingface_hub.utils import hf_raise_for_status
+
+    http_module = sys.modules[hf_raise_for_status.__module__]
+    httpx = getattr(http_module, "httpx2", None) or getattr(http_module, "httpx")  # the HTTP client it uses
+    response = httpx.Response(404, headers={"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"},
+                              request=httpx.Request("GET", url))
+    try:
+        hf_raise_for_status(response)
+    except Exception as err:  # noqa: BLE001 (whatever class this huggingface_hub version uses)
+        return err
+    raise AssertionError("hf_raise_for_status accepted a 404")
+
+
+def test_missing_file_in_existing_repo_is_named(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    from mergeflow.cli import main
+
+    url = "https://huggingface.co/datasets/tatsu-lab/alpaca_eval/resolve/abc123/alpaca_eval_gpt5.json"
+    err = _entry_not_found(url)
+    assert isinstance(err, hf_errors.EntryNotFoundError) and not isinstance(err, hf_errors.LocalEntryNotFoundError)
+
+    def missing(repo_id, filename, **kw):
+        raise err
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    rc = main(["fetch", "data", "--benchmark", "alpaca_eval", "--subset", "alpaca_eval_gpt5", "--revision", "abc123",
+               "--out", str(tmp_path / "a.jsonl")])
+    msg = capsys.readouterr().err
+    assert rc == 2
+    assert "'alpaca_eval_gpt5.json' not found" in msg and "tatsu-lab/alpaca_eval" in msg and "abc123" in msg
+    assert "unreachable" not in msg
+    assert not (tmp_path / "a.jsonl").exists()
+
+    # Offline with the file not cached is LocalEntryNotFoundError: still "unreachable".
+    def offline(repo_id, filename, **kw):
+        raise hf_errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(MergeflowError, match="unreachable"):
+        fetch.fetch_data("alpaca_eval", None, tmp_path / "a.jsonl", revision="abc123")
+
+
+def test_wrong_dataset_config_is_named(monkeypatch, tmp_path, capsys):
+    import datasets
+
+    from mergeflow.cli import main
+
+    class Mbpp(datasets.GeneratorBasedBuilder):
+        """A builder with MBPP's two configs: `datasets` itself rejects an unknown one."""
+
+        BUILDER_CONFIGS = [datasets.BuilderConfig(name="full"), datasets.BuilderConfig(name="sanitized")]
+
+        def _info(self):
+            return datasets.DatasetInfo()
+
+    def load_dataset(path, name=None, split=None, revision=None, **kw):
+        Mbpp(config_name=name, cache_dir=str(tmp_path / "hf"))
+        raise AssertionError("the builder accepted an unknown config")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    rc = main(["fetch", "data", "--benchmark", "mbpp", "--subset", "sanitised", "--revision", "r1",
+               "--out", str(tmp_path / "m.jsonl")])
+    msg = capsys.readouterr().err
+    assert rc == 2
+    assert "config 'sanitised' not found" in msg and "google-research-datasets/mbpp" in msg and "r1" in msg
+    assert "sanitized" in msg  # the configs that exist
+    assert "unreachable" not in msg

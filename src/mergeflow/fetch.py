@@ -79,7 +79,7 @@ def fetch_model(source: str, revision: str | None, out: Path | None) -> Path:
     if out is None:
         raise MergeflowError(f"--out is required to download {source} from the Hub")
     _warn_unpinned(source, revision)
-    with _hub_errors(source, "model", "a local model directory: --source /path/to/model"):
+    with _hub_errors(source, "model", "a local model directory: --source /path/to/model", revision=revision):
         from huggingface_hub import HfApi, snapshot_download
 
         files = HfApi().list_repo_files(source, revision=revision)
@@ -157,12 +157,13 @@ def _read_local(bench, path: Path) -> list[dict]:
 def _read_hub(bench, source: str, subset: str | None, split: str, revision: str | None) -> list[dict]:
     how = f"a local file: mergeflow fetch data --benchmark {bench.name} --source FILE.jsonl"
     name = f"{source}" + (f" ({subset})" if subset else "")
-    with _hub_errors(name, "dataset", how):
-        if bench.hub is not None and bench.hub.file and source == bench.hub.dataset:
+    direct = bench.hub is not None and bench.hub.file and source == bench.hub.dataset
+    filename = bench.hub.file.format(subset=subset or bench.hub.subsets[0]) if direct else None
+    with _hub_errors(name, "dataset", how, revision=revision, filename=filename, subset=subset, split=split):
+        if direct:
             # No loader for this dataset in current `datasets`: read the subset's file directly.
             from huggingface_hub import hf_hub_download
 
-            filename = bench.hub.file.format(subset=subset or bench.hub.subsets[0])
             path = hf_hub_download(source, filename, repo_type="dataset", revision=revision)
             return json.loads(Path(path).read_text(encoding="utf-8"))
         import datasets
@@ -179,8 +180,10 @@ def run_data(args: argparse.Namespace) -> int:
 class _hub_errors:
     """Turn Hub failures into a MergeflowError naming the repo and the local-path way out."""
 
-    def __init__(self, repo_id: str, kind: str, local_hint: str):
+    def __init__(self, repo_id: str, kind: str, local_hint: str, revision: str | None = None,
+                 filename: str | None = None, subset: str | None = None, split: str | None = None):
         self.repo_id, self.kind, self.local_hint = repo_id, kind, local_hint
+        self.revision, self.filename, self.subset, self.split = revision, filename, subset, split
 
     def __enter__(self):
         return self
@@ -191,7 +194,20 @@ class _hub_errors:
         from huggingface_hub import errors as hf_errors
 
         what = f"{self.kind} {self.repo_id}"
-        if isinstance(exc, hf_errors.GatedRepoError):
+        at = f"at revision {self.revision or 'main'}"
+        detail = " ".join(str(exc).split())[:400] or type(exc).__name__
+        # LocalEntryNotFoundError (offline, not cached) is also an EntryNotFoundError: the Hub was not asked.
+        missing_file = isinstance(exc, getattr(hf_errors, "RemoteEntryNotFoundError", ())) or (
+            isinstance(exc, hf_errors.EntryNotFoundError) and not isinstance(exc, hf_errors.LocalEntryNotFoundError))
+        if missing_file:
+            name = repr(self.filename) if self.filename else "a requested file"
+            msg = f"{what} {at}: file {name} not found in the repository on the Hugging Face Hub ({detail})"
+        elif isinstance(exc, ValueError) and ("BuilderConfig" in str(exc) or "Config name is missing" in str(exc)):
+            config = f"config {self.subset!r} not found" if self.subset else "needs a config"
+            msg = f"{what} {at}: dataset {config} (--subset): {detail}"
+        elif isinstance(exc, ValueError) and ("Bad split" in str(exc) or "Unknown split" in str(exc)):
+            msg = f"{what} {at}: split {self.split!r} not found (--split): {detail}"
+        elif isinstance(exc, hf_errors.GatedRepoError):
             msg = f"{what} is gated on the Hugging Face Hub: accept its licence there and set HF_TOKEN"
         elif isinstance(exc, hf_errors.RevisionNotFoundError):
             msg = f"{what}: revision not found on the Hugging Face Hub ({exc})"

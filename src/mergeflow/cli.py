@@ -25,6 +25,7 @@ STAGES = [
     ("judge", "mergeflow.judge.cli"),
     ("aggregate", "mergeflow.aggregate.cli"),
     ("robustness", "mergeflow.robustness.cli"),
+    ("plan", "mergeflow.plan"),
 ]
 
 

@@ -27,23 +27,26 @@ DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "demo": {"enabled": False, "seed": 0, "out": "resources/demo"},
     "merge": {"device": "auto", "vocab_policy": "truncate", "dtype": None, "gpus": 0},
+    "keep_merges": False,
     "evaluate": {"models": "all", "benchmarks": [], "gsm8k_judge": False, "reference_likelihood": False},
     "judge": {
         "endpoint": {
             "base_url": None,
-            "model": "gpt-4",
+            "model": "gpt-4.1-2025-04-14",  # the papers' GPT-4 judges are retired (docs/judges.md)
             "api_key_env": "OPENAI_API_KEY",
             "launch": None,
             "max_concurrency": 4,
             "max_retries": 6,
             "timeout": 120.0,
         },
-        "alpaca_eval": {"annotator": "alpaca_eval_gpt4", "length_controlled": False},
+        "alpaca_eval": {"annotator": "weighted_alpaca_eval_gpt4.1", "length_controlled": False},
         "gsm8k": {"prompt": "workflow/judges/gsm8k_judge.yaml"},
+        "agreement": {},  # source -> {recorded: PATH, limit: N}: none by default
     },
     "scoring": {"code": {"timeout": 10.0, "isolation": "auto", "max_workers": 2}},
     "aggregate": {"published": [], "claims": None, "headline": {}},
-    "resources": {"merge_gpus": 0, "generate_gpus": 0, "merge_mem_mb": 8000, "generate_mem_mb": 16000},
+    "resources": {"merge_gpus": 0, "generate_gpus": 0, "merge_mem_mb": 8000, "generate_mem_mb": 16000,
+                  "judge_gpus": 0},
 }
 
 GENERATION_DEFAULTS: dict[str, Any] = {

@@ -1,6 +1,7 @@
 # Config loading, schema validation and input functions shared by every rule file.
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -30,6 +31,8 @@ MERGES = mfconfig.merge_specs(CFG)
 _BACKENDS = {mfconfig.generation_settings(CFG, b)["backend"] for b in CFG["evaluate"]["benchmarks"]}
 USES_VLLM = "vllm" in _BACKENDS or ("auto" in _BACKENDS and CFG["resources"]["generate_gpus"] > 0)
 GENERATE_ENV = "../../envs/vllm.yaml" if USES_VLLM else "../../envs/generate.yaml"
+# On GPUs vLLM keeps a CPU busy per process (front end, engine core, one worker per GPU).
+GENERATE_THREADS = max(2, CFG["resources"]["generate_gpus"] + 1) if CFG["resources"]["generate_gpus"] else 1
 MODELS = CFG["models"]
 BASE = CFG["base_model"]
 BENCHMARKS = CFG["evaluate"]["benchmarks"]
@@ -108,9 +111,29 @@ def generation_settings(wildcards):
     return mfconfig.canonical_json(mfconfig.generation_settings(CFG, wildcards.benchmark))
 
 
+JUDGE_LAUNCH = CFG["judge"]["endpoint"].get("launch")
+JUDGE_SERVER = (JUDGE_LAUNCH.get("server") or "transformers") if JUDGE_LAUNCH else None
+# A vLLM judge runs in vLLM's env (it pins its own torch); every other judge in the judge env.
+JUDGE_ON_VLLM = JUDGE_SERVER == "vllm"
+JUDGE_ENV = "../../envs/vllm.yaml" if JUDGE_ON_VLLM else "../../envs/judge.yaml"
+JUDGE_GPUS = CFG["resources"]["judge_gpus"]
+# Benchmarks scored by rule score; AlpacaEval moves to judge_alpaca_eval when a vLLM judge runs it
+SCORED_BENCHMARKS = "gsm8k|math|mbpp|humaneval" + ("" if JUDGE_ON_VLLM else "|alpaca_eval")
+
+
+def judge_model_dir():
+    """The launched judge server's model directory: a local path or a fetched Hub snapshot."""
+    if "hub" in JUDGE_LAUNCH:
+        return f"resources/judges/{re.sub(r'[^A-Za-z0-9._-]+', '--', JUDGE_LAUNCH['hub'])}"
+    return os.path.normpath(JUDGE_LAUNCH["model"])
+
+
 def judge_settings(kind):
     """Judge settings of one judging job; the API key is named, never included."""
     endpoint = dict(CFG["judge"]["endpoint"])
+    if JUDGE_LAUNCH:  # the job is given the directory, however the config names the model
+        launch = {k: v for k, v in JUDGE_LAUNCH.items() if k not in ("hub", "revision")}
+        endpoint["launch"] = {**launch, "model": judge_model_dir()}
     if kind == "alpaca_eval":
         endpoint.update(CFG["judge"]["alpaca_eval"])
     if kind == "gsm8k":
@@ -119,8 +142,33 @@ def judge_settings(kind):
 
 
 def judge_inputs(wildcards):
-    launch = CFG["judge"]["endpoint"].get("launch")
-    return [launch["model"]] if launch else []
+    return [judge_model_dir()] if JUDGE_LAUNCH else []
+
+
+def judging_planned(jobs):
+    """Whether the jobs about to run include judging (the preflight's condition)."""
+    judged = {"judge_gsm8k", "judge_alpaca_eval"}
+    return any(j.rule.name in judged or (j.rule.name == "score" and j.wildcards.benchmark == "alpaca_eval")
+               for j in jobs)
+
+
+def judge_preflight():
+    """Before any job runs: the judge model is served and the key is set (or the launched
+    server's executable and model are there). Raises WorkflowError naming the config key."""
+    from snakemake.logging import logger
+
+    from mergeflow.judge.preflight import preflight
+
+    dag = getattr(workflow, "dag", None)  # not public API: without it, check regardless
+    if dag is not None and not judging_planned(dag.needrun_jobs()):
+        return
+    settings = json.loads(judge_settings("gsm8k"))
+    built = bool(JUDGE_LAUNCH) and ("hub" in JUDGE_LAUNCH or judge_model_dir() in {
+        os.path.normpath(f) for job in (dag.jobs if dag is not None else []) for f in job.output})
+    try:
+        logger.info(f"judge preflight: {preflight(settings, model_dir_built=built)}")
+    except MergeflowError as err:
+        raise WorkflowError(f"judge preflight failed (no job was run): {err}") from None
 
 
 def benchmarks_of(model):
@@ -155,7 +203,14 @@ def likelihood_tasks(wildcards):
 
 
 def merge_metadata_files():
-    return [f"results/merges/{m}" for m in eval_models() if m in MERGES]
+    """The small copies of each merge's metadata: reading them keeps no checkpoint on disk."""
+    return [f"results/merge_meta/{m}.json" for m in eval_models() if m in MERGES]
+
+
+def merge_output(path):
+    """A merged checkpoint lives until its evaluations are done, unless keep_merges;
+    group_jobs=True flags it node-local, so storage plugins never upload it."""
+    return directory(path) if CFG["keep_merges"] else temp(directory(path), group_jobs=True)
 
 
 def fetch_data_args(wildcards):
@@ -180,6 +235,24 @@ def score_settings(wildcards):
 
 def score_judge_inputs(wildcards):
     return judge_inputs(wildcards) if wildcards.benchmark == "alpaca_eval" else []
+
+
+# --- judge agreement with recorded judgments (rule judge_agreement) ---
+
+AGREEMENT = CFG["judge"]["agreement"]
+
+
+def agreement_files():
+    return [f"results/judge_agreement/{source}.json" for source in AGREEMENT]
+
+
+def agreement_recorded(wildcards):
+    return AGREEMENT[wildcards.source]["recorded"]
+
+
+def agreement_limit(wildcards):
+    limit = AGREEMENT[wildcards.source].get("limit")
+    return f"--limit {int(limit)}" if limit else ""
 
 
 # --- robustness (M3 OOD and adversarial evaluations; workflow/rules/robustness.smk) ---

@@ -13,16 +13,18 @@ rule generate:
         cache="results/cache/generations/{model}/{benchmark}.jsonl",
     log:
         "results/logs/generate/{model}/{benchmark}.log",
+    group:
+        "model_{model}"
     conda:
         GENERATE_ENV
-    threads: 1
+    threads: GENERATE_THREADS
     resources:
         gpu=CFG["resources"]["generate_gpus"],
         mem_mb=CFG["resources"]["generate_mem_mb"],
     shell:
         "workflow/scripts/mergeflow generate --model {input.model} --benchmark {wildcards.benchmark} "
         "--data {input.data} --settings {params.settings:q} --cache {params.cache} "
-        "--out {output} > {log} 2>&1"
+        "--out {output} --gpus {resources.gpu} > {log} 2>&1"
 
 
 rule likelihood:
@@ -35,6 +37,8 @@ rule likelihood:
         tasks=likelihood_tasks,
     log:
         "results/logs/likelihood/{model}.log",
+    group:
+        "model_{model}"
     conda:
         "../../envs/generate.yaml"
     threads: 1
@@ -42,4 +46,5 @@ rule likelihood:
         gpu=CFG["resources"]["generate_gpus"],
         mem_mb=CFG["resources"]["generate_mem_mb"],
     shell:
-        "workflow/scripts/mergeflow likelihood --model {input.model} {params.tasks} --out {output} > {log} 2>&1"
+        "workflow/scripts/mergeflow likelihood --model {input.model} {params.tasks} --out {output} "
+        "--gpus {resources.gpu} > {log} 2>&1"

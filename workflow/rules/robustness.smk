@@ -96,6 +96,8 @@ if ROBUST_ON:
             cache="results/cache/generations/{model}/livebench_{lb_category}.jsonl",
         log:
             "results/logs/robustness/{model}/livebench_{lb_category}.log",
+        group:
+            "model_{model}"
         conda:
             "../../envs/robustness.yaml"
         resources:
@@ -119,6 +121,8 @@ if ROBUST_ON:
             encoder=lambda w, input: f"--encoder {input.encoder}" if input.encoder else "",
         log:
             "results/logs/robustness/{model}/adv_{adv_task}.log",
+        group:
+            "model_{model}"
         conda:
             "../../envs/robustness.yaml"
         resources:

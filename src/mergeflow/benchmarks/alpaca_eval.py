@@ -12,6 +12,7 @@ BENCHMARK = Benchmark(
     schema={"instruction": str, "output": str},
     optional={"generator": str, "dataset": str},
     hub=HubSource("tatsu-lab/alpaca_eval", ("alpaca_eval",), "eval", file="{subset}.json"),
+    sizes={"": 805, "alpaca_eval_gpt4_baseline": 805},  # the same 805 instructions, other references
     # the reference model's answer, after the Vicuna template's "ASSISTANT:"
     reference_response=lambda doc: f" {doc['output']}",
 )

@@ -40,6 +40,18 @@ class Benchmark:
     # The whole response a model that solves the doc would give, in the papers' answer
     # format (what `mergeflow likelihood` scores, and what the demo experts learn).
     reference_response: Callable[[dict], str] | None = None
+    # Docs in the evaluation split, by Hub subset or dataset id ("" = the default `hub`
+    # source): what `mergeflow plan` counts before anything is downloaded.
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def size_of(self, source: dict) -> int | None:
+        """Docs of a config's `benchmarks.<name>` source; None if the registry does not know it."""
+        for key in (source.get("subset"), source.get("hub"), source.get("package")):
+            if key in self.sizes:
+                return self.sizes[key]
+        if self.hub and source.get("hub", source.get("package")) == self.hub.dataset:
+            return self.sizes.get("")
+        return None
 
     @property
     def is_code(self) -> bool:

@@ -29,6 +29,7 @@ BENCHMARK = Benchmark(
     name="gsm8k",
     schema={"question": str, "answer": str},
     hub=HubSource("openai/gsm8k", ("main",), "test"),
+    sizes={"": 1319},  # GSM8K test
     reference_answer=reference_answer,
     reference_response=reference_response,
 )

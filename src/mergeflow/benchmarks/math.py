@@ -59,6 +59,7 @@ BENCHMARK = Benchmark(
     schema={"problem": str, "solution": str},
     optional={"level": (str, int), "type": str},
     hub=HubSource("EleutherAI/hendrycks_math", SUBJECTS, "test"),
+    sizes={"": 5000, "HuggingFaceH4/MATH-500": 500},  # MATH test / MATH-500
     reference_answer=reference_answer,
     reference_response=reference_response,
 )

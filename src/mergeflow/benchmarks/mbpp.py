@@ -46,6 +46,7 @@ BENCHMARK = Benchmark(
     hub=HubSource("google-research-datasets/mbpp", ("full",), "test"),
     derive=derive,
     keep=in_test_split,
+    sizes={"full": 500, "sanitized": 257},  # test split: task_ids 11-510 / the sanitized subset
     program=program,
     reference_response=reference_response,
 )

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from mergeflow import gpus
 from mergeflow.errors import MergeflowError
 
 
@@ -68,6 +69,9 @@ def add_parser(subparsers) -> None:
                         "compiled on first use), 'torch' with PyTorch; 'auto' (default) takes direct "
                         "where it supports the merge and torch otherwise")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
+    gpus.add_argument(p)
+    p.add_argument("--metadata-out", default=None, metavar="FILE.json",
+                   help="also write the merge metadata here (it outlives a temporary checkpoint)")
     p.set_defaults(func=run)
 
 
@@ -76,6 +80,7 @@ def run(args) -> int:
     # workers then starve them (seen: 8x slower on a busy 2-core machine). Only effective
     # before torch is first imported, which is the case for the CLI.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    gpus.prepare(args.gpus, query="none")  # the direct engine needs no torch: ask the driver
     from mergeflow.merging import cudrv
     from mergeflow.merging.engine import pinned_bytes, run_merge  # (no torch yet)
 
@@ -89,6 +94,10 @@ def run(args) -> int:
     common = dict(base=args.base, params=params, seed=args.seed, device=args.device,
                   vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads)
     meta = None
+    if args.gpus:
+        from mergeflow.merging.direct import device_count
+
+        gpus.check_driver(args.gpus, device_count(), cudrv._driver() is not None)
     if args.engine != "torch":
         from mergeflow.merging import direct
 
@@ -100,10 +109,18 @@ def run(args) -> int:
             if not why.quiet:
                 print(f"mergeflow merge: torch engine ({why})", file=sys.stderr)
     if meta is None:
+        if args.gpus:
+            gpus.check_torch(args.gpus)  # the torch engine on a CPU build would merge on the CPU
         # CUDA context, pinned staging memory and the RNG kernel need only the driver: set
         # them up in a background thread while the main thread imports torch (1.6-4 s).
         cudrv.start_early(args.device, pinned_bytes(args.io_threads))
         meta = run_merge(args.method, experts, args.out, **common)
+    if args.metadata_out:
+        from mergeflow.atomic import write_text
+        from mergeflow.merging.engine import METADATA_FILE
+
+        # the same bytes as the checkpoint's own metadata file: one source for both
+        write_text(args.metadata_out, (Path(args.out) / METADATA_FILE).read_text())
     print(f"merged {len(experts)} experts with {meta['method']} into {args.out} "
           f"in {meta['wall_time_s']:.1f} s on {meta['device']}, {meta['engine']} engine "
           f"(peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB)")

@@ -67,3 +67,47 @@ def test_bad_sandbox_setting_is_an_error(tmp_path, capsys):
     docs = [{"task_id": 11, "text": "t", "test_list": ["assert True"]}]
     code, _ = _run(tmp_path, "mbpp", docs, ["11"], ["x = 1"], json.dumps({"memory_mb": "lots"}))
     assert code == 2 and "memory_mb" in capsys.readouterr().err
+
+
+# MBPP config `sanitized`: `prompt` instead of `text`, `test_imports` to run before the asserts.
+MBPP_SANITIZED = [
+    {"source_file": "Benchmark Questions Verification V2.ipynb", "task_id": 17,
+     "prompt": "Write a function that returns the perimeter of a square given its side length as input.",
+     "code": "def square_perimeter(a):\n  perimeter=4*a\n  return perimeter", "test_imports": [],
+     "test_list": ["assert square_perimeter(10)==40", "assert square_perimeter(5)==20"]},
+    {"source_file": "Benchmark Questions Verification V2.ipynb", "task_id": 234,
+     "prompt": "Write a function to find the volume of a cube given its side length.",
+     "code": "def volume_cube(l):\n  volume = l * l * l\n  return volume", "test_imports": ["import math"],
+     "test_list": ["assert math.isclose(volume_cube(3), 27.0)", "assert math.isclose(volume_cube(2.5), 15.625)"]},
+]
+
+
+def test_mbpp_sanitized_loads_prompts_and_scores(tmp_path):
+    from mergeflow import benchmarks
+    from mergeflow.generation import templates
+
+    data = tmp_path / "mbpp_sanitized.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MBPP_SANITIZED))
+    bench = benchmarks.get("mbpp")
+    docs = bench.load(data)
+    for doc in docs:
+        for template, instruction in ((templates.ALPACA, templates.MBPP_INSTRUCTION),
+                                      (templates.ALPACA_CODE, templates.MBPP_INSTRUCTION_REPOS)):
+            prompt = templates.build_prompt(template, instruction, bench.fields(doc))
+            assert doc["prompt"] in prompt and doc["test_list"][0] in prompt
+    ids = [bench.doc_id(d) for d in docs]
+    assert ids == ["17", "234"]
+    canonical = [d["code"] for d in MBPP_SANITIZED]
+    code, out = _run(tmp_path, "mbpp", MBPP_SANITIZED, ids, canonical)
+    assert code == 0
+    assert json.loads(out.read_text())["rows"][0]["value"] == 1.0  # test_imports ran before the asserts
+    wrong = ["def square_perimeter(a):\n  return 3*a", "def volume_cube(l):\n  return l * l"]
+    code, out = _run(tmp_path, "mbpp", MBPP_SANITIZED, ids, wrong)
+    assert code == 0 and json.loads(out.read_text())["rows"][0]["value"] == 0.0
+    # A row with neither description field is named.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({k: v for k, v in MBPP_SANITIZED[0].items() if k != "prompt"}) + "\n")
+    from mergeflow.errors import MergeflowError
+
+    with pytest.raises(MergeflowError, match="'text' or 'prompt'"):
+        bench.load(bad)

@@ -31,6 +31,8 @@ class Benchmark:
     name: str
     schema: dict[str, type | tuple[type, ...]]  # required field -> type, as in the Hub dataset
     optional: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+    # Groups of optional fields of which a row needs at least one (dataset configs name them differently).
+    one_of: tuple[tuple[str, ...], ...] = ()
     id_field: str | None = None  # a field that already is a stable id; else a content hash
     hub: HubSource | None = None
     derive: Callable[[dict], dict] | None = None  # extra fields for the instruction template
@@ -83,6 +85,9 @@ class Benchmark:
         for key, typ in self.optional.items():
             if key in row and row[key] is not None:
                 _check_type(row[key], typ, key, where, self.name)
+        for group in self.one_of:
+            if all(row.get(key) is None for key in group):
+                raise MergeflowError(f"{where}: {self.name} row lacks field {' or '.join(map(repr, group))}")
         return row
 
     def load(self, path: str | Path, limit: int | None = None) -> list[dict]:

@@ -1,4 +1,8 @@
-"""MBPP (google-research-datasets/mbpp, config `full`, split `test` = task_ids 11-510)."""
+"""MBPP (google-research-datasets/mbpp, config `full`, split `test` = task_ids 11-510).
+
+Config `sanitized` loads too: its description is `prompt` (full: `text`; both are `{text}`
+in instructions) and its `test_imports` run before the asserts.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,19 @@ from mergeflow.errors import MergeflowError
 _LONG_TESTS = {493: "calculate_polygons(startx, starty, endx, endy, radius)"}
 
 
+def description(doc: dict) -> str:
+    """The task's text: `text` in config `full`, `prompt` in config `sanitized`."""
+    return doc["text"] if doc.get("text") is not None else doc["prompt"]
+
+
 def derive(doc: dict) -> dict:
     tests = "\n".join(doc["test_list"])
     shown = _LONG_TESTS.get(doc["task_id"], tests)
     return {
+        "text": description(doc),
         "tests": tests,
         # The reference repos replace 4 spaces by a tab in the code prompt's input.
-        "text_tabs": doc["text"].replace("    ", "\t"),
+        "text_tabs": description(doc).replace("    ", "\t"),
         "tests_tabs": shown.replace("    ", "\t"),
     }
 
@@ -26,9 +36,11 @@ def in_test_split(doc: dict) -> bool:
 
 
 def program(doc: dict, completion: str) -> str:
-    """What runs in the sandbox: the completion, the setup code, then the asserts."""
+    """What runs in the sandbox: the completion, the setup code, the test imports (sanitized),
+    then the asserts."""
     tests = "\n".join(doc["test_list"])
-    return f"{completion}\n{doc.get('test_setup_code') or ''}\n{tests}\n"
+    imports = "".join(f"{line}\n" for line in doc.get("test_imports") or [])
+    return f"{completion}\n{doc.get('test_setup_code') or ''}\n{imports}{tests}\n"
 
 
 def reference_response(doc: dict) -> str:
@@ -40,8 +52,10 @@ def reference_response(doc: dict) -> str:
 
 BENCHMARK = Benchmark(
     name="mbpp",
-    schema={"task_id": int, "text": str, "test_list": list},
-    optional={"code": str, "test_setup_code": str, "challenge_test_list": list},
+    schema={"task_id": int, "test_list": list},
+    optional={"text": str, "prompt": str, "code": str, "test_setup_code": str, "challenge_test_list": list,
+              "test_imports": list, "source_file": str},
+    one_of=(("text", "prompt"),),
     id_field="task_id",
     hub=HubSource("google-research-datasets/mbpp", ("full",), "test"),
     derive=derive,

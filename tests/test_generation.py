@@ -222,7 +222,7 @@ def test_killed_run_resumes_with_only_remaining_prompts(tmp_path, tiny_model_dir
     settings = GenerationSettings.from_dict(
         {"template": ALPACA, "instruction": "{question}", "max_new_tokens": 6, "batch_size": 2, "stop": ["###"]}
     )
-    decoding = Decoding("hf", "float32", 6, ("###",), 0)
+    decoding = Decoding("hf", "float32", 6, ("###",), 0, batch_size=2)
     calls: list[str] = []
 
     class Counting:

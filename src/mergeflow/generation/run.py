@@ -30,9 +30,9 @@ def generate_records(
     """One record per doc: doc_id, prompt, output (cut at stops), completion (post-processed).
 
     Prompts already in `cache` are not generated again; the backend is built only if some
-    prompt is missing. The backend gets `settings.prompts_per_call(backend)` prompts per call
-    (hf: one padded batch; vLLM: a chunk its scheduler batches); each call's outputs are in
-    the cache before the next call. `on_batch_done(n_done)` runs after each call is cached.
+    prompt is missing. The backend gets `decoding.batch_size` prompts per call (hf: one padded
+    batch; vLLM: a chunk its scheduler batches); each call's outputs are in the cache before
+    the next call. `on_batch_done(n_done)` runs after each call is cached.
     """
     from tqdm import tqdm
 
@@ -49,8 +49,8 @@ def generate_records(
     pending = sorted(todo.items(), key=lambda kv: -len(kv[1]))
 
     if pending:
-        per_call = settings.prompts_per_call(decoding.backend)
-        log.info("generation set-up: %s; %d prompts per backend call", decoding.setup(), per_call)
+        per_call = decoding.batch_size
+        log.info("generation set-up: %s", decoding.setup())
         backend = backend_factory(model_dir, decoding)
         bar = tqdm(
             total=n_unique, initial=n_unique - len(pending), unit="prompt",

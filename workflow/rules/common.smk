@@ -19,6 +19,22 @@ try:
 except MergeflowError as err:
     raise WorkflowError(str(err))
 
+
+def reject_gpu_gres():
+    """GPU rules ask for GPUs with `gpu` (config resources.*_gpus) and `gpu_model`; the SLURM
+    plugin would pass a GPU `gres` beside them, and sbatch would get --gres and --gpus both."""
+    settings = workflow.resource_settings
+    given = [(f"set-resources {rule}", res) for rule, res in (settings.overwrite_resources or {}).items()]
+    given.append(("default-resources", settings.default_resources or {}))
+    for where, res in given:
+        if "gres" in res and "gpu" in str(res["gres"].raw).lower():
+            raise WorkflowError(
+                f"{where}: gres={res['gres'].raw} asks for GPUs, which this workflow requests with the "
+                "`gpu` resource (config resources.*_gpus) and `gpu_model`: use those, not gres")
+
+
+reject_gpu_gres()
+
 # Without --sdm conda, jobs run with the Python that runs Snakemake (the project's .venv);
 # with it, each rule's conda env provides `python`.
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
@@ -147,7 +163,7 @@ def judge_inputs(wildcards):
 
 def judging_planned(jobs):
     """Whether the jobs about to run include judging (the preflight's condition)."""
-    judged = {"judge_gsm8k", "judge_alpaca_eval"}
+    judged = {"judge_gsm8k", "judge_alpaca_eval", "judge_agreement"}
     return any(j.rule.name in judged or (j.rule.name == "score" and j.wildcards.benchmark == "alpaca_eval")
                for j in jobs)
 

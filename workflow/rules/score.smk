@@ -10,6 +10,8 @@ rule score:
         judge=score_judge_inputs,
     output:
         "results/scores/{model}/{benchmark}.json",
+    wildcard_constraints:
+        benchmark=SCORED_BENCHMARKS,
     params:
         settings=score_settings,
     log:
@@ -17,6 +19,8 @@ rule score:
     conda:
         "../../envs/score.yaml"
     threads: 1
+    resources:
+        gpu=lambda w: JUDGE_GPUS if w.benchmark == "alpaca_eval" else 0,
     shell:
         "workflow/scripts/mergeflow score --benchmark {wildcards.benchmark} --data {input.data} "
         "--generations {input.generations} --settings {params.settings:q} "
@@ -35,8 +39,82 @@ rule judge_gsm8k:
     log:
         "results/logs/judge/{model}/gsm8k.log",
     conda:
-        "../../envs/judge.yaml"
+        JUDGE_ENV
     threads: 1
+    resources:
+        gpu=JUDGE_GPUS,
     shell:
         "workflow/scripts/mergeflow judge gsm8k --data {input.data} --generations {input.generations} "
         "--settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+# A vLLM judge needs vLLM's env, which has no lm-eval or sandbox: AlpacaEval is then judged
+# by this rule instead of rule score.
+if JUDGE_ON_VLLM:
+
+    rule judge_alpaca_eval:
+        input:
+            generations="results/generations/{model}/alpaca_eval.jsonl",
+            data=data_file("alpaca_eval"),
+            judge=judge_inputs,
+        output:
+            "results/scores/{model}/alpaca_eval.json",
+        params:
+            settings=judge_settings("alpaca_eval"),
+        log:
+            "results/logs/judge/{model}/alpaca_eval.log",
+        conda:
+            "../../envs/vllm.yaml"
+        threads: 1
+        resources:
+            gpu=JUDGE_GPUS,
+        shell:
+            "workflow/scripts/mergeflow judge alpaca_eval --data {input.data} --generations {input.generations} "
+            "--settings {params.settings:q} --out {output} > {log} 2>&1"
+
+if JUDGE_LAUNCH and "hub" in JUDGE_LAUNCH:
+
+    rule fetch_judge_model:
+        output:
+            directory(judge_model_dir()),
+        params:
+            source=JUDGE_LAUNCH["hub"],
+            revision=JUDGE_LAUNCH.get("revision", "main"),
+        log:
+            "results/logs/fetch/judge_model.log",
+        conda:
+            "../../envs/fetch.yaml"
+        localrule: True
+        shell:
+            "workflow/scripts/mergeflow fetch model --source {params.source:q} --revision {params.revision:q} "
+            "--out {output} > {log} 2>&1"
+
+
+# Fails the run before any job when the judge cannot answer; dry runs never call it.
+onstart:
+    judge_preflight()
+
+
+# Optional (judge.agreement): re-judges recorded judgments (the paper's judge's, the demo's
+# labels) with the configured judge, for results/tables/judge_agreement.md.
+rule judge_agreement:
+    input:
+        recorded=agreement_recorded,
+        judge=judge_inputs,
+    output:
+        "results/judge_agreement/{source}.json",
+    wildcard_constraints:
+        source="alpaca_eval|gsm8k",
+    params:
+        settings=lambda w: judge_settings(w.source),
+        limit=agreement_limit,
+    log:
+        "results/logs/judge/agreement_{source}.log",
+    conda:
+        JUDGE_ENV
+    threads: 1
+    resources:
+        gpu=JUDGE_GPUS,
+    shell:
+        "workflow/scripts/mergeflow judge agreement --source {wildcards.source} --recorded {input.recorded:q} "
+        "{params.limit} --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -10,6 +10,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scores", nargs="+", required=True, type=Path, help="score JSON files")
     p.add_argument("--merges", nargs="*", default=[], type=Path, help="merge output dirs (or their metadata JSON)")
     p.add_argument("--config", required=True, type=Path, help="the experiment config (YAML)")
+    p.add_argument("--agreement", nargs="*", default=[], type=Path,
+                   help="judge agreement files (mergeflow judge agreement) for tables/judge_agreement.md")
     p.add_argument("--out", required=True, type=Path, help="tidy CSV to write (Parquet goes beside it)")
     p.add_argument("--tables", required=True, type=Path, help="directory for Markdown/LaTeX tables")
     p.add_argument("--plots", type=Path, help="directory for figures (PNG)")
@@ -18,8 +20,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from mergeflow import config as mfconfig
+    from mergeflow.aggregate.agreement import write_agreement_table
     from mergeflow.aggregate.compare import claims_table, load_published, write_comparisons
-    from mergeflow.aggregate.tables import write_robustness, write_tables
+    from mergeflow.aggregate.tables import add_judge_note, judge_note, write_robustness, write_tables
     from mergeflow.aggregate.tidy import tidy_table
 
     config = mfconfig.load(args.config)
@@ -31,11 +34,13 @@ def run(args) -> int:
     written += write_robustness(frame, args.tables)
     published = load_published([Path(p) for p in config["aggregate"]["published"]])
     written += write_comparisons(frame, published, args.tables)
+    written += write_agreement_table(args.agreement, args.tables)
     if config["aggregate"]["claims"]:
         claims = claims_table(frame, Path(config["aggregate"]["claims"]))
         path = args.tables / "claims.md"
         path.write_text("# Abstract-level claims: ours vs published (points)\n\n" + claims.round(2).to_markdown(index=False) + "\n")
         written.append(path)
+    add_judge_note(written, judge_note(frame, config["judge"].get("paper")))
     if args.plots:
         from mergeflow.aggregate.plots import write_plots
 

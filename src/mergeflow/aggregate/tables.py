@@ -80,6 +80,31 @@ def method_table(frame: pd.DataFrame, experts: str) -> pd.DataFrame:
     return table[cols]
 
 
+def judge_note(frame: pd.DataFrame, paper: dict | None) -> str | None:
+    """"judged by X; the paper used Y" for each judged benchmark of the table (the paper's
+    judges, retired, are recorded under judge.paper); None when nothing was judged."""
+    paper = paper or {}
+    judged = frame[frame["judge"].notna()] if "judge" in frame.columns else frame.iloc[0:0]
+    parts = []
+    for bench in sorted(set(judged["benchmark"]), key=lambda b: (b not in BENCHMARK_ORDER, b)):
+        used = ", ".join(sorted(set(judged.loc[judged["benchmark"] == bench, "judge"].astype(str))))
+        theirs = paper.get(bench)
+        parts.append(f"{bench} judged by {used}; " + (f"the paper used {theirs}" if theirs
+                                                       else "the paper's judge is not recorded (judge.paper)"))
+    return "Judges: " + ". ".join(parts) + "." if parts else None
+
+
+def add_judge_note(paths: list[Path], note: str | None) -> None:
+    """Append the judge note to every written table (a comment in LaTeX)."""
+    if not note:
+        return
+    for path in paths:
+        if path.suffix == ".md":
+            path.write_text(path.read_text().rstrip("\n") + f"\n\n{note}\n")
+        elif path.suffix == ".tex":
+            path.write_text(path.read_text() + f"% {note}\n")
+
+
 def to_markdown(table: pd.DataFrame, title: str, note: str) -> str:
     flat = table.reset_index()
     flat.columns = [str(c) for c in flat.columns]

@@ -40,7 +40,8 @@ def read_score_file(path: Path) -> list[dict]:
     judge = details.get("judge")
     judge_name = None
     if isinstance(judge, dict):
-        judge_name = judge.get("annotator") or judge.get("model")
+        annotator, judge_model = judge.get("annotator"), judge.get("model")
+        judge_name = f"{annotator} ({judge_model})" if annotator and judge_model else (annotator or judge_model)
     elif judge:
         judge_name = str(judge)
     # Versions the scoring job recorded; the aggregate's own environment where it did not.

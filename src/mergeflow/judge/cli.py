@@ -103,7 +103,7 @@ def run_agreement(args: argparse.Namespace) -> int:
         raise MergeflowError(f"--limit must be >= 1, got {args.limit}")
     result = agreement.run(args.source, args.recorded, mfconfig.parse_settings(args.settings), args.out, args.limit)
     log.info("judge agreement (%s): %s vs %s: n=%d, unparsed=%d, agreement=%s, kappa=%s", args.source,
-             agreement.judge_name(result), result["recorded"]["judge"], result["n"], result["n_unparsed"],
+             result["judge"]["name"], result["recorded"]["judge"], result["n"], result["n_unparsed"],
              result["agreement"], result["cohen_kappa"])
     return 0
 

@@ -53,8 +53,10 @@ class Endpoint:
         if not isinstance(settings.get("model"), str) or not settings["model"]:
             raise MergeflowError("judge setting 'model' (the judge model's name) is required")
         launch = settings.get("launch")
-        if launch is not None and not (isinstance(launch, dict) and isinstance(launch.get("model"), str)):
-            raise MergeflowError("judge setting 'launch' must be {\"model\": DIR} or null")
+        if launch is not None:
+            from mergeflow.judge.server import Launch
+
+            Launch.from_settings(launch)  # validated here, before anything starts
         if not settings.get("base_url") and launch is None:
             raise MergeflowError("judge settings need 'base_url' or 'launch' (a local server to start)")
         for key, kind in (("max_concurrency", int), ("max_retries", int), ("timeout", (int, float))):
@@ -325,13 +327,14 @@ def reach(endpoint: Endpoint):
     """Context manager: the endpoint's URL, launching a local server first if configured."""
     import contextlib
 
-    from mergeflow.judge.server import local_server, served_model_name
+    from mergeflow.judge.server import Launch, launched_server
 
     @contextlib.contextmanager
     def _reach():
         if endpoint.launch is not None:
-            with local_server(endpoint.launch["model"]) as base_url:
-                yield Reached(base_url, served_model_name(endpoint.launch["model"]), True)
+            launch = Launch.from_settings(endpoint.launch)
+            with launched_server(launch, endpoint.model) as base_url:
+                yield Reached(base_url, launch.request_model(endpoint.model), True)
         else:
             yield Reached(endpoint.base_url, endpoint.model, False)
 
@@ -342,6 +345,7 @@ def describe(endpoint: Endpoint) -> dict:
     """What the results say about the judge (never the key, not even its variable's value)."""
     return {
         "model": endpoint.model,
-        "endpoint": "local transformers serve" if endpoint.launch else endpoint.base_url,
+        "endpoint": f"local {endpoint.launch.get('server') or 'transformers'} serve" if endpoint.launch
+        else endpoint.base_url,
         "api_key_env": endpoint.api_key_env,
     }

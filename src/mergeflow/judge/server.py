@@ -1,4 +1,5 @@
-"""A local OpenAI-compatible judge server: `transformers serve` on 127.0.0.1.
+"""A local OpenAI-compatible judge server on 127.0.0.1: `transformers serve` (the demo)
+or `vllm serve` (an open-weights judge on a GPU node), started and stopped by the judging job.
 
 What it offers (transformers 5.23, checked): `/health`, `/v1/chat/completions` (also
 streaming) and `/v1/completions`, with the model pinned to the served directory (requests
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
@@ -59,31 +61,127 @@ def server_env(hf_home: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def local_server(model_dir: str | Path, port: int | None = None, device: str = "auto",
                  startup_timeout: float = 180.0) -> Iterator[str]:
-    """Serve `model_dir` for the duration of the block; yields the base URL (".../v1").
+    """Serve `model_dir` with `transformers serve` for the duration of the block; yields the
+    base URL (".../v1"). Requests must name the model `served_model_name(model_dir)`."""
+    model_dir = _model_dir(model_dir)
+    port = port or free_port()
+    with tempfile.TemporaryDirectory(prefix="mergeflow-judge-server-") as tmp:
+        cmd = serve_command(served_model_name(model_dir), port, device)
+        with _running(cmd, server_env(Path(tmp) / "hf_home"), port, startup_timeout, Path(tmp)) as base_url:
+            yield base_url
 
-    Requests must name the model `served_model_name(model_dir)`."""
+
+# --------------------------------------------------------------------------- launch settings
+SERVERS = ("transformers", "vllm")
+_LAUNCH_KEYS = {"server", "model", "served_model_name", "tensor_parallel_size", "extra_args", "startup_timeout",
+                "device"}
+# vLLM loads (and, with tensor parallelism, shards) a 70B judge in minutes, not seconds.
+DEFAULT_STARTUP_TIMEOUT = {"transformers": 180.0, "vllm": 1800.0}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """`judge.endpoint.launch`: the local judge server a judging job starts and stops."""
+
+    model: str  # model directory
+    server: str = "transformers"
+    served_model_name: str | None = None  # vllm: the name requests give (default: judge.endpoint.model)
+    tensor_parallel_size: int = 1  # vllm
+    extra_args: tuple[str, ...] = ()  # vllm: appended to `vllm serve` as given
+    startup_timeout: float | None = None
+    device: str = "auto"  # transformers
+
+    @classmethod
+    def from_settings(cls, launch: dict) -> Launch:
+        if not isinstance(launch, dict) or not isinstance(launch.get("model"), str) or not launch["model"]:
+            raise MergeflowError("judge setting 'launch' must be {\"model\": DIR, ...} or null")
+        unknown = set(launch) - _LAUNCH_KEYS
+        if unknown:
+            raise MergeflowError(f"unknown judge setting(s) launch.{sorted(unknown)}; known: {sorted(_LAUNCH_KEYS)}")
+        server = launch.get("server") or "transformers"
+        if server not in SERVERS:
+            raise MergeflowError(f"judge setting launch.server must be one of {list(SERVERS)}, got {server!r}")
+        tp = launch.get("tensor_parallel_size", 1)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise MergeflowError(f"judge setting launch.tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        extra = launch.get("extra_args") or []
+        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+            raise MergeflowError("judge setting launch.extra_args must be a list of strings")
+        timeout = launch.get("startup_timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise MergeflowError(f"judge setting launch.startup_timeout must be a positive number, got {timeout!r}")
+        return cls(model=launch["model"], server=server, served_model_name=launch.get("served_model_name"),
+                   tensor_parallel_size=tp, extra_args=tuple(extra),
+                   startup_timeout=float(timeout) if timeout is not None else None,
+                   device=launch.get("device") or "auto")
+
+    def request_model(self, judge_model: str) -> str:
+        """The model name requests must give to this server."""
+        if self.server == "vllm":
+            return self.served_model_name or judge_model
+        return served_model_name(self.model)
+
+    def executable(self) -> str | None:
+        """The server's executable (the job's environment first), None if absent."""
+        sibling = Path(sys.executable).with_name(self.server)
+        found = shutil.which(self.server)
+        if found:
+            return found
+        return str(sibling) if sibling.exists() else None
+
+    def command(self, judge_model: str, port: int) -> list[str]:
+        if self.server == "transformers":
+            return serve_command(served_model_name(self.model), port, self.device)
+        exe = self.executable()
+        if exe is None:
+            raise MergeflowError("judge setting launch.server is 'vllm' but no `vllm` executable is on PATH "
+                                 "(the judging rule runs in envs/vllm.yaml under --sdm conda)")
+        return [exe, "serve", str(Path(self.model).resolve()), "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", self.request_model(judge_model),
+                "--tensor-parallel-size", str(self.tensor_parallel_size), *self.extra_args]
+
+
+@contextlib.contextmanager
+def launched_server(launch: Launch, judge_model: str, port: int | None = None) -> Iterator[str]:
+    """Start the configured server, wait for /health, yield the base URL, stop it."""
+    _model_dir(launch.model)
+    port = port or free_port()
+    timeout = launch.startup_timeout or DEFAULT_STARTUP_TIMEOUT[launch.server]
+    with tempfile.TemporaryDirectory(prefix=f"mergeflow-judge-{launch.server}-") as tmp:
+        if launch.server == "transformers":
+            env = server_env(Path(tmp) / "hf_home")
+        else:  # the weights are local: vLLM must not reach for the Hub
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        with _running(launch.command(judge_model, port), env, port, timeout, Path(tmp)) as base_url:
+            log.info("judge server (%s) for %s up on 127.0.0.1:%d", launch.server, launch.model, port)
+            yield base_url
+
+
+def _model_dir(model_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise MergeflowError(f"judge launch.model is not a model directory (no config.json): {model_dir}")
-    port = port or free_port()
-    with tempfile.TemporaryDirectory(prefix="mergeflow-judge-server-") as tmp:
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                serve_command(served_model_name(model_dir), port, device),
-                env=server_env(Path(tmp) / "hf_home"),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stopped as a whole
-                preexec_fn=parent_death_signal(),  # and stopped if this job is killed outright
-            )
-        try:
-            _wait_healthy(proc, port, startup_timeout, log_path)
-            log.info("judge server for %s up on 127.0.0.1:%d", model_dir, port)
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            stop(proc)
+    return model_dir
+
+
+@contextlib.contextmanager
+def _running(cmd: list[str], env: dict, port: int, startup_timeout: float, tmp: Path) -> Iterator[str]:
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as a whole
+            preexec_fn=parent_death_signal(),  # and stopped if this job is killed outright
+        )
+    try:
+        _wait_healthy(proc, port, startup_timeout, log_path)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop(proc)
 
 
 def parent_death_signal(sig: int = signal.SIGTERM):

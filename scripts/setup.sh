@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-# A CPU build of PyTorch is enough for the demo; GPU clusters use envs/*.yaml instead.
-TORCH_SPEC="${MERGEFLOW_TORCH:-torch==2.13.0}"
+# torch's version is pinned in envs/constraints.txt with everything else (one source; the
+# conda envs pin the same). MERGEFLOW_TORCH installs another build or version instead, e.g.
+# a CPU-only wheel from PyTorch's index. GPU clusters use envs/*.yaml instead.
+TORCH_PIN="$(grep -m1 '^torch==' envs/constraints.txt)"
+TORCH_SPEC="${MERGEFLOW_TORCH:-$TORCH_PIN}"
 
 stamp=.venv/.mergeflow-installed
 want="$(cat pyproject.toml envs/constraints.txt | sha256sum | cut -c1-16) $TORCH_SPEC"
@@ -20,7 +23,8 @@ quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored"
 echo "mergeflow setup: installing $TORCH_SPEC and the pinned stack into .venv (a few minutes the first time)"
 # torch first and alone: a bare `torch` requirement elsewhere could pull a multi-GB CUDA build.
 quiet_pip "$TORCH_SPEC"
-quiet_pip -c envs/constraints.txt -e ".[eval,workflow,serve,dev]"
+# (torch's own pin left out: the torch just installed stays, whatever MERGEFLOW_TORCH chose)
+quiet_pip -c <(grep -v '^torch==' envs/constraints.txt) -e ".[eval,workflow,serve,dev]"
 # the direct merge engine's CPU kernels are compiled on first use: do it now, once (a
 # machine without a C compiler merges with the torch engine instead)
 .venv/bin/python -c "from mergeflow.merging.direct_cpu import library; library()" 2>/dev/null \

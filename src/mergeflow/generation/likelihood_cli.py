@@ -8,6 +8,7 @@ import logging
 import math
 from pathlib import Path
 
+from mergeflow import gpus
 from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task", nargs=3, action="append", required=True, metavar=("BENCHMARK", "DATA", "SETTINGS"),
                    help="a benchmark, its data file and its generation settings (JSON); repeatable")
     p.add_argument("--out", required=True, type=Path, help="score file (JSON)")
+    gpus.add_argument(p)
     p.set_defaults(func=run)
 
 
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from mergeflow.generation.settings import load_settings
     from mergeflow.generation.templates import build_prompt
 
+    gpus.prepare(args.gpus)
     if not (args.model / "config.json").is_file():
         raise MergeflowError(f"--model {args.model}: not a model directory (no config.json)")
     tasks = []

@@ -107,7 +107,11 @@ def math_process_results(doc: dict, results_: list[str]) -> dict[str, int]:
 # --------------------------------------------------------------------------- scoring
 def load_task_config(benchmark: str, data_file: Path, task_file: str | None = None) -> dict:
     """The benchmark's task YAML with its data file (and a private datasets cache) filled in."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError as err:  # the module appeared in lm-eval 0.4.12
+        raise MergeflowError(f"lm-eval {_version('lm_eval')} has no lm_eval.tasks._yaml_loader: "
+                             "mergeflow needs lm-eval>=0.4.12") from err
 
     path = resolve_file(task_file or TASK_FILES[benchmark], "tasks")
     config = load_yaml(path)  # resolves the !function references

@@ -447,6 +447,10 @@ def test_vllm_gets_all_prompts_in_chunks_and_resumes(monkeypatch, tmp_path, tiny
                                progress=False)
     assert [len(c) for c in calls["calls"]] == [4, 2]
     assert cached_before_call == [0, 4, 8]
+    setups = [json.loads(line)["setup"] for line in cache_path.read_text().splitlines()]
+    assert setups[0] == {"backend": "vllm", "backend_version": "0.11.0", "dtype": "auto", "tensor_parallel_size": 1,
+                         "batch_size": 4, "max_new_tokens": 6, "stop": ["USER:"], "seed": 0}
+    assert all(s == setups[0] for s in setups) and len(setups) == 10
     assert not first & {p for c in calls["calls"] for p in c}
     assert len(records) == 10 and all(r["output"] == f"out {r['prompt']} " for r in records)
 

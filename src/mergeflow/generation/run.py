@@ -49,8 +49,8 @@ def generate_records(
     pending = sorted(todo.items(), key=lambda kv: -len(kv[1]))
 
     if pending:
-        per_call = decoding.batch_size
-        log.info("generation set-up: %s", decoding.setup())
+        per_call, setup = decoding.batch_size, decoding.setup()
+        log.info("generation set-up: %s", setup)
         backend = backend_factory(model_dir, decoding)
         bar = tqdm(
             total=n_unique, initial=n_unique - len(pending), unit="prompt",
@@ -60,7 +60,8 @@ def generate_records(
         for start in range(0, len(pending), per_call):
             batch = pending[start : start + per_call]
             outputs = backend.generate([p for _, p in batch])
-            cache.add([{"key": k, "prompt": p, "output": o} for (k, p), o in zip(batch, outputs)])
+            # The set-up beside each output: the key hash alone does not say what made it.
+            cache.add([{"key": k, "prompt": p, "output": o, "setup": setup} for (k, p), o in zip(batch, outputs)])
             done += len(batch)
             bar.update(len(batch))
             if on_batch_done is not None:

@@ -1,7 +1,7 @@
 """vLLM backend (GPUs, or vLLM's CPU build; vllm lives in its own environment, imported lazily here).
 
 Call shape per vLLM's documented offline API: `LLM(model=..., tensor_parallel_size=...,
-seed=..., dtype=...)`, `SamplingParams(temperature=0, top_p=1, max_tokens=..., stop=...,
+seed=..., dtype=..., gpu_memory_utilization=...)`, `SamplingParams(temperature=0, top_p=1, max_tokens=..., stop=...,
 seed=...)`, `llm.generate(prompts, sampling_params)` -> RequestOutputs whose
 `.outputs[0].text` excludes the prompt and the stop string.
 """

@@ -89,8 +89,11 @@ def judge_note(frame: pd.DataFrame, paper: dict | None) -> str | None:
     for bench in sorted(set(judged["benchmark"]), key=lambda b: (b not in BENCHMARK_ORDER, b)):
         used = ", ".join(sorted(set(judged.loc[judged["benchmark"] == bench, "judge"].astype(str))))
         theirs = paper.get(bench)
-        parts.append(f"{bench} judged by {used}; " + (f"the paper used {theirs}" if theirs
-                                                       else "the paper's judge is not recorded (judge.paper)"))
+        if not paper:  # no paper to compare with (the demo)
+            parts.append(f"{bench} judged by {used}")
+        else:
+            parts.append(f"{bench} judged by {used}; "
+                         + (f"the paper used {theirs}" if theirs else "the paper's judge is not recorded (judge.paper)"))
     return "Judges: " + ". ".join(parts) + "." if parts else None
 
 

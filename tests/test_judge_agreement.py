@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mergeflow.aggregate.agreement import write_agreement_table
 from mergeflow.cli import main
 from mergeflow.judge import agreement
 from mergeflow.judge.agreement import cohen_kappa, compare
@@ -97,7 +98,7 @@ def test_alpaca_eval_agreement_against_recorded_annotations(tool_capable, tmp_pa
             assert SECRET.encode() not in path.read_bytes(), path
 
     tables = tmp_path / "tables"
-    assert agreement.write_agreement_table([out], tables) == [tables / "judge_agreement.md"]
+    assert write_agreement_table([out], tables) == [tables / "judge_agreement.md"]
     table = (tables / "judge_agreement.md").read_text()
     assert f"| alpaca_eval | gpt-4.1 ({annotator}) | alpaca_eval_gpt4 |   5 |          1 |         0.8 |" in table
     assert "0.615" in table
@@ -139,6 +140,18 @@ def test_gsm8k_agreement_against_labelled_judgments(fault_server, tmp_path, monk
     assert main(argv) == 0 and len(fault_server.requests) == 10  # cached
     assert json.loads(out.read_text())["usage"]["cache_hits"] == 10
 
+    # the aggregate puts it in the tables
+    score = tmp_path / "results/scores/base/gsm8k.json"
+    score.parent.mkdir(parents=True)
+    score.write_text(json.dumps({"benchmark": "gsm8k", "scorer": "lm_eval", "details": {},
+                                 "rows": [{"metric": "exact_match,strict-match", "value": 0.5, "n": 4}]}))
+    tables = tmp_path / "results/tables"
+    assert main(["aggregate", "--scores", str(score), "--config", str(ROOT / "config/config.yaml"), "--agreement",
+                 str(out), "--out", str(tmp_path / "results/scores.csv"), "--tables", str(tables)]) == 0
+    row = (tables / "judge_agreement.md").read_text().splitlines()[4]
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "gsm8k", "judge-x (gsm8k_judge_demo)", "demo labels", "9", "1", "0.778", "0.55"]
+
 
 def test_bad_recorded_files_are_clear_errors(tmp_path, capsys):
     settings = json.dumps({"base_url": "http://127.0.0.1:9/v1", "model": "m", "annotator": "demo_annotator"})
@@ -161,3 +174,22 @@ def test_demo_dry_run_lists_the_agreement_job():
     assert res.returncode == 0, out
     for rule in ("demo_judge_labels", "judge_agreement"):
         assert any(line.split()[:2] == [rule, "1"] for line in out.splitlines()), f"{rule} missing:\n{out}"
+
+
+def test_demo_judge_labels_are_the_judging_requests_with_their_true_verdicts(tmp_path):
+    from mergeflow.demo import data as families
+    from mergeflow.demo import judging
+    from mergeflow.judge.gsm8k import JudgePrompt
+
+    rows, _ = families.split_rows("gsm8k", 0, 5, 4)
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "judging/gsm8k_labelled.jsonl"
+    assert main(["demo", "judge-labels", "--data", str(data), "--rows", "4", "--seed", "0", "--out", str(out)]) == 0
+    labelled = [json.loads(line) for line in out.read_text().splitlines()]
+    items = judging.gsm8k_items(rows[:4], seed=0)  # what the judge is trained on, for these rows
+    prompt = JudgePrompt.load(ROOT / "workflow/judges/gsm8k_judge_demo.yaml")
+    assert len(labelled) == len(items) > 4 * 5
+    assert [prompt.messages(r["question"], r["answer"], r["response"]) for r in labelled] == [i.messages for i in items]
+    assert [r["verdict"] for r in labelled] == [i.truth for i in items]
+    assert {"correct", "incorrect"} == {r["verdict"] for r in labelled}

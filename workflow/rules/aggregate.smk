@@ -6,6 +6,7 @@ rule aggregate:
         scores=score_files() + robustness_score_files(),
         merges=merge_metadata_files(),
         published=CFG["aggregate"]["published"],
+        agreement=agreement_files(),
     output:
         csv="results/scores.csv",
         parquet="results/scores.parquet",
@@ -30,5 +31,5 @@ rule aggregate:
     localrule: True
     shell:
         "workflow/scripts/mergeflow aggregate --scores {input.scores} --merges {input.merges} "
-        "--config {params.configfile} --out {output.csv} --tables {output.tables} "
+        "--config {params.configfile} --agreement {input.agreement} --out {output.csv} --tables {output.tables} "
         "--plots {output.plots} > {log} 2>&1"

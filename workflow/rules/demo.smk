@@ -16,3 +16,23 @@ if CFG["demo"]["enabled"]:
         threads: 2
         shell:
             "workflow/scripts/mergeflow demo --out {params.out} --seed {params.seed} > {log} 2>&1"
+
+    # The demo judge's labelled GSM8K judging requests, built from held-out rows: the
+    # recorded judgments of judge.agreement.gsm8k. 4 rows give 36 requests.
+    rule demo_judge_labels:
+        input:
+            data=f"{DEMO_OUT}/data/gsm8k.jsonl",
+        output:
+            f"{DEMO_OUT}/judging/gsm8k_labelled.jsonl",
+        params:
+            rows=4,
+            seed=CFG["demo"]["seed"],
+            prompt=CFG["judge"]["gsm8k"]["prompt"],
+        log:
+            "results/logs/demo_judge_labels.log",
+        conda:
+            "../../envs/demo.yaml"
+        threads: 1
+        shell:
+            "workflow/scripts/mergeflow demo judge-labels --data {input.data} --rows {params.rows} "
+            "--seed {params.seed} --prompt {params.prompt:q} --out {output} > {log} 2>&1"

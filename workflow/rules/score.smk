@@ -24,7 +24,7 @@ rule score:
     shell:
         "workflow/scripts/mergeflow score --benchmark {wildcards.benchmark} --data {input.data} "
         "--generations {input.generations} --settings {params.settings:q} "
-        "--out {output} > {log} 2>&1"
+        "--out {output} --gpus {resources.gpu} > {log} 2>&1"
 
 
 rule judge_gsm8k:
@@ -45,7 +45,7 @@ rule judge_gsm8k:
         gpu=JUDGE_GPUS,
     shell:
         "workflow/scripts/mergeflow judge gsm8k --data {input.data} --generations {input.generations} "
-        "--settings {params.settings:q} --out {output} > {log} 2>&1"
+        "--settings {params.settings:q} --out {output} --gpus {resources.gpu} > {log} 2>&1"
 
 
 # A vLLM judge needs vLLM's env, which has no lm-eval or sandbox: AlpacaEval is then judged
@@ -70,7 +70,7 @@ if JUDGE_ON_VLLM:
             gpu=JUDGE_GPUS,
         shell:
             "workflow/scripts/mergeflow judge alpaca_eval --data {input.data} --generations {input.generations} "
-            "--settings {params.settings:q} --out {output} > {log} 2>&1"
+            "--settings {params.settings:q} --out {output} --gpus {resources.gpu} > {log} 2>&1"
 
 if JUDGE_LAUNCH and "hub" in JUDGE_LAUNCH:
 

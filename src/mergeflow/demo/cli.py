@@ -17,6 +17,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of data, tokenizer and training")
     p.add_argument("--small", action="store_true", help="a minimal zoo in seconds (for tests)")
     p.set_defaults(func=run)
+    sub = p.add_subparsers(dest="demo_command", metavar="DEMO_COMMAND")  # optional: none builds the zoo
+    labels = sub.add_parser(
+        "judge-labels",
+        help="the demo judge's labelled GSM8K judging requests, as recorded judgments for `mergeflow judge agreement`",
+        description="Builds judging requests (right and wrong responses) from GSM8K rows as the demo judge was "
+        "trained on them, and writes them with their true verdicts (.jsonl: question, answer, response, verdict, "
+        "judge). Deterministic from --seed.",
+    )
+    labels.add_argument("--data", required=True, type=Path, help="GSM8K rows (.jsonl), e.g. the held-out demo data")
+    labels.add_argument("--rows", type=int, default=4, help="rows to build requests from (about 9 requests each)")
+    labels.add_argument("--seed", type=int, default=0, help="seed of the responses")
+    labels.add_argument("--prompt", default=None, help="GSM8K judge prompt file (default: the demo's)")
+    labels.add_argument("--out", required=True, type=Path, help="file to write (.jsonl)")
+    labels.set_defaults(func=run_judge_labels)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,4 +44,19 @@ def run(args: argparse.Namespace) -> int:
     for name, info in manifest["models"].items():
         print(f"{name}: {info['steps']} steps, loss {info['first_loss']} -> {info['last_loss']}, "
               f"{info['vocab_rows']} vocab rows")
+    return 0
+
+
+def run_judge_labels(args: argparse.Namespace) -> int:
+    from mergeflow import atomic, benchmarks
+    from mergeflow.demo.judging import gsm8k_labelled
+    from mergeflow.errors import MergeflowError
+
+    if args.rows < 1:
+        raise MergeflowError(f"--rows must be >= 1, got {args.rows}")
+    rows = benchmarks.get("gsm8k").load(args.data)[: args.rows]
+    labelled = gsm8k_labelled(rows, args.seed, args.prompt)
+    atomic.write_jsonl(args.out, labelled)
+    print(f"{args.out}: {len(labelled)} labelled judging requests from {len(rows)} GSM8K rows "
+          f"({sum(r['verdict'] == 'correct' for r in labelled)} correct)")
     return 0

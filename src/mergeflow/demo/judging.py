@@ -90,20 +90,40 @@ def gsm8k_responses(row: dict, others: list[dict], rng: random.Random) -> list[s
     ]
 
 
-def gsm8k_items(rows: list[dict], seed: int, prompt_file: str | Path | None = None) -> list[JudgeItem]:
-    from mergeflow.judge.gsm8k import JudgePrompt
-    from mergeflow.scoring.paths import resolve_file
-
-    prompt = JudgePrompt.load(resolve_file(str(prompt_file or GSM8K_JUDGE_PROMPT), "judges"))
+def _gsm8k_judged(rows: list[dict], seed: int, prompt) -> list[tuple[dict, str, str, str]]:
+    """(row, response, ideal reply, truth) of every response the judge is sent."""
     rng = random.Random(f"judge-gsm8k:{seed}")
-    items = []
+    judged = []
     for row in rows:
         for response in gsm8k_responses(row, rows, rng):
             if prompt.not_applicable and prompt.not_applicable in response:
                 continue  # never sent to the judge
-            reply, truth = gsm8k_reply(response, _reference(row), prompt.correct, prompt.incorrect)
-            items.append(JudgeItem("gsm8k", prompt.messages(row["question"], row["answer"], response), reply, truth))
-    return items
+            judged.append((row, response, *gsm8k_reply(response, _reference(row), prompt.correct, prompt.incorrect)))
+    return judged
+
+
+def _gsm8k_prompt(prompt_file: str | Path | None):
+    from mergeflow.judge.gsm8k import JudgePrompt
+    from mergeflow.scoring.paths import resolve_file
+
+    return JudgePrompt.load(resolve_file(str(prompt_file or GSM8K_JUDGE_PROMPT), "judges"))
+
+
+def gsm8k_items(rows: list[dict], seed: int, prompt_file: str | Path | None = None) -> list[JudgeItem]:
+    prompt = _gsm8k_prompt(prompt_file)
+    return [JudgeItem("gsm8k", prompt.messages(row["question"], row["answer"], response), reply, truth)
+            for row, response, reply, truth in _gsm8k_judged(rows, seed, prompt)]
+
+
+LABELS_JUDGE = "demo labels (final answer vs reference)"
+
+
+def gsm8k_labelled(rows: list[dict], seed: int, prompt_file: str | Path | None = None) -> list[dict]:
+    """The same judging requests as recorded judgments for `mergeflow judge agreement`:
+    {question, answer, response, verdict, judge}, the verdict being the ground truth."""
+    judged = _gsm8k_judged(rows, seed, _gsm8k_prompt(prompt_file))
+    return [{"question": row["question"], "answer": row["answer"], "response": response, "verdict": truth,
+             "judge": LABELS_JUDGE} for row, response, _reply, truth in judged]
 
 
 # ----------------------------------------------------------------------------- AlpacaEval

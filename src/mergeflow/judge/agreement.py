@@ -219,6 +219,7 @@ def run(source: str, recorded: str | Path, settings: dict, out: str | Path, limi
     from mergeflow.provenance import versions
 
     stats = compare(theirs, [i["label"] for i in items])
+    info["judge"]["name"] = judge_name(info["judge"])
     result = {"source": source, **stats,
               "recorded": {"path": str(recorded), "judge": recorded_judge, "n_records": len(records),
                            "n_skipped_without_verdict": skipped, "limit": limit},
@@ -231,40 +232,7 @@ def run(source: str, recorded: str | Path, settings: dict, out: str | Path, limi
     return result
 
 
-# --------------------------------------------------------------------------- report
-def judge_name(result: dict) -> str:
-    judge = result.get("judge") or {}
+def judge_name(judge: dict) -> str:
+    """How tables name our judge: model (annotator or prompt file)."""
     what = judge.get("annotator") or Path(judge.get("prompt_file") or "").stem
     return f"{judge.get('model')} ({what})" if what else str(judge.get("model"))
-
-
-def agreement_table(paths: list[str | Path]):
-    """One row per agreement file: benchmark, judge, recorded judge, n, unparsed, agreement, kappa."""
-    import pandas as pd
-
-    rows = []
-    for path in paths:
-        result = json.loads(Path(path).read_text(encoding="utf-8"))
-        rows.append({"benchmark": result["source"], "judge": judge_name(result),
-                     "recorded judge": result["recorded"]["judge"], "n": result["n"],
-                     "unparsed": result["n_unparsed"], "agreement": result["agreement"],
-                     "Cohen's kappa": result["cohen_kappa"]})
-    return pd.DataFrame(rows, columns=["benchmark", "judge", "recorded judge", "n", "unparsed", "agreement",
-                                       "Cohen's kappa"])
-
-
-def write_agreement_table(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """results/tables/judge_agreement.md from the agreement files (none: no table)."""
-    if not paths:
-        return []
-    table = agreement_table(paths)
-    path = Path(out_dir) / "judge_agreement.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Judge agreement: our judge vs recorded judgments\n\n"
-        + table.round(3).to_markdown(index=False)
-        + "\n\nagreement: share of items with the same verdict; Cohen's kappa corrects it for chance "
-        "(1: perfect, 0: chance). Unparsed re-judgments are left out of both.\n",
-        encoding="utf-8",
-    )
-    return [path]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mergeflow import gpus
+
 log = logging.getLogger(__name__)
 
 
@@ -18,6 +20,7 @@ def add_parser(subparsers) -> None:
     gsm8k.add_argument("--generations", required=True, help="generation records (.jsonl)")
     gsm8k.add_argument("--settings", required=True, help="judge settings: JSON object or file")
     gsm8k.add_argument("--out", required=True, help="score file to write (.json)")
+    gpus.add_argument(gsm8k)  # for a judge server launched on the job's GPU(s)
     gsm8k.set_defaults(func=run_gsm8k)
 
     alpaca = sub.add_parser("alpaca_eval", help="alpaca_eval win rate (as `mergeflow score --benchmark alpaca_eval`)")
@@ -25,6 +28,7 @@ def add_parser(subparsers) -> None:
     alpaca.add_argument("--generations", required=True, help="generation records (.jsonl)")
     alpaca.add_argument("--settings", required=True, help="judge settings (with annotator): JSON object or file")
     alpaca.add_argument("--out", required=True, help="score file to write (.json)")
+    gpus.add_argument(alpaca)
     alpaca.set_defaults(func=run_alpaca_eval)
 
     preflight = sub.add_parser("preflight", help="check that the judge can answer, before any judging job runs")
@@ -58,6 +62,7 @@ def run_gsm8k(args: argparse.Namespace) -> int:
 
     from mergeflow import config as mfconfig
 
+    gpus.prepare(args.gpus)
     settings = mfconfig.parse_settings(args.settings)
     endpoint = Endpoint.from_settings(settings)
     prompt = gsm8k.JudgePrompt.load(resolve_file(settings.get("prompt") or gsm8k.DEFAULT_PROMPT_FILE, "judges"))

@@ -15,9 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from disk_sampler import DiskSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+DEMO_CORES = 2
+DEMO_DISK: dict[Path, DiskSampler] = {}  # the demo run's disk sampler, by work dir
 
 
 def _snakemake(workdir: Path, *args, timeout=900):
@@ -34,11 +37,13 @@ def demo_run(tmp_path_factory):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
     start = time.time()
-    res = _snakemake(work, "--cores", "2")
+    with DiskSampler(work / "results" / "merges") as disk:  # merged checkpoints on disk, sampled every 0.2 s
+        res = _snakemake(work, "--cores", str(DEMO_CORES))
     elapsed = time.time() - start
     if res.returncode != 0:
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((work / "results" / "logs").rglob("*.log"))[-5:])
         pytest.fail(f"demo failed after {elapsed:.0f}s:\n{res.stderr[-5000:]}\n{logs}")
+    DEMO_DISK[work] = disk
     return work, elapsed
 
 
@@ -67,6 +72,7 @@ def test_demo_produces_scores_for_every_model_and_benchmark(demo_run):
     assert set(judged.model) == models and judged.value.notna().all(), judged[["model", "benchmark", "value"]]
     tables = sorted(p.name for p in (work / "results" / "tables").glob("*.md"))
     assert "scores.md" in tables and any(t.startswith("merges_") for t in tables)
+    assert "judge_agreement.md" in tables  # the demo judge against its labels (judge.agreement)
     # A hang guard, not a benchmark: the 10-minute budget is measured on an idle box
     # (README: 6m59s); a shared 2-core CI box under load can take longer.
     assert elapsed < 1200, f"demo took {elapsed:.0f}s"
@@ -100,6 +106,17 @@ def test_demo_adds_robustness_rows_with_and_without_m3(demo_run):
     assert "adv_sst2 pdr,bertattack" in table and "livebench_typos" in table
 
 
+def test_demo_keeps_at_most_one_checkpoint_per_running_job_and_none_after(demo_run):
+    work, _ = demo_run
+    disk = DEMO_DISK[work]
+    assert disk.largest_entry_bytes > 0, "the sampler never saw a merged checkpoint"
+    # merged checkpoints are temporary: alive only while their evaluations run
+    assert disk.peak_bytes <= DEMO_CORES * disk.largest_entry_bytes, (disk.peak_bytes, disk.largest_entry_bytes)
+    assert not any((work / "results" / "merges").iterdir()), "a merged checkpoint outlived its evaluations"
+    assert len(list((work / "results" / "merge_meta").glob("*.json"))) == len(yaml.safe_load(
+        (work / "config" / "config.yaml").read_text())["merges"])
+
+
 def test_editing_one_hyperparameter_reruns_only_that_merge(demo_run, tmp_path):
     work, _ = demo_run
     cfg = yaml.safe_load((work / "config" / "config.yaml").read_text())
@@ -127,8 +144,9 @@ def test_changing_the_judge_reruns_only_judging(demo_run, tmp_path):
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout + res.stderr)
     n_models = 4 + len(cfg["merges"])
-    # alpaca_eval scoring and the GSM8K judge are the judging jobs; nothing upstream reruns
-    assert jobs == {"score": n_models, "judge_gsm8k": n_models, "aggregate": 1, "all": 1}, jobs
+    # alpaca_eval scoring, the GSM8K judge and the judge's agreement with the demo labels are
+    # the judging jobs; nothing upstream reruns
+    assert jobs == {"score": n_models, "judge_gsm8k": n_models, "judge_agreement": 1, "aggregate": 1, "all": 1}, jobs
 
 
 def test_report_includes_tables_and_plots(demo_run):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import fake_openai_server
+from mergeflow.cli import main
 from mergeflow.errors import MergeflowError
 from mergeflow.judge.preflight import preflight
 
@@ -57,7 +58,9 @@ def test_preflight_of_a_launched_server_checks_without_starting(tmp_path, monkey
     settings = {"model": "org/judge", "launch": {"server": "vllm", "model": str(model)}}
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no vllm here
     with pytest.raises(MergeflowError, match=r"judge\.endpoint\.launch\.server.*vllm"):
-        preflight(settings)
+        preflight(settings, model_dir_built=True)
+    # under --sdm conda the judging job's env (envs/vllm.yaml) brings vllm, not the submit host
+    assert "job's environment" in preflight(settings, model_dir_built=True, env_provides_server=True)
     (tmp_path / "bin").mkdir()
     exe = tmp_path / "bin" / "vllm"
     exe.write_text("#!/bin/sh\ntouch " + str(tmp_path / "started") + "\n")
@@ -68,6 +71,9 @@ def test_preflight_of_a_launched_server_checks_without_starting(tmp_path, monkey
     model.mkdir()
     (model / "config.json").write_text("{}")
     assert "not started" in preflight(settings)
+    assert main(["judge", "preflight", "--settings", json.dumps(settings)]) == 0
+    assert main(["judge", "preflight", "--settings", json.dumps({**settings, "model": "x",
+                                                                  "launch": {"model": str(tmp_path)}})]) == 2
     assert not (tmp_path / "started").exists()
 
 

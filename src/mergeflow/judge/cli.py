@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("judge", help="LLM judge: GSM8K judging, agreement with recorded judgments, local judge server")
+    parser = subparsers.add_parser(
+        "judge", help="LLM judge: GSM8K judging, agreement with recorded judgments, local judge server")
     sub = parser.add_subparsers(dest="judge_command", required=True, metavar="JUDGE_COMMAND")
 
     gsm8k = sub.add_parser("gsm8k", help="judge GSM8K responses against the reference solution (DELLA)")
@@ -35,6 +36,8 @@ def add_parser(subparsers) -> None:
     preflight.add_argument("--settings", required=True, help="judge settings: JSON object or file")
     preflight.add_argument("--model-dir-built", action="store_true",
                            help="the launched server's model directory is produced later (not checked)")
+    preflight.add_argument("--env-provides-server", action="store_true",
+                           help="the judging job's own environment has the server executable (not checked)")
     preflight.set_defaults(func=run_preflight)
 
     agree = sub.add_parser("agreement", help="re-judge recorded judgments: agreement and Cohen's kappa with them")
@@ -95,7 +98,9 @@ def run_preflight(args: argparse.Namespace) -> int:
     from mergeflow import config as mfconfig
     from mergeflow.judge.preflight import preflight
 
-    print(f"judge preflight: {preflight(mfconfig.parse_settings(args.settings), model_dir_built=args.model_dir_built)}")
+    settings = mfconfig.parse_settings(args.settings)
+    checked = preflight(settings, model_dir_built=args.model_dir_built, env_provides_server=args.env_provides_server)
+    print(f"judge preflight: {checked}")
     return 0
 
 

@@ -23,26 +23,29 @@ log = logging.getLogger(__name__)
 KEY = "judge.endpoint"
 
 
-def preflight(settings: dict, *, model_dir_built: bool = False, timeout: float = 15.0) -> str:
+def preflight(settings: dict, *, model_dir_built: bool = False, env_provides_server: bool = False,
+              timeout: float = 15.0) -> str:
     """Raise MergeflowError naming the config key and the endpoint if the judge cannot work;
     return a one-line description of what was checked. `model_dir_built`: the workflow
-    produces the launched server's model directory (fetched from the Hub, or the demo's)."""
+    produces the launched server's model directory (fetched from the Hub, or the demo's);
+    `env_provides_server`: the judging job's own (conda) environment has the server."""
     endpoint = Endpoint.from_settings(settings)
     if endpoint.launch is not None:
-        return _check_launch(Launch.from_settings(endpoint.launch), model_dir_built)
+        return _check_launch(Launch.from_settings(endpoint.launch), model_dir_built, env_provides_server)
     return _check_hosted(endpoint, timeout)
 
 
-def _check_launch(launch: Launch, model_dir_built: bool) -> str:
+def _check_launch(launch: Launch, model_dir_built: bool, env_provides_server: bool) -> str:
     where = f"local `{launch.server} serve`"
-    if launch.executable() is None:
+    if not env_provides_server and launch.executable() is None:
         raise MergeflowError(
             f"config key '{KEY}.launch.server': {where} needs the `{launch.server}` executable, which is not on PATH"
             + (" (run with --sdm conda, or install vllm: envs/vllm.yaml)" if launch.server == "vllm" else ""))
     if not model_dir_built and not (Path(launch.model) / "config.json").is_file():
         raise MergeflowError(
             f"config key '{KEY}.launch.model': {launch.model} is not a model directory (no config.json) for {where}")
-    return f"{where} of {launch.model}: executable and model present (not started)"
+    found = "in the job's environment" if env_provides_server else "present"
+    return f"{where} of {launch.model}: executable {found}, model present or built by the plan (not started)"
 
 
 def _check_hosted(endpoint: Endpoint, timeout: float) -> str:

@@ -60,7 +60,8 @@ def test_preference_labels():
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("annotator", ["demo_annotator", "alpaca_eval_gpt4"])
-def test_alpaca_eval_agreement_against_recorded_annotations(tool_capable, tmp_path, monkeypatch, annotator):  # noqa: F811
+def test_alpaca_eval_agreement_against_recorded_annotations(tool_capable, tmp_path, monkeypatch,  # noqa: F811
+                                                            annotator):
     srv = tool_capable
     _install_judge(srv)  # prefers the output that says GOOD; no verdict for GARBLE
     monkeypatch.setenv("MF_TEST_AGREE_KEY", SECRET)
@@ -78,7 +79,8 @@ def test_alpaca_eval_agreement_against_recorded_annotations(tool_capable, tmp_pa
     assert (result["n"], result["n_unparsed"], result["n_total"]) == (5, 1, 6)
     assert result["agreement"] == pytest.approx(4 / 5)
     assert result["cohen_kappa"] == pytest.approx((4 / 5 - 12 / 25) / (1 - 12 / 25))  # 8/13
-    assert result["confusion"] == {"output_1": {"output_1": 2, "output_2": 1}, "output_2": {"output_1": 0, "output_2": 2}}
+    assert result["confusion"] == {"output_1": {"output_1": 2, "output_2": 1},
+                                   "output_2": {"output_1": 0, "output_2": 2}}
     assert result["recorded"]["judge"] == "alpaca_eval_gpt4" and result["recorded"]["n_skipped_without_verdict"] == 1
     assert result["judge"]["model"] == "gpt-4.1" and result["judge"]["annotator"] == annotator
     assert result["price_usd"] > 0
@@ -131,7 +133,8 @@ def test_gsm8k_agreement_against_labelled_judgments(fault_server, tmp_path, monk
     assert (result["n"], result["n_unparsed"]) == (9, 1)
     assert result["agreement"] == pytest.approx(7 / 9)
     assert result["cohen_kappa"] == pytest.approx(0.55)
-    assert result["confusion"] == {"correct": {"correct": 3, "incorrect": 1}, "incorrect": {"correct": 1, "incorrect": 4}}
+    assert result["confusion"] == {"correct": {"correct": 3, "incorrect": 1},
+                                   "incorrect": {"correct": 1, "incorrect": 4}}
     assert result["recorded"]["judge"] == "demo labels" and result["judge"]["protocol"] == "della_gsm8k"
     assert len(fault_server.requests) == 10  # one ask each (the demo prompt re-asks never)
     first = fault_server.requests[0]["body"]["messages"][1]["content"]

@@ -129,7 +129,8 @@ def load_gsm8k_recorded(path: str | Path, limit: int | None = None) -> tuple[lis
             if missing:
                 raise MergeflowError(f"{path}:{lineno}: recorded GSM8K judgment lacks string field(s) {missing}")
             if rec["verdict"] not in GSM8K_VERDICTS:
-                raise MergeflowError(f"{path}:{lineno}: verdict must be one of {GSM8K_VERDICTS}, got {rec['verdict']!r}")
+                raise MergeflowError(
+                    f"{path}:{lineno}: verdict must be one of {GSM8K_VERDICTS}, got {rec['verdict']!r}")
             records.append(rec)
     return _limited(records, limit, path), 0
 
@@ -188,9 +189,10 @@ def rejudge_gsm8k(records: list[dict], settings: dict, out: Path) -> tuple[list[
     prompt = gsm8k.JudgePrompt.load(resolve_file(settings.get("prompt") or gsm8k.DEFAULT_PROMPT_FILE, "judges"))
     pairs = [({"question": r["question"], "answer": r["answer"], "index": i}, {"output": r["response"]})
              for i, r in enumerate(records)]
+    cache = endpoint.cache or default_cache_path(out)  # the GSM8K judge's cache: the same requests are free
     with reach(endpoint) as where:
         with JudgeClient.from_endpoint(endpoint, where.base_url, request_model=where.request_model,
-                                       cache_path=endpoint.cache or default_cache_path(out), local=where.local) as client:
+                                       cache_path=cache, local=where.local) as client:
             _rows, _details, samples = gsm8k.score(pairs, lambda doc: doc["index"], client, prompt)
             usage = client.usage()
     items = [{"label": s["verdict"] if s["verdict"] in GSM8K_VERDICTS else None,

@@ -165,6 +165,7 @@ def test_a_run_removes_checkpoints_and_reruns_only_an_edited_merge(tiny_model_di
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["demo"]["enabled"] = False
     cfg["robustness"] = {"enabled": False}
+    cfg["judge"].pop("agreement", None)  # re-judges the demo's labels: nothing to judge here
     cfg["models"] = {"base": {"path": str(tiny_model_dir)}, "e": {"path": str(tmp_path / "expert")}}
     cfg["merges"] = [{"method": "task_arithmetic", "experts": ["e"], "params": {"lambda": 0.5}},
                      {"method": "task_arithmetic", "experts": ["e"], "params": {"lambda": 1.0}}]

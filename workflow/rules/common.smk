@@ -224,6 +224,12 @@ def merge_metadata_files():
     return [f"results/merge_meta/{m}.json" for m in eval_models() if m in MERGES]
 
 
+# Jobs that read a merged checkpoint go before new merges (default priority 0), so a local
+# run keeps at most one checkpoint per running job: Snakemake's scheduler sizes a temp
+# directory as its inode, and would otherwise merge everything first.
+CHECKPOINT_READER_PRIORITY = 1
+
+
 def merge_output(path):
     """A merged checkpoint lives until its evaluations are done, unless keep_merges;
     group_jobs=True flags it node-local, so storage plugins never upload it."""

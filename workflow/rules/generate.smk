@@ -15,6 +15,7 @@ rule generate:
         "results/logs/generate/{model}/{benchmark}.log",
     group:
         "model_{model}"
+    priority: CHECKPOINT_READER_PRIORITY
     conda:
         GENERATE_ENV
     threads: GENERATE_THREADS
@@ -39,6 +40,7 @@ rule likelihood:
         "results/logs/likelihood/{model}.log",
     group:
         "model_{model}"
+    priority: CHECKPOINT_READER_PRIORITY
     conda:
         "../../envs/generate.yaml"
     threads: 1

@@ -98,6 +98,7 @@ if ROBUST_ON:
             "results/logs/robustness/{model}/livebench_{lb_category}.log",
         group:
             "model_{model}"
+        priority: CHECKPOINT_READER_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         resources:
@@ -123,6 +124,7 @@ if ROBUST_ON:
             "results/logs/robustness/{model}/adv_{adv_task}.log",
         group:
             "model_{model}"
+        priority: CHECKPOINT_READER_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         resources:

@@ -1,0 +1,105 @@
+"""`mergeflow plan`: counts checked by hand on a small config, equal to what a Snakemake
+dry run schedules, and the demo and both paper configs plan without error."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeflow import config as mfconfig
+from mergeflow.plan import build_plan, load_rates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path: Path) -> dict:
+    """Two 13B experts from the Hub, a 2-value TIES grid + one pruning merge on gsm8k only."""
+    cfg = yaml.safe_load((ROOT / "config" / "della.yaml").read_text())
+    cfg["models"] = {k: cfg["models"][k] for k in ("base", "lm", "math")}
+    cfg["merges"] = [
+        {"method": "ties", "experts": ["lm", "math"], "params": {"lambda": 1.0}, "grid": {"density": [0.5, 0.7]}},
+        {"method": "dare", "experts": ["math"], "params": {"drop_rate": 0.5}, "benchmarks": ["gsm8k"]},
+    ]
+    cfg["evaluate"] = {"models": "all", "benchmarks": ["gsm8k", "mbpp"], "gsm8k_judge": True}
+    cfg["protocol"]["defaults"]["limit"] = None
+    cfg["protocol"]["benchmarks"]["mbpp"]["limit"] = 100
+    cfg["resources"] = {"merge_gpus": 1, "generate_gpus": 1, "merge_mem_mb": 64000, "generate_mem_mb": 64000}
+    cfg["judge"]["endpoint"]["prices"] = {"input_per_1k": 0.002, "output_per_1k": 0.008}
+    cfg["judge"]["endpoint"].pop("launch", None)
+    return cfg
+
+
+def test_small_config_counts_match_a_hand_count(tmp_path):
+    cfg = mfconfig.prepare(small_config(tmp_path))
+    rates = load_rates()
+    plan = build_plan(cfg, root=tmp_path, rates=rates, concurrent=2)
+    # 3 merges; models: base, lm, math + 3 merges = 6; the dare merge runs gsm8k only
+    assert plan["merges"] == 3 and plan["models_evaluated"] == 6
+    assert plan["generate_jobs"] == 5 * 2 + 1
+    assert plan["benchmarks"]["gsm8k"] == {"jobs": 6, "prompts": 6 * 1319, "docs_per_job": 1319,
+                                           "max_new_tokens": plan["benchmarks"]["gsm8k"]["max_new_tokens"],
+                                           "batch_size": plan["benchmarks"]["gsm8k"]["batch_size"]}
+    assert plan["benchmarks"]["mbpp"]["prompts"] == 5 * 100  # MBPP full test is 500 docs, limit 100
+    assert plan["prompts"] == 6 * 1319 + 5 * 100
+    # judge: GSM8K judge once per doc of every model that runs gsm8k, no alpaca_eval
+    judge = plan["judge"]
+    assert set(judge) == {"gsm8k_judge"} and judge["gsm8k_judge"]["requests"] == 6 * 1319
+    tokens = judge["gsm8k_judge"]
+    assert tokens["cost_usd"] == pytest.approx((tokens["input_tokens"] * 0.002 + tokens["output_tokens"] * 0.008) / 1000)
+    # disk: 3 x 13.02 G params x 2 bytes of sources; merges in float16 (della.yaml merge.dtype)
+    ckpt = int(13.02e9 * 2)
+    assert plan["disk"]["sources_bytes"] == 3 * ckpt and plan["disk"]["checkpoint_bytes"] == ckpt
+    assert plan["disk"]["peak_bytes"] == 3 * ckpt + 2 * ckpt  # 2 concurrent jobs: 2 merges alive
+    assert plan["disk"]["peak_bytes_keep_merges"] == 3 * ckpt + 3 * ckpt
+    # GPU-hours from the rates: merges read base + experts and write one checkpoint
+    merge_s = sum(13.02e9 * (k + 2) for k in (2, 2, 1)) / rates["merge"]["params_per_s"]
+    assert plan["gpu_hours"]["merge"] == pytest.approx(merge_s / 3600)
+    assert plan["gpu_hours"]["generate"] > 0 and plan["gpu_hours"]["likelihood"] == 0
+
+
+def test_a_local_checkpoint_is_sized_from_its_weights(tmp_path, tiny_model_dir):
+    cfg = small_config(tmp_path)
+    cfg["models"]["lm"] = {"path": str(tiny_model_dir)}
+    plan = build_plan(mfconfig.prepare(cfg), root=tmp_path, rates=load_rates(), concurrent=1)
+    weights = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
+    assert plan["disk"]["sources"]["lm"] == {"bytes": weights, "from": f"weights in {tiny_model_dir}"}
+
+
+def test_unknown_checkpoint_size_names_the_model(tmp_path):
+    cfg = small_config(tmp_path)
+    cfg["models"]["lm"] = {"hub": "someone/unknown-7b", "revision": "main"}
+    from mergeflow.errors import MergeflowError
+
+    with pytest.raises(MergeflowError, match=r"models\.lm"):
+        build_plan(mfconfig.prepare(cfg), root=tmp_path, rates=load_rates(), concurrent=1)
+
+
+def _dry_run_jobs(configfile: str) -> dict[str, int]:
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--quiet", "rules", "--configfile",
+                          configfile], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", out, re.S)
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+)$", table.group(1), re.M)}
+
+
+@pytest.mark.parametrize("name", ["config", "della", "m3"])
+def test_configs_plan_and_match_the_dry_run(name):
+    res = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    jobs = _dry_run_jobs(f"config/{name}.yaml")
+    assert plan["merges"] == jobs["merge"]
+    assert plan["generate_jobs"] == jobs["generate"]
+    assert plan["likelihood_jobs"] == jobs.get("likelihood", 0)
+    assert plan["judge"].get("gsm8k_judge", {}).get("models", 0) == jobs.get("judge_gsm8k", 0)
+    text = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "peak, keep_merges: true" in text and "GPU-hours" in text

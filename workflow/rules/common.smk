@@ -182,8 +182,8 @@ def judge_preflight():
     built = bool(JUDGE_LAUNCH) and ("hub" in JUDGE_LAUNCH or judge_model_dir() in {
         os.path.normpath(f) for job in (dag.jobs if dag is not None else []) for f in job.output})
     try:
-        conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method  # env has the server
-        logger.info(f"judge preflight: {preflight(settings, model_dir_built=built, env_provides_server=conda)}")
+        in_env = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method  # env has the server
+        logger.info(f"judge preflight: {preflight(settings, model_dir_built=built, env_provides_server=in_env)}")
     except MergeflowError as err:
         raise WorkflowError(f"judge preflight failed (no job was run): {err}") from None
 

@@ -18,6 +18,7 @@ renamed to `<out>` only when complete: a killed merge never leaves a directory n
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -180,8 +181,13 @@ def _preallocate(fd: int, size: int) -> None:
             _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         except (OSError, AttributeError):
             _FALLOCATE = False
-    if _FALLOCATE and size:
-        _FALLOCATE(fd, 0, 0, size)  # a failure (EOPNOTSUPP...) leaves the file sparse
+    if _FALLOCATE and size and _FALLOCATE(fd, 0, 0, size) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):  # a full disk fails now, not after minutes of merging
+            raise OSError(err, os.strerror(err))
+        # any other failure (EOPNOTSUPP...) leaves the file sparse
 
 
 _FALLOCATE = None
@@ -461,6 +467,7 @@ class ShardedWriter:
         self._fds: list[int] = []
 
     def open(self) -> ShardedWriter:
+        clean_dead_temporaries(self.out)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
@@ -536,7 +543,12 @@ class ShardedWriter:
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f"{self.out.name}.old-{os.getpid()}"
             os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        try:
+            os.rename(self.tmp, self.out)
+        except BaseException:
+            if old is not None:  # put the previous output back
+                os.rename(old, self.out)
+            raise
         if old is not None:
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         return self.out
@@ -549,6 +561,79 @@ class ShardedWriter:
                 pass
         self._fds = []
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# What a ShardedWriter writes into its temporary directory: the only names that
+# `clean_dead_temporaries` will delete.
+_WRITER_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|mergeflow_\w+\.json")
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time (epoch seconds) of a running process, None if there is none (or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, IndexError, StopIteration, ValueError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _writer_alive(pid: int, made: float) -> bool:
+    """Whether process `pid` may still be writing a temporary last modified at `made`."""
+    if pid == os.getpid():
+        return True
+    if not Path("/proc/self/stat").exists():  # no procfs: trust a signal probe alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    start = _process_start(pid)
+    # A process started after the temporary was last written cannot have written it: the
+    # pid was reused (2 s: boot time and start ticks are coarse).
+    return start is not None and start <= made + 2
+
+
+def clean_dead_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Remove `<out>.tmp-<pid>` (and `<out>.old-<pid>` beside an existing `<out>`) left by
+    writers that died (killed merges), never a live writer's, and only directories that
+    hold nothing but files a writer writes. A `.old` without an `<out>` (killed between
+    the two renames of a commit) is the previous output: it is put back."""
+    out = Path(out)
+    removed = []
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        m = pattern.fullmatch(path.name)
+        if m is None or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            made = path.stat().st_mtime
+            files = list(path.iterdir())
+        except OSError:
+            continue
+        if _writer_alive(int(m.group(2)), made):
+            continue
+        if any(f.is_symlink() or not f.is_file() or not (_WRITER_FILE.fullmatch(f.name) or f.name in CONFIG_FILES)
+               for f in files):
+            log.warning("left %s alone: it holds files a merge does not write", path)
+            continue
+        if m.group(1) == "old" and not (out.exists() or out.is_symlink()):
+            os.rename(path, out)
+            log.warning("restored %s from %s (a commit was interrupted)", out, path.name)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a merge that died (pid %s)", path, m.group(2))
+        removed.append(path)
+    return removed
 
 
 def copy_model_files(donor: Path, dest: Path, config_updates: dict) -> list[str]:

@@ -69,6 +69,8 @@ def add_parser(subparsers) -> None:
                         "compiled on first use), 'torch' with PyTorch; 'auto' (default) takes direct "
                         "where it supports the merge and torch otherwise")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out that is not a previous merge output (never an input)")
     gpus.add_argument(p)
     p.add_argument("--metadata-out", default=None, metavar="FILE.json",
                    help="also write the merge metadata here (it outlives a temporary checkpoint)")
@@ -92,7 +94,8 @@ def run(args) -> int:
         experts[name] = path
     params = _params(args.params)
     common = dict(base=args.base, params=params, seed=args.seed, device=args.device,
-                  vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads)
+                  vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads,
+                  force=args.force)
     meta = None
     if args.gpus:
         from mergeflow.merging.direct import device_count

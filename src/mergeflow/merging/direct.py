@@ -716,7 +716,7 @@ class DirectEngine(_DirectBase):
 def run_merge(method: str, experts: dict[str, str], out: str, base: str | None = None,
               params: dict | None = None, seed: int = 42, device: str = "auto",
               vocab_policy: str | None = None, shard_size="5GB", io_threads: int | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, force: bool = False) -> dict:
     """`engine.run_merge` on a direct engine: the CUDA one on a GPU (device `cuda[:N]`, or
     `auto` where the driver sees a GPU), else the CPU one. Raises `Unsupported` (before
     writing anything) when the merge needs the torch engine."""
@@ -724,5 +724,5 @@ def run_merge(method: str, experts: dict[str, str], out: str, base: str | None =
     if ordinal_of(device) is None or (str(device) == "auto" and device_count() == 0):
         from mergeflow.merging.direct_cpu import CpuEngine
 
-        return CpuEngine(*args).run()
-    return DirectEngine(*args).run()
+        return CpuEngine(*args, force=force).run()
+    return DirectEngine(*args, force=force).run()

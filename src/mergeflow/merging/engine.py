@@ -11,6 +11,7 @@ writing overlap and memory stays bounded by a few blocks, not by the model size.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow.checkpoints import (
+    CONFIG_FILES,
     ITEMSIZE,
+    SAFE_INDEX,
     CheckpointReader,
     ShardedWriter,
     _pread_into,
@@ -116,6 +119,63 @@ def _resolve_device(device: str):
     return torch.device(device)
 
 
+def _is_merge_output(path: Path) -> tuple[bool, set[str]]:
+    """(whether `path` is a directory a merge wrote, the file names that merge wrote)."""
+    try:
+        meta = json.loads((path / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False, set()
+    if not isinstance(meta, dict) or "mergeflow_version" not in meta or "method" not in meta:
+        return False, set()
+    files = (meta.get("output") or {}).get("files") or []
+    # .snakemake_timestamp: Snakemake's mark in a directory() output
+    return True, {*map(str, files), SAFE_INDEX, METADATA_FILE, *CONFIG_FILES, ".snakemake_timestamp"}
+
+
+def check_output(out: str | os.PathLike, inputs: dict[str, str | None], force: bool = False) -> None:
+    """Refuse an output whose replacement would destroy what mergeflow did not write.
+
+    `out` may be absent, an empty directory or a previous merge output (its metadata says
+    so, and it holds only the files that merge wrote); anything else needs `force`. An
+    output that is, contains or lies inside an input (`inputs`: label -> path, symlinks
+    resolved) is refused even with `force`.
+    """
+    target = Path(os.path.realpath(out))
+    for label, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(os.path.realpath(path))
+        if target == src or target.is_relative_to(src) or src.is_relative_to(target):
+            how = "is" if target == src else "lies inside" if target.is_relative_to(src) else "contains"
+            raise MergeflowError(f"--out {out} {how} the {label} input ({path}): a merge never writes over "
+                                 f"its inputs; choose another --out")
+    out = Path(out)
+    if force or not out.exists():  # (a dangling symlink: only the link would be replaced)
+        return
+    advice = "choose another --out, or pass --force to replace it"
+    if not out.is_dir():
+        raise MergeflowError(f"--out {out} is an existing file, not a merge output: {advice}")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    ours, written = _is_merge_output(out)
+    foreign = [name for name in entries if name not in written]
+    if not ours:
+        raise MergeflowError(f"--out {out} is a directory that holds files a merge did not write "
+                             f"(e.g. {foreign[0]!r}; no {METADATA_FILE}): {advice}")
+    if foreign:
+        raise MergeflowError(f"--out {out} is a previous merge output that now also holds {foreign[0]!r}, "
+                             f"which the merge did not write: {advice}")
+
+
+def _disk_full(out: Path, err: BaseException) -> MergeflowError | None:
+    """The clean error for a full disk (or quota) while writing `out`, else None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MergeflowError(f"--out {out}: no space left on the device ({err.strerror}); the merge stopped, "
+                              f"its temporary output is removed and any previous {out} is untouched")
+    return None
+
+
 def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) <= 1:
         n = shape[0] if shape else 1
@@ -132,7 +192,7 @@ class MergeEngine:
     def __init__(self, method: str, experts: dict[str, str], base: str | None, params: dict | None,
                  seed: int, device: str, vocab_policy: str | None, out: str, shard_size="5GB",
                  io_threads: int | None = None, chunk_elements: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, force: bool = False):
         self.t0 = time.time()
         self.params = dict(params or {})
         self.seed = int(seed)
@@ -150,6 +210,8 @@ class MergeEngine:
             raise MergeflowError(f"merge method {method!r} needs a base model (--base)")
         self.base_path = base
         self.expert_paths = dict(experts)
+        self.force = force
+        check_output(self.out, self._input_paths(), force)  # before any weight is read
         self.readers: dict[str, CheckpointReader] = {}
         self._tables: dict = {}
         self._local = threading.local()
@@ -158,6 +220,9 @@ class MergeEngine:
         self.chunk_elements = int(chunk_elements)
 
     engine_name = "torch"
+
+    def _input_paths(self) -> dict[str, str | None]:
+        return {"base": self.base_path, **{f"expert {k!r}": v for k, v in self.expert_paths.items()}}
 
     def _resolve_device(self, device: str):
         return _resolve_device(device)
@@ -466,8 +531,13 @@ class MergeEngine:
         if donor_label not in self.readers:
             raise MergeflowError(f"param 'donor': {donor_label!r} is neither 'base' nor an expert "
                                  f"({', '.join(self.expert_names)})")
+        check_output(self.out, self._input_paths(), self.force)  # again: planning may have taken long
         writer = ShardedWriter(self.out, self.plan, self.shard_bytes)
-        writer.open()
+        try:
+            writer.open()
+        except BaseException as err:
+            writer.abort()
+            raise _disk_full(self.out, err) or err
         return donor_label, writer
 
     def _write_all(self, merge, writer: ShardedWriter, donor_label: str, thresholds) -> dict:
@@ -481,8 +551,11 @@ class MergeEngine:
             writer.commit(donor_path, {METADATA_FILE: json.dumps(meta, indent=2) + "\n"},
                           self._config_updates(donor_path))
             return meta
-        except BaseException:
+        except BaseException as err:
             writer.abort()
+            full = _disk_full(self.out, err)
+            if full is not None:
+                raise full from None
             raise
         finally:
             self._close()
@@ -656,10 +729,11 @@ class MergeEngine:
 def run_merge(method: str, experts: dict[str, str], out: str, base: str | None = None,
               params: dict | None = None, seed: int = 42, device: str = "auto",
               vocab_policy: str | None = None, shard_size="5GB", io_threads: int | None = None,
-              chunk_elements: int | None = None, progress: bool = True) -> dict:
-    """Merge `experts` ({name: dir}) onto `base` with `method`; write `out`; return metadata."""
+              chunk_elements: int | None = None, progress: bool = True, force: bool = False) -> dict:
+    """Merge `experts` ({name: dir}) onto `base` with `method`; write `out`; return metadata.
+    `force`: replace an `out` that is not a previous merge output (`check_output`)."""
     import torch
 
     with torch.inference_mode():
         return MergeEngine(method, experts, base, params, seed, device, vocab_policy, out, shard_size,
-                           io_threads, chunk_elements, progress).run()
+                           io_threads, chunk_elements, progress, force).run()

@@ -153,7 +153,8 @@ def test_setup_installs_the_torch_that_constraints_pin():
 # --- SLURM: one way to ask for GPUs -----------------------------------------------------------
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall",
+    # (--cores: a dry run otherwise caps each job's threads at 1 core)
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "64",
                            "--workflow-profile", "workflow/profiles/slurm", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -161,8 +162,8 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
 def job_blocks(output: str) -> dict[str, list[dict[str, str]]]:
     """rule -> per job: its resources and threads, from a dry run's job blocks."""
     found: dict[str, list[dict[str, str]]] = {}
-    for block in re.split(r"\n(?=\[|rule |localrule )", output):
-        head = re.match(r"(?:rule|localrule) (\w+):", block)
+    for block in re.split(r"\n(?=\s*\[|\s*rule |\s*localrule )", output):  # (indented in group jobs)
+        head = re.match(r"\s*(?:rule|localrule) (\w+):", block)
         if not head:
             continue
         line = re.search(r"^\s+resources: (.*)$", block, re.M)
@@ -190,4 +191,5 @@ def test_a_gpu_gres_beside_the_rules_gpu_is_rejected():
     for args in (["--set-resources", "merge:gres=gpu:1"], ["--default-resources", 'gres="gpu:a100:1"']):
         done = dry_run("--configfile", "config/della.yaml", *args)
         assert done.returncode != 0, args
-        assert "asks for GPUs, which this workflow requests with the `gpu` resource" in done.stderr, done.stderr[-2000:]
+        shown = done.stdout + done.stderr
+        assert "asks for GPUs, which this workflow requests with the `gpu` resource" in shown, shown[-2000:]

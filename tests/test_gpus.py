@@ -48,7 +48,12 @@ def test_gpu_jobs_with_a_cpu_torch_stop_at_once_naming_request_and_what_torch_se
     for args in (["generate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k", "--data", str(data),
                   "--settings", settings, "--out", str(out), "--gpus", "1"],
                  ["likelihood", "--model", str(tiny_model_dir), "--task", "gsm8k", str(data), settings,
-                  "--out", str(tmp_path / "nll.json"), "--gpus", "1"]):
+                  "--out", str(tmp_path / "nll.json"), "--gpus", "1"],
+                 # judging jobs: for a judge server launched on the job's GPU
+                 ["judge", "gsm8k", "--data", str(data), "--generations", str(out), "--settings", "{}",
+                  "--out", str(tmp_path / "judge.json"), "--gpus", "1"],
+                 ["score", "--benchmark", "alpaca_eval", "--data", str(data), "--generations", str(out),
+                  "--out", str(tmp_path / "alpaca.json"), "--gpus", "1"]):
         done = mergeflow(args, env)
         assert done.returncode == 2, (args[0], done.stderr)
         line = done.stderr.strip()
@@ -144,12 +149,16 @@ def test_a_job_asking_no_gpu_sees_none(four_gpus):
     assert job.devices() == []  # CUDA_VISIBLE_DEVICES="" (not unset: that would mean every GPU)
 
 
-def test_under_slurm_the_schedulers_gpus_are_left_alone(four_gpus, tmp_path):
-    env, jobs = four_gpus
-    job = Job(1, {**env, "SLURM_JOB_ID": "123", "CUDA_VISIBLE_DEVICES": "2"})
-    jobs.append(job)
-    assert job.devices() == ["2"]
-    assert not (tmp_path / "claims").exists() or not list((tmp_path / "claims").iterdir())
+def test_under_slurm_jobs_claim_among_the_schedulers_gpus_only(four_gpus):
+    env, jobs = four_gpus  # (MERGEFLOW_GPU_DEVICES=0,1,2,3 is not the allocation: ignored)
+    slurm = {**env, "SLURM_JOB_ID": "123", "CUDA_VISIBLE_DEVICES": "2,3"}
+    first, second = Job(1, slurm), Job(1, slurm)  # e.g. two jobs of one group job
+    jobs += [first, second]
+    got = first.devices() + second.devices()
+    assert sorted(got) == ["2", "3"], got
+    other = Job(2, {**slurm, "SLURM_JOB_ID": "124", "CUDA_VISIBLE_DEVICES": "2,3"})  # another allocation
+    jobs.append(other)
+    assert other.devices() == ["2", "3"]
 
 
 def test_asking_more_gpus_than_the_machine_has_is_an_error(four_gpus):
@@ -176,12 +185,19 @@ def test_machine_gpus_are_read_from_nvidia_smi(tmp_path, monkeypatch):
 
 # --- the rules pass each job's GPU count -----------------------------------------------------
 
-def test_rules_pass_their_gpu_resource_as_gpus():
-    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall"], cwd=ROOT,
+@pytest.mark.parametrize("config", [[], ["--configfile", "config/della.yaml"]], ids=["demo", "della"])
+def test_every_gpu_rule_passes_its_gpu_resource_as_gpus(config):
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", *config], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shown = done.stdout + done.stderr
-    for command in ("merge", "generate", "likelihood"):
-        lines = [line for line in shown.splitlines() if re.search(rf"mergeflow {command} ", line)]
-        assert lines, f"no {command} job in the demo's dry run"
-        assert all(" --gpus 0 " in line for line in lines), lines[0]  # the demo config asks for no GPU
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    checked = set()
+    for block in re.split(r"\n(?=\s*\[|\s*rule |\s*localrule )", done.stdout):  # (indented in group jobs)
+        rule = re.match(r"\s*(?:rule|localrule) (\w+):", block)
+        gpu = re.search(r"^\s+resources: .*\bgpu=(\d+)", block, re.M)
+        shell = re.search(r"^Shell command: (.*mergeflow .*)$", block, re.M)
+        if rule and gpu and shell:
+            assert f" --gpus {gpu.group(1)} " in shell.group(1), (rule.group(1), shell.group(1)[-300:])
+            checked.add(rule.group(1))
+    assert {"merge", "generate", "score", "judge_gsm8k"} <= checked, checked
+    if not config:  # the demo also runs likelihood and the robustness jobs
+        assert {"likelihood", "robustness_livebench", "robustness_attack"} <= checked, checked

@@ -4,7 +4,8 @@ Snakemake's local executor only counts `--resources gpu=N`; it does not say whic
 gets, so every job would see (and use) GPU 0. `claim(n)` takes n of the machine's GPUs with
 one file lock per GPU (held by this process; the kernel drops it when the process exits or
 is killed) and sets CUDA_VISIBLE_DEVICES to them. Under SLURM the scheduler has already set
-CUDA_VISIBLE_DEVICES to the job's GPUs, and that is left alone.
+CUDA_VISIBLE_DEVICES to the allocation's GPUs: jobs claim among those only (a group job runs
+several jobs in one allocation), never others of the node.
 
 `check_torch(n)` / `check_driver(n)` then fail at once (MergeflowError: exit status 2) when
 the job cannot use what it was granted, e.g. a CPU build of torch on a GPU node.
@@ -45,14 +46,21 @@ def under_slurm() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID"))
 
 
+def _split(devices: str) -> list[str]:
+    return [d.strip() for d in devices.split(",") if d.strip()]
+
+
 def machine_gpus() -> tuple[list[str], str]:
-    """The GPUs jobs on this machine may claim, and where that list came from."""
+    """The GPUs jobs on this machine (under SLURM: in this allocation) may claim, and where
+    that list came from."""
+    if under_slurm():
+        return _split(os.environ.get(VISIBLE, "")), "SLURM's CUDA_VISIBLE_DEVICES"
     override = os.environ.get(ENV_DEVICES)
     if override is not None:
-        return [d.strip() for d in override.split(",") if d.strip()], ENV_DEVICES
+        return _split(override), ENV_DEVICES
     inherited = os.environ.get(VISIBLE)
     if inherited is not None:  # the user gave this workflow a subset of the GPUs
-        return [d.strip() for d in inherited.split(",") if d.strip()], VISIBLE
+        return _split(inherited), VISIBLE
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return [], "nvidia-smi -L (not found)"
@@ -65,11 +73,13 @@ def machine_gpus() -> tuple[list[str], str]:
 
 
 def claims_dir() -> Path:
-    where = os.environ.get(ENV_CLAIMS)
+    where, runtime = os.environ.get(ENV_CLAIMS), os.environ.get("XDG_RUNTIME_DIR")
     if where:
-        return Path(where)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "mergeflow-gpus" if runtime else Path(f"/tmp/mergeflow-gpus-{os.getuid()}")
+        base = Path(where)
+    else:
+        base = Path(runtime) / "mergeflow-gpus" if runtime else Path(f"/tmp/mergeflow-gpus-{os.getuid()}")
+    # SLURM may renumber each allocation's GPUs from 0: claims are per allocation there
+    return base / f"slurm-{os.environ['SLURM_JOB_ID']}" if under_slurm() else base
 
 
 class Claim:
@@ -116,15 +126,13 @@ def _holders(devices: list[str]) -> str:
 
 
 def claim(n: int, timeout: float | None = None) -> Claim | None:
-    """Make this process see exactly n GPUs: CUDA_VISIBLE_DEVICES="" for 0, n claimed GPUs
-    outside SLURM (waiting while other jobs hold them), the scheduler's choice under SLURM."""
+    """Make this process see exactly n GPUs: CUDA_VISIBLE_DEVICES="" for 0, else n claimed
+    GPUs (waiting while other jobs hold them), under SLURM among the scheduler's."""
     if n < 0:
         raise MergeflowError(f"--gpus {n}: expected a count >= 0")
     if n == 0:
         # a CPU job must not pick up a GPU that belongs to another job (merge --device auto would)
         os.environ[VISIBLE] = ""
-        return None
-    if under_slurm():
         return None
     pool, source = machine_gpus()
     if not pool:  # nothing to claim from: the check that follows says what torch sees

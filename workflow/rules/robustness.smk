@@ -107,7 +107,8 @@ if ROBUST_ON:
         shell:
             "workflow/scripts/mergeflow robustness livebench --category {wildcards.lb_category} --model {input.model} "
             "--data {input.data} --settings {params.settings:q} --sandbox {params.sandbox:q} "
-            "--generations {output.generations} --cache {params.cache} --out {output.score} > {log} 2>&1"
+            "--generations {output.generations} --cache {params.cache} --out {output.score} "
+            "--gpus {resources.gpu} > {log} 2>&1"
 
     rule robustness_attack:
         input:
@@ -133,4 +134,4 @@ if ROBUST_ON:
         shell:
             "workflow/scripts/mergeflow robustness attack --task {wildcards.adv_task} --model {input.model} "
             "--data {input.data} --mlm {input.mlm} {params.encoder} --settings {params.settings:q} --out {output} "
-            "> {log} 2>&1"
+            "--gpus {resources.gpu} > {log} 2>&1"

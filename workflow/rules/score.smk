@@ -117,4 +117,4 @@ rule judge_agreement:
         gpu=JUDGE_GPUS,
     shell:
         "workflow/scripts/mergeflow judge agreement --source {wildcards.source} --recorded {input.recorded:q} "
-        "{params.limit} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "{params.limit} --settings {params.settings:q} --out {output} --gpus {resources.gpu} > {log} 2>&1"

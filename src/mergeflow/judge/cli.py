@@ -47,6 +47,7 @@ def add_parser(subparsers) -> None:
     agree.add_argument("--limit", type=int, default=None, help="re-judge only the first N recorded judgments")
     agree.add_argument("--settings", required=True, help="judge settings: JSON object or file")
     agree.add_argument("--out", required=True, help="agreement file to write (.json)")
+    gpus.add_argument(agree)
     agree.set_defaults(func=run_agreement)
 
     serve = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible judge (foreground)")
@@ -109,6 +110,7 @@ def run_agreement(args: argparse.Namespace) -> int:
     from mergeflow.errors import MergeflowError
     from mergeflow.judge import agreement
 
+    gpus.prepare(args.gpus)
     if args.limit is not None and args.limit < 1:
         raise MergeflowError(f"--limit must be >= 1, got {args.limit}")
     result = agreement.run(args.source, args.recorded, mfconfig.parse_settings(args.settings), args.out, args.limit)

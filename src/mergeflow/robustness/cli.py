@@ -14,6 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from mergeflow import gpus
 from mergeflow.config import parse_settings
 from mergeflow.errors import MergeflowError
 
@@ -66,6 +67,7 @@ def add_parser(subparsers) -> None:
     lb.add_argument("--cache", type=Path, default=None, help="append-only prompt cache (resume after a kill)")
     lb.add_argument("--sandbox", default="{}", help="code sandbox settings (coding): timeout, isolation, ...")
     lb.add_argument("--out", required=True, type=Path, help="score file (.json)")
+    gpus.add_argument(lb)
     lb.set_defaults(func=run_livebench)
 
     a = sub.add_parser("attack", help="PromptBench prompt attacks on SST-2 / CoLA, accuracy and PDR")
@@ -77,6 +79,7 @@ def add_parser(subparsers) -> None:
                    help="sentence encoder directory (BERTAttack's sentence-similarity constraint)")
     a.add_argument("--settings", default="{}", help="attack settings (JSON or file), see docs/robustness.md")
     a.add_argument("--out", required=True, type=Path, help="score file (.json)")
+    gpus.add_argument(a)
     a.set_defaults(func=run_attack)
 
 
@@ -155,6 +158,8 @@ def run_livebench(args: argparse.Namespace) -> int:
     from mergeflow.robustness import livebench
     from mergeflow.scoring import results
 
+    gpus.prepare(args.gpus)
+
     category = livebench.check_category(args.category)
     bench = livebench.benchmark(category)
     settings = load_settings(args.settings)
@@ -207,6 +212,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from mergeflow.robustness.victim import CausalLMVictim, Task
     from mergeflow.scoring import results
 
+    gpus.prepare(args.gpus)
     s = attack_settings(args.task, parse_settings(args.settings))
     if "bertattack" in s["attacks"] and (args.mlm is None or not (args.mlm / "config.json").is_file()):
         raise MergeflowError(f"--mlm {args.mlm}: BERTAttack needs a masked-LM directory (config.json)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mergeflow import gpus
+
 log = logging.getLogger(__name__)
 
 SCORERS = {"gsm8k": "lm_eval", "math": "lm_eval", "mbpp": "execution", "humaneval": "execution",
@@ -24,6 +26,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--settings", default="{}",
                         help="JSON object or file: sandbox limits for code, judge settings for alpaca_eval")
     parser.add_argument("--out", required=True, help="score file to write (.json); details go to <out>.samples.jsonl")
+    gpus.add_argument(parser)  # alpaca_eval with a judge server launched on the job's GPU
     parser.set_defaults(func=run)
 
 
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mergeflow import config as mfconfig
 
+    gpus.prepare(args.gpus)
     settings = mfconfig.parse_settings(args.settings)
     bench = benchmarks.get(args.benchmark)
     docs = bench.load(args.data)

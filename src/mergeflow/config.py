@@ -103,15 +103,9 @@ def _check_references(config: dict) -> None:
         for expert in merge["experts"]:
             if expert not in models:
                 raise MergeflowError(f"config key 'merges[{i}].experts': '{expert}' is not a name under 'models'")
-        weights = merge.get("params", {}).get("weights")
-        if isinstance(weights, list) and len(weights) != len(merge["experts"]):
-            raise MergeflowError(
-                f"config key 'merges[{i}].params.weights': {len(weights)} weights for {len(merge['experts'])} experts"
-            )
-        if isinstance(weights, dict):
-            unknown = set(weights) - set(merge["experts"])
-            if unknown:
-                raise MergeflowError(f"config key 'merges[{i}].params.weights': not an expert of this merge: {sorted(unknown)}")
+            if expert == merge.get("base", config["base_model"]):
+                raise MergeflowError(f"config key 'merges[{i}].experts': '{expert}' is this merge's base model")
+        _check_merge_params(config, i, merge)
     protocol = config["protocol"]
     templates = protocol.get("templates", {})
     for bench in config.get("evaluate", {}).get("benchmarks", []):
@@ -130,6 +124,24 @@ def _check_references(config: dict) -> None:
                 f"config key 'protocol.benchmarks.{bench}.template': '{tpl}' is neither a name under "
                 "'protocol.templates' nor a template containing {instruction}"
             )
+
+
+def _check_merge_params(config: dict, i: int, merge: dict) -> None:
+    """Every merge of item `i` (each grid combination) through the method registry's own
+    check, the one its merge job runs: errors name `merges[i].params.<key>`."""
+    import re
+
+    from mergeflow.merging.methods import ParamError, check_params  # light: no torch
+
+    grid = merge.get("grid") or {}
+    for params in _expand_grid(merge):
+        try:
+            check_params(merge["method"], params, list(merge["experts"]), merge.get("seed", config.get("seed", 42)))
+        except ParamError as err:
+            root = re.split(r"[.\[]", err.key, maxsplit=1)[0]
+            where = "experts" if err.key == "experts" else f"{'grid' if root in grid else 'params'}.{err.key}"
+            raise MergeflowError(f"config key 'merges[{i}].{where}': {err.detail}"
+                                 + (f" (grid combination {params})" if root in grid else "")) from None
 
 
 def _deep_defaults(config: dict, defaults: dict) -> dict:

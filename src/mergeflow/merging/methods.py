@@ -39,8 +39,17 @@ HINTS = {
 # ---------------------------------------------------------------------------------------
 
 
-def _err(method: str, key: str, msg: str) -> MergeflowError:
-    return MergeflowError(f"merge method {method!r}: param {key!r}: {msg}")
+class ParamError(MergeflowError):
+    """A bad merge param: `key` names it ('density', 'weights[1]', 'dare.drop_rate', or
+    'experts' for the expert list), `detail` says what is wrong."""
+
+    def __init__(self, method: str, key: str, detail: str):
+        super().__init__(f"merge method {method!r}: param {key!r}: {detail}")
+        self.key, self.detail = key, detail
+
+
+def _err(method: str, key: str, msg: str) -> ParamError:
+    return ParamError(method, key, msg)
 
 
 def _number(method, key, v, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
@@ -420,15 +429,25 @@ def _m3(params, experts, seed):
     return recipe, resolved
 
 
-def build(name: str, params: dict | None, experts: list[str], seed: int) -> Method:
-    """Validate `params` for method `name` and return the Method."""
+def check_params(name: str, params: dict | None, experts: list[str], seed: int) -> tuple[Recipe, dict]:
+    """Validate method `name`'s params for these experts: (recipe, resolved params), or a
+    ParamError naming the key. The one check both the engine (`build`) and the workflow's
+    start-up (`mergeflow.config`) run, so a config that starts cannot fail in its merge."""
     if name not in REGISTRY:
         raise MergeflowError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     if not experts:
-        raise MergeflowError(f"merge method {name!r}: no experts given")
+        raise ParamError(name, "experts", "no experts given")
+    twice = sorted({e for e in experts if list(experts).count(e) > 1})
+    if twice:
+        raise ParamError(name, "experts", f"{twice[0]!r} is listed twice")
     params = {k: v for k, v in (params or {}).items() if k not in ENGINE_PARAMS}
-    recipe, resolved = REGISTRY[name](params, list(experts), seed)
-    return Method(name, params, recipe, resolved)
+    return REGISTRY[name](params, list(experts), seed)
+
+
+def build(name: str, params: dict | None, experts: list[str], seed: int) -> Method:
+    """Validate `params` for method `name` and return the Method."""
+    recipe, resolved = check_params(name, params, experts, seed)
+    return Method(name, {k: v for k, v in (params or {}).items() if k not in ENGINE_PARAMS}, recipe, resolved)
 
 
 def method_names() -> list[str]:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSTED = "gpt-4.1-2025-04-14"
 KEY_ENV = "MF_PREFLIGHT_TEST_KEY"
 TARGET = "results/scores/lm/gsm8k_judge.json"
+ALPACA_TARGET = "results/scores/lm/alpaca_eval.json"
 HOSTED_URL = "https://api.openai.com/v1"  # never contacted: the missing key is found first
 
 
@@ -78,8 +79,10 @@ def test_preflight_of_a_launched_server_checks_without_starting(tmp_path, monkey
 
 
 # --------------------------------------------------------------------------- a real run
-def _workdir(tmp_path: Path, base_url: str) -> tuple[Path, Path]:
-    """A tiny project whose plan for TARGET is one judge_gsm8k job (its inputs exist)."""
+def _workdir(tmp_path: Path, base_url: str | None, launch: dict | None = None,
+             alpaca: bool = False) -> tuple[Path, Path]:
+    """A tiny project whose plan for TARGET is one judge_gsm8k job (its inputs exist), and
+    with `alpaca` one AlpacaEval judging job for ALPACA_TARGET."""
     work = tmp_path / "work"
     (work / "models" / "lm").mkdir(parents=True)
     (work / "models" / "base").mkdir(parents=True)
@@ -90,12 +93,14 @@ def _workdir(tmp_path: Path, base_url: str) -> tuple[Path, Path]:
     cfg["demo"]["enabled"] = False
     cfg["models"] = {"base": {"path": "models/base"}, "lm": {"path": "models/lm"}}
     cfg["merges"] = []
-    cfg["evaluate"] = {"models": ["lm"], "benchmarks": ["gsm8k"], "gsm8k_judge": True, "reference_likelihood": False}
-    cfg["benchmarks"] = {"gsm8k": {"path": "data/gsm8k.jsonl"}}
+    benches = ["gsm8k", "alpaca_eval"] if alpaca else ["gsm8k"]
+    cfg["evaluate"] = {"models": ["lm"], "benchmarks": benches, "gsm8k_judge": True, "reference_likelihood": False}
+    cfg["benchmarks"] = {b: {"path": f"data/{b}.jsonl"} for b in benches}
     cfg.pop("robustness", None)
     cfg["judge"] = {"paper": {"gsm8k_judge": "gpt-4-0613"},
-                    "endpoint": {"base_url": base_url, "model": HOSTED, "api_key_env": KEY_ENV, "launch": None,
+                    "endpoint": {"base_url": base_url, "model": HOSTED, "api_key_env": KEY_ENV, "launch": launch,
                                  "max_retries": 0, "timeout": 10},
+                    "alpaca_eval": {"annotator": "weighted_alpaca_eval_open_weights"},
                     "gsm8k": {"prompt": "workflow/judges/gsm8k_judge.yaml"}}
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -111,15 +116,26 @@ def _workdir(tmp_path: Path, base_url: str) -> tuple[Path, Path]:
     gens.parent.mkdir(parents=True)
     gens.write_text("".join(json.dumps({"doc_id": bench.doc_id(d), "prompt": "P", "output": o, "completion": o}) + "\n"
                             for d, o in zip(docs, ["GOOD 0", "BAD 1"])))
+    made = [gens]
+    if alpaca:
+        from test_scoring_alpaca import _files
+
+        data, alpaca_gens = _files(tmp_path)
+        (work / "data" / "alpaca_eval.jsonl").write_text(data.read_text())
+        (work / "resources" / "data" / "alpaca_eval.jsonl").write_text(data.read_text())
+        made.append(work / "results" / "generations" / "lm" / "alpaca_eval.jsonl")
+        made[-1].write_text(alpaca_gens.read_text())
     now = time.time()  # inputs older than what was made from them: nothing but judging to do
-    for i, path in enumerate([work / "data" / "gsm8k.jsonl", work / "models" / "lm",
-                              work / "resources" / "data" / "gsm8k.jsonl", gens]):
-        os.utime(path, (now - 100 + 10 * i, now - 100 + 10 * i))
+    for i, path in enumerate([*(work / "data").iterdir(), work / "models" / "lm",
+                              *(work / "resources" / "data").iterdir(), *made]):
+        os.utime(path, (now - 100 + i, now - 100 + i))
     return work, config
 
 
-def _snakemake(work: Path, config: Path, *args: str, key: str | None = None) -> subprocess.CompletedProcess:
+def _snakemake(work: Path, config: Path, *args: str, key: str | None = None,
+               **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    env.update(env_extra)
     if key is not None:
         env[KEY_ENV] = key
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
@@ -181,3 +197,29 @@ def test_a_plan_without_judging_is_not_checked(endpoint, tmp_path):
     assert res.returncode == 0, out
     assert "fetch_data" in out and "judge preflight" not in out
     assert endpoint.requests == []
+
+
+def test_a_vllm_judge_is_served_for_each_judging_job_of_a_run(tmp_path):
+    """The open-weights path through the workflow: preflight (executable and model, nothing
+    started), then each judging job starts `vllm serve` (the fake), judges, stops it."""
+    from test_judges_current import EXPECTED_WIN_RATE, _calls, _gone, fake_vllm_bin
+
+    bin_dir, record = fake_vllm_bin(tmp_path)
+    launch = {"server": "vllm", "model": "models/judge", "tensor_parallel_size": 2, "startup_timeout": 60}
+    work, config = _workdir(tmp_path, None, launch=launch, alpaca=True)
+    (work / "models" / "judge").mkdir()
+    (work / "models" / "judge" / "config.json").write_text("{}")
+    res = _snakemake(work, config, TARGET, ALPACA_TARGET, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                     FAKE_VLLM_RECORD=str(record))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out + "".join(p.read_text() for p in (work / "results" / "logs").rglob("*.log"))
+    assert "judge preflight: local `vllm serve`" in out and "not started" in out
+    assert "judge_alpaca_eval" in out  # AlpacaEval moves to the judging rule (vLLM's env)
+    calls = _calls(record)
+    assert len(calls) == 2 and all(_gone(c["pid"]) for c in calls)  # one server per judging job, both stopped
+    for call in calls:
+        assert call["argv"][:2] == ["serve", str((work / "models" / "judge").resolve())]
+        assert call["argv"][call["argv"].index("--served-model-name") + 1] == HOSTED
+    rows = {r["metric"]: r for r in json.loads((work / ALPACA_TARGET).read_text())["rows"]}
+    assert rows["win_rate"]["value"] == pytest.approx(EXPECTED_WIN_RATE["weighted"])
+    assert json.loads((work / TARGET).read_text())["details"]["judge"]["endpoint"] == "local vllm serve"

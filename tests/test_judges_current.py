@@ -88,16 +88,21 @@ def test_hosted_annotator_scores_pairs_exactly(annotator, tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- vllm serve
-@pytest.fixture
-def fake_vllm(tmp_path, monkeypatch):
-    """A `vllm` executable on PATH (the fake server) and a model directory to serve."""
+def fake_vllm_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory holding a `vllm` executable (the fake server), and the file it records to."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     exe = bin_dir / "vllm"
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} {Path(fake_openai_server.__file__).resolve()} \"$@\"\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return bin_dir, tmp_path / "vllm_calls.jsonl"
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """A `vllm` executable on PATH (the fake server) and a model directory to serve."""
+    bin_dir, record = fake_vllm_bin(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    record = tmp_path / "vllm_calls.jsonl"
     monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
     monkeypatch.delenv("OPENAI_CLIENT_CONFIG_PATH", raising=False)
     model = tmp_path / "judges" / "open-judge"

@@ -174,6 +174,9 @@ def test_dry_run_never_contacts_the_endpoint(endpoint, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "judge_gsm8k" in res.stdout + res.stderr
     assert endpoint.requests == []
+    work, config = _workdir(tmp_path / "closed", "http://127.0.0.1:9/v1")  # nothing listens there
+    res = _snakemake(work, config, TARGET, "-n")
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_a_served_judge_passes_and_the_job_judges(endpoint, tmp_path):

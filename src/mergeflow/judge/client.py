@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -201,6 +202,7 @@ class JudgeClient:
         self.max_retries = max_retries
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.prices = dict(prices or {})
+        self._secret = api_key if api_key and api_key != LOCAL_DUMMY_KEY else None  # redacted wherever seen
         # Retries are ours (counted, logged, with backoff): the openai client must not retry too.
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
         self._cache = JudgmentCache(cache_path) if cache_path else None
@@ -221,19 +223,20 @@ class JudgeClient:
         key = request_key(self.model, messages, params, attempt)
         if self._cache is not None:
             hit = self._cache.get(key)
-            if hit is not None:
+            if hit is not None and (hit["text"] or "").strip():  # (an empty reply cached by an older version: ask again)
                 with self._lock:
                     self.accounting.cache_hits += 1
                     self.accounting.cached_prompt_tokens += hit["prompt_tokens"] or 0
                     self.accounting.cached_completion_tokens += hit["completion_tokens"] or 0
                 return Judgment(hit["text"], hit["prompt_tokens"] or 0, hit["completion_tokens"] or 0, True)
         text, usage = self._call_with_retries(messages, params)
-        ptok, ctok = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+        text = self.redact(text)  # a reply that echoes the key never reaches a score file
+        ptok, ctok = _tokens(usage)
         with self._lock:
             self.accounting.answered += 1
             self.accounting.prompt_tokens += ptok
             self.accounting.completion_tokens += ctok
-        if self._cache is not None:
+        if self._cache is not None and text.strip():  # an empty reply is a failure, never remembered
             self._cache.put(key, self.model, {"messages": list(messages), "params": params, "attempt": attempt},
                             text, ptok, ctok)
         return Judgment(text, ptok, ctok, False)
@@ -265,53 +268,96 @@ class JudgeClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def redact(self, text: str) -> str:
+        """`text` with the API key replaced: for every message, log line and reply kept."""
+        return text.replace(self._secret, "[redacted]") if self._secret and text else text
+
     # ------------------------------------------------------------------ internals
     def _call_with_retries(self, messages, params):
+        """(reply text, usage). HTTP errors that may pass, timeouts, malformed replies
+        (not JSON, no choices) and empty replies are retried up to `max_retries` times;
+        an empty reply after the last retry is returned as "" (the caller counts it
+        unparsed, nothing caches it), anything else raises a one-line MergeflowError."""
         import openai
 
         for attempt in range(self.max_retries + 1):
             with self._lock:
                 self.accounting.http_requests += 1
+            err = None
             try:
                 resp = self._client.chat.completions.create(
                     model=self.request_model, messages=list(messages), **params
                 )
-                choice = resp.choices[0] if resp.choices else None
-                if choice is None:
-                    raise MergeflowError(f"judge endpoint {self.base_url} returned no choices")
-                return choice.message.content or "", resp.usage
-            except (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError) as err:
-                status = getattr(err, "status_code", None)
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError) as exc:
+                status = getattr(exc, "status_code", None)
                 retryable = status is None or status in self.RETRY_STATUSES
-                if not retryable or attempt == self.max_retries:
-                    what = f"HTTP {status}" if status else type(err).__name__
-                    raise MergeflowError(
-                        f"judge request to {self.base_url} (model {self.request_model!r}) failed: {what}"
-                        f"{'' if retryable else ' (not retryable)'} after {attempt + 1} attempt(s): {_brief(err)}"
-                    ) from None
-                delay = self._delay(attempt, err)
-                with self._lock:
-                    self.accounting.retries += 1
-                log.warning("judge request: %s; retry %d/%d in %.2f s",
-                            f"HTTP {status}" if status else type(err).__name__, attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
+                what, err = f"HTTP {status}" if status else type(exc).__name__, exc
+            except (ValueError, openai.APIResponseValidationError) as exc:  # (JSONDecodeError is a ValueError)
+                retryable, what, err = True, "a reply that is not valid JSON", exc
+            else:
+                choices = getattr(resp, "choices", None)
+                message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+                if message is None:
+                    retryable, what = True, "a reply without choices"
+                else:
+                    text = message.content or ""
+                    if text.strip():
+                        return text, resp.usage
+                    retryable, what = True, "an empty reply"
+                    if attempt == self.max_retries:
+                        return "", resp.usage
+                    ptok, ctok = _tokens(resp.usage)  # paid for, although discarded
+                    with self._lock:
+                        self.accounting.prompt_tokens += ptok
+                        self.accounting.completion_tokens += ctok
+            if not retryable or attempt == self.max_retries:
+                raise MergeflowError(self.redact(
+                    f"judge request to {self.base_url} (model {self.request_model!r}) failed: {what}"
+                    f"{'' if retryable else ' (not retryable)'} after {attempt + 1} attempt(s)"
+                    + (f": {_brief(self.redact(str(err)))}" if err is not None else "")  # redact, then cut
+                )) from None
+            delay = self._delay(attempt, err)
+            with self._lock:
+                self.accounting.retries += 1
+            log.warning("judge request: %s; retry %d/%d in %.2f s", self.redact(what), attempt + 1,
+                        self.max_retries, delay)
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _delay(self, attempt: int, err) -> float:
-        """Exponential backoff with jitter; a server's Retry-After wins when it is given."""
+        """Exponential backoff with jitter; a server's usable Retry-After wins, capped at
+        `backoff_max`."""
         response = getattr(err, "response", None)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after is not None:
-            try:
-                return min(float(retry_after), self.backoff_max)
-            except ValueError:
-                pass
+        wait = _retry_after(response.headers.get("retry-after") if response is not None else None)
+        if wait is not None:
+            return min(wait, self.backoff_max)
         base = min(self.backoff_max, self.backoff_base * 2**attempt)
         with self._lock:
             return base * (0.5 + 0.5 * self._rng.random())
 
 
-def _brief(err: Exception, chars: int = 300) -> str:
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delay-seconds or an HTTP date, RFC 9110);
+    None when absent or unusable (negative, not finite, not a number or date)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _tokens(usage) -> tuple[int, int]:
+    return (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0) if usage else (0, 0)
+
+
+def _brief(err: Exception | str, chars: int = 300) -> str:
     return str(err).replace("\n", " ")[:chars]
 
 

@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 from mergeflow.errors import MergeflowError
 from mergeflow.scoring import results
-from mergeflow.scoring.sandbox import Limits, detect_isolation
+from mergeflow.scoring.sandbox import LIMIT_KEYS, Limits, detect_isolation
 
 log = logging.getLogger(__name__)
 
 # Settings understood here (all optional): sandbox limits, isolation, workers, interpreter.
-SETTINGS_KEYS = ("timeout", "memory_mb", "nproc", "fsize_mb", "nofile", "isolation", "max_workers", "python")
+SETTINGS_KEYS = (*LIMIT_KEYS, "isolation", "max_workers", "python")
 _STDERR_IN_SAMPLES = 600  # characters of a failing program's stderr kept per sample
 
 

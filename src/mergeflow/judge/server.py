@@ -43,10 +43,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_executable(name: str) -> str | None:
+    """A server's executable: the job's PATH first (a rule's conda env), else beside this
+    Python (a virtualenv not on PATH); None if neither has it."""
+    found = shutil.which(name)
+    sibling = Path(sys.executable).with_name(name)
+    return found or (str(sibling) if sibling.exists() else None)
+
+
 def serve_command(model_dir: str | Path, port: int, device: str = "auto") -> list[str]:
-    exe = Path(sys.executable).with_name("transformers")
-    base = [str(exe)] if exe.exists() else [shutil.which("transformers") or "transformers"]
-    return [*base, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+    return [server_executable("transformers") or "transformers", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
             "--device", device, "--log-level", "warning"]
 
 
@@ -122,12 +128,7 @@ class Launch:
         return served_model_name(self.model)
 
     def executable(self) -> str | None:
-        """The server's executable (the job's environment first), None if absent."""
-        sibling = Path(sys.executable).with_name(self.server)
-        found = shutil.which(self.server)
-        if found:
-            return found
-        return str(sibling) if sibling.exists() else None
+        return server_executable(self.server)
 
     def command(self, judge_model: str, port: int) -> list[str]:
         if self.server == "transformers":

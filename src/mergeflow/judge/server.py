@@ -7,6 +7,10 @@ must name it). It ignores `logprobs`/`top_logprobs` (so logprob-weighted alpaca_
 annotators cannot work against it) and only emits tool calls for models whose chat
 template defines them (so function-calling annotators such as `chatgpt_fn` do not work
 with the demo models): the demo annotator parses plain text instead.
+
+`vllm serve` offers `/health`, `/v1/models` and `/v1/chat/completions` with logprobs, so
+both AlpacaEval protocols work against it (workflow/judges/*_open_weights); requests name
+`--served-model-name` (judge.endpoint.model unless launch.served_model_name says otherwise).
 """
 
 from __future__ import annotations

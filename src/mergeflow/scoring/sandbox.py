@@ -67,27 +67,8 @@ _OUTPUT_TAIL = 2000  # characters of stdout/stderr kept per program
 _INNER_WORKDIR = "/tmp/work"
 _TESTS_FINISHED = "mergeflow.tests_finished"  # audit event the harness raises after the last test
 
-# The interpreter runs this wrapper (`python -I -B -c _HARNESS TOKEN_FD VERDICT_FD PROGRAM`),
-# never the program directly.
-#
-# Why the program cannot forge "passed": the scorer draws a random per-run token and
-# counts a run as passed only if that exact token is in the verdict file and the exit
-# status is 0 (`_verdict`). The token is never in the program's source, argv, environment
-# or files, nor in any descriptor it holds: the wrapper reads it from a pipe and closes the
-# pipe before the program is compiled; the verdict descriptor is write-only. In memory it
-# lives only in a suspended generator (`release`) that writes it only when resumed by the
-# audit hook for the event raised by the wrapper's own `_run` frame (the `anchor`, the frame
-# that started the program) right after `exec` returned, that is after the last test ran
-# without an exception; any other caller is killed. What could reach it is closed before
-# the program starts: the hook (which cannot be removed) kills the process on tracing and
-# profiling, gc object walks, other threads' frames, ctypes, new audit hooks and reading the
-# generator's frame; the process is made non-dumpable (PR_SET_DUMPABLE 0), so neither it
-# nor a child it execs can open its /proc/<pid>/mem (the program runs under another uid
-# than the scorer, whose memory holds the token too); the program runs in a second thread
-# while the main thread waits with every signal blocked, so no Python signal handler can
-# run inside the hook or the generator and see their frames. Exiting early in any way
-# (sys.exit, os._exit, atexit/excepthook, signals, exec, killing itself, closing stdout,
-# a daemon thread) leaves the verdict file without the token.
+# The wrapper every program runs under (`python -I -B -c _HARNESS TOKEN_FD VERDICT_FD PROGRAM`);
+# `_verdict` says why the evidence it writes cannot be forged by the program.
 _HARNESS = r'''
 import os, signal, sys, threading, traceback, types
 
@@ -267,7 +248,7 @@ class Sandbox:
     def _run(self, source: str, uid: int | None) -> RunResult:
         with tempfile.TemporaryDirectory(prefix="mergeflow-sbx-") as host_dir:
             host = Path(host_dir)
-            workdir = host / "work"  # the only writable place the program sees (copied to its tmpfs)
+            workdir = host / "work"  # its working directory (bwrap/unshare: copied onto its private tmpfs)
             workdir.mkdir()
             program = workdir / "program.py"
             program.write_bytes(source.encode("utf-8"))
@@ -348,8 +329,30 @@ class Sandbox:
 
 
 def _verdict(returncode: int, verdict: bytes, token: bytes) -> str:
-    """Passed only on positive evidence: exit status 0 and this run's token, which the
-    harness writes after the last test (see _HARNESS), and nothing else."""
+    """Passed only on positive evidence that the program's last line (its last test) ran to
+    its end: exit status 0 and exactly this run's random token in the verdict file.
+
+    Why the program cannot forge it: the scorer draws the token per run. It is never in
+    the program's source, argv, environment or files, nor in any descriptor the program
+    holds: `_HARNESS` reads it from a pipe and closes the pipe before the program is even
+    compiled, and the verdict descriptor is write-only. In the process it lives only in a
+    suspended generator that writes it only when resumed by the audit hook for the event
+    raised by the harness's own `_run` frame (the frame that exec'd the program, recorded
+    before any program code ran) after `exec` returned, that is after the last statement
+    ran without an exception; any other caller is killed. The ways to read it anyway are
+    closed before the program starts: the audit hook (which cannot be removed) kills the
+    process on tracing/profiling, gc object walks, other threads' frames, ctypes, new audit
+    hooks and reading the generator's frame, and it disables collection while it runs, so
+    no program finalizer runs inside it; the process is non-dumpable (PR_SET_DUMPABLE 0), so
+    neither it nor a program it execs can open its /proc/<pid>/mem; the program runs in a
+    second thread while the main thread waits with every signal blocked, so no Python
+    signal handler ever runs (they run only in the main thread) and sees the hook's frame.
+    Under a leased uid (the scorer is root) the scorer's own memory is out of reach too.
+    So exiting early in any way (sys.exit, os._exit, atexit/excepthook, signals, exec,
+    killing itself, closing stdout, a daemon thread) leaves the file without the token.
+    Not covered: code that makes wrong answers pass the asserts (e.g. an object equal to
+    everything) runs the tests to their end; that is the benchmark's problem, not a forgery.
+    """
     return "passed" if returncode == 0 and verdict == token else "failed"
 
 

@@ -142,3 +142,19 @@ def test_full_disk_is_a_clean_error_leaving_previous_output_and_no_temporary(mod
     one_error_line(capsys, f"--out {out}", "no space left")
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_commit_killed_between_its_renames_loses_nothing(models, tmp_path):
+    out = tmp_path / "merged"
+    assert merge(models, out) == 0
+    before = tree(out)
+    # killed after moving the previous output aside, before renaming the new one in
+    aside = tmp_path / f"merged.old-{_dead_pid()}"
+    os.rename(out, aside)
+    foreign = _fake_temp(out, _dead_pid(), files=("model.safetensors", "thesis.tex"))
+    os.rename(foreign, tmp_path / f"merged.old-{_dead_pid()}")  # not what a merge writes: kept
+    assert merge(models, out) == 0
+    del before[METADATA_FILE]  # (its timings differ)
+    assert {k: v for k, v in tree(out).items() if k != METADATA_FILE} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged.")) \
+        == [p.name for p in tmp_path.glob("merged.old-*") if (p / "thesis.tex").exists()]

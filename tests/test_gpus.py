@@ -3,13 +3,13 @@ GPUs it was granted (`--gpus N` of merge, generate, likelihood; passed by the ru
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ def mergeflow(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 
 # --- the start-up check --------------------------------------------------------------------
 
-def gsm8k_job(tmp_path: Path, model: Path) -> tuple[Path, str, Path]:
+def gsm8k_job(tmp_path: Path) -> tuple[Path, str, Path]:
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
                             for i in range(2)))
@@ -43,7 +43,7 @@ def gsm8k_job(tmp_path: Path, model: Path) -> tuple[Path, str, Path]:
 
 
 def test_gpu_jobs_with_a_cpu_torch_stop_at_once_naming_request_and_what_torch_sees(tmp_path, tiny_model_dir):
-    data, settings, out = gsm8k_job(tmp_path, tiny_model_dir)
+    data, settings, out = gsm8k_job(tmp_path)
     env = job_env(tmp_path / "claims")
     for args in (["generate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k", "--data", str(data),
                   "--settings", settings, "--out", str(out), "--gpus", "1"],
@@ -73,7 +73,7 @@ def test_merge_checks_with_the_cuda_driver_not_torch(tmp_path, tiny_model_dir):
 
 
 def test_gpus_0_runs_with_every_gpu_hidden(tmp_path, tiny_model_dir):
-    data, settings, out = gsm8k_job(tmp_path, tiny_model_dir)
+    data, settings, out = gsm8k_job(tmp_path)
     done = mergeflow(["generate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k", "--data", str(data),
                       "--settings", settings, "--out", str(out), "--no-progress", "--gpus", "0"],
                      job_env(tmp_path / "claims", CUDA_VISIBLE_DEVICES="0,1"))
@@ -103,7 +103,7 @@ class Job:
         """CUDA_VISIBLE_DEVICES as the job saw it (None: unset), once its claim is done."""
         line = self.proc.stdout.readline()
         assert line, self.proc.stderr.read()
-        seen = eval(line)  # repr of a str or None, written by HOLDER
+        seen = ast.literal_eval(line)  # repr of a str or None, written by HOLDER
         return None if seen is None else [d for d in seen.split(",") if d]
 
     def kill(self) -> None:

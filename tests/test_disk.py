@@ -102,7 +102,8 @@ def test_keep_merges_must_be_a_boolean(tmp_path):
     res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile",
                           str(write_config(tmp_path, keep_merges="yes"))], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
-    assert res.returncode != 0 and "keep_merges" in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "config key 'keep_merges': 'yes' is not of type 'boolean'" in out, out[-2000:]
 
 
 # --- generation cache across a re-merge --------------------------------------------------------
@@ -181,7 +182,8 @@ def test_a_run_removes_checkpoints_and_reruns_only_an_edited_merge(tiny_model_di
         snakemake(work, "--cores", "1", "--configfile", str(config), timeout=900)
     assert sampler.largest_entry_bytes > 0, "the sampler never saw a checkpoint"
     assert sampler.peak_bytes <= 1 * sampler.largest_entry_bytes  # --cores 1: one checkpoint at a time
-    assert not [p for p in (work / "results" / "merges").iterdir()], "a checkpoint outlived its evaluations"
+    merges = work / "results" / "merges"  # Snakemake removes the emptied directory too
+    assert not (merges.exists() and any(merges.iterdir())), "a checkpoint outlived its evaluations"
     assert {p.stem for p in (work / "results" / "merge_meta").glob("*.json")} == set(merge_ids)
 
     # nothing reruns, although every checkpoint is gone

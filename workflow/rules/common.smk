@@ -224,10 +224,10 @@ def merge_metadata_files():
     return [f"results/merge_meta/{m}.json" for m in eval_models() if m in MERGES]
 
 
-# Jobs that read a merged checkpoint go before new merges (default priority 0), so a local
-# run keeps at most one checkpoint per running job: Snakemake's scheduler sizes a temp
-# directory as its inode, and would otherwise merge everything first.
-CHECKPOINT_READER_PRIORITY = 1
+# Jobs that read a merged checkpoint, and the jobs making their data, go before new merges
+# (default priority 0), so a local run keeps at most one checkpoint per running job:
+# Snakemake's scheduler sizes a temp directory as its inode and would merge everything first.
+BEFORE_MERGES_PRIORITY = 1
 
 
 def merge_output(path):

@@ -30,6 +30,7 @@ rule fetch_data:
         args=fetch_data_args,
     log:
         "results/logs/fetch/data_{benchmark}.log",
+    priority: BEFORE_MERGES_PRIORITY
     conda:
         "../../envs/fetch.yaml"
     shell:

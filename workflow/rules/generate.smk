@@ -15,7 +15,7 @@ rule generate:
         "results/logs/generate/{model}/{benchmark}.log",
     group:
         "model_{model}"
-    priority: CHECKPOINT_READER_PRIORITY
+    priority: BEFORE_MERGES_PRIORITY
     conda:
         GENERATE_ENV
     threads: GENERATE_THREADS
@@ -40,7 +40,7 @@ rule likelihood:
         "results/logs/likelihood/{model}.log",
     group:
         "model_{model}"
-    priority: CHECKPOINT_READER_PRIORITY
+    priority: BEFORE_MERGES_PRIORITY
     conda:
         "../../envs/generate.yaml"
     threads: 1

@@ -22,6 +22,7 @@ if ROBUST_ON:
                 seed=CFG["demo"]["seed"],
             log:
                 "results/logs/robustness/demo_data.log",
+            priority: BEFORE_MERGES_PRIORITY
             conda:
                 "../../envs/robustness.yaml"
             shell:
@@ -37,6 +38,7 @@ if ROBUST_ON:
             release=ROBUST.get("livebench", {}).get("release_date", ""),
         log:
             "results/logs/robustness/fetch_livebench_{lb_category}.log",
+        priority: BEFORE_MERGES_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         shell:
@@ -52,6 +54,7 @@ if ROBUST_ON:
             args=lambda w: _source_args(ROBUST["adversarial"]["tasks"][w.adv_task]),
         log:
             "results/logs/robustness/fetch_{adv_task}.log",
+        priority: BEFORE_MERGES_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         shell:
@@ -98,7 +101,7 @@ if ROBUST_ON:
             "results/logs/robustness/{model}/livebench_{lb_category}.log",
         group:
             "model_{model}"
-        priority: CHECKPOINT_READER_PRIORITY
+        priority: BEFORE_MERGES_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         resources:
@@ -125,7 +128,7 @@ if ROBUST_ON:
             "results/logs/robustness/{model}/adv_{adv_task}.log",
         group:
             "model_{model}"
-        priority: CHECKPOINT_READER_PRIORITY
+        priority: BEFORE_MERGES_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         resources:

@@ -96,7 +96,8 @@ def _arm(token_fd, verdict_fd, program_code):
         gc_disable()  # no collection (and no program finalizer) runs inside this frame
         caller = getframe(1)
         if anchor is not None and caller.f_code is hook_code and caller.f_back is anchor:
-            write(verdict_fd, token)
+            if token is not None:
+                write(verdict_fd, token)
             yield
         write(2, b"sandbox: forged test verdict\n")
         die(90)
@@ -124,9 +125,16 @@ def _arm(token_fd, verdict_fd, program_code):
         if was_enabled:
             gc_enable()
 
+    def forget_token():
+        # A forked child's thread becomes its main thread, where signal handlers run: no
+        # child holds the token, only the process the scorer started.
+        nonlocal token
+        token = None
+
     hook_code = hook.__code__
     releaser = release()
     next_(releaser)
+    os.register_at_fork(after_in_child=forget_token)
     sys.addaudithook(hook)
 
 
@@ -346,7 +354,8 @@ def _verdict(returncode: int, verdict: bytes, token: bytes) -> str:
     no program finalizer runs inside it; the process is non-dumpable (PR_SET_DUMPABLE 0), so
     neither it nor a program it execs can open its /proc/<pid>/mem; the program runs in a
     second thread while the main thread waits with every signal blocked, so no Python
-    signal handler ever runs (they run only in the main thread) and sees the hook's frame.
+    signal handler ever runs (they run only in the main thread) and sees the hook's frame;
+    a forked child (whose thread becomes its main thread) forgets the token at the fork.
     Under a leased uid (the scorer is root) the scorer's own memory is out of reach too.
     So exiting early in any way (sys.exit, os._exit, atexit/excepthook, signals, exec,
     killing itself, closing stdout, a daemon thread) leaves the file without the token.

@@ -158,3 +158,15 @@ def test_a_commit_killed_between_its_renames_loses_nothing(models, tmp_path):
     assert {k: v for k, v in tree(out).items() if k != METADATA_FILE} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged.")) \
         == [p.name for p in tmp_path.glob("merged.old-*") if (p / "thesis.tex").exists()]
+
+
+def test_unwritable_metadata_out_is_a_clean_error(models, tmp_path, capsys, monkeypatch):
+    from mergeflow import atomic
+
+    def full(path, text, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "write_text", full)
+    meta = tmp_path / "meta.json"
+    assert merge(models, tmp_path / "merged", "--metadata-out", str(meta)) == 2
+    one_error_line(capsys, f"--metadata-out {meta}", "No space left")

@@ -123,7 +123,10 @@ def run(args) -> int:
         from mergeflow.merging.engine import METADATA_FILE
 
         # the same bytes as the checkpoint's own metadata file: one source for both
-        write_text(args.metadata_out, (Path(args.out) / METADATA_FILE).read_text())
+        try:
+            write_text(args.metadata_out, (Path(args.out) / METADATA_FILE).read_text())
+        except OSError as err:  # (a full disk, a read-only directory): the merge itself is done
+            raise MergeflowError(f"--metadata-out {args.metadata_out}: cannot write it ({err.strerror})") from None
     print(f"merged {len(experts)} experts with {meta['method']} into {args.out} "
           f"in {meta['wall_time_s']:.1f} s on {meta['device']}, {meta['engine']} engine "
           f"(peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB)")

@@ -17,7 +17,10 @@ group, and, where the machine allows it, Linux namespaces without network:
 `detect_isolation()` probes the best level that actually works here; the score file
 records which one was used.
 
-"Passed" is decided by `_verdict` (the exit status alone can be forged: see `_HARNESS`).
+"Passed" is decided by `_verdict`: exit status 0 is not enough (it can be had without
+running the tests); the harness must also write this run's token after the last line. The
+program runs as the harness's second thread, so it cannot install signal handlers, and it
+may not trace, walk gc objects or use ctypes (the process is killed if it tries).
 
 Root is exempt from RLIMIT_NPROC, so when running as root the program is started under
 an unprivileged uid leased for that one program (an flock per uid, so programs of

@@ -290,6 +290,9 @@ def test_passing_needs_every_test_to_finish(box):
     run = box.run("print('ok')\nimport os, sys\nsys.stdout.flush()\nos._exit(0)\nassert True\n")
     assert run.status == "failed" and run.returncode == 0 and run.stdout.strip() == "ok"
     assert box.run("print('ok')\nassert 1 + 1 == 2\n").status == "passed"
+    # A forked child that finishes the tests cannot vouch for a parent that exited early.
+    forked = "import os\npid = os.fork()\nif pid:\n    os.waitpid(pid, 0)\n    os._exit(0)\nassert True\n"
+    assert box.run(forked).status == "failed"
 
 
 # --------------------------------------------------------------------------- isolation

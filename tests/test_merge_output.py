@@ -170,3 +170,43 @@ def test_unwritable_metadata_out_is_a_clean_error(models, tmp_path, capsys, monk
     meta = tmp_path / "meta.json"
     assert merge(models, tmp_path / "merged", "--metadata-out", str(meta)) == 2
     one_error_line(capsys, f"--metadata-out {meta}", "No space left")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A size-limited tmpfs (root only): `mount(size_bytes)` -> its mount point."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    yield mount
+    busy = [p for p in mounted if subprocess.run(["umount", str(p)], capture_output=True).returncode != 0]
+    for point in busy:  # detach it all the same, then fail: a file on it is still open
+        subprocess.run(["umount", "-l", str(point)], check=False)
+    assert not busy, f"files left open on {busy}"
+
+
+@pytest.mark.parametrize("engine", ["torch", "direct"])
+def test_a_real_full_disk_keeps_the_previous_output(models, tmp_path, capsys, small_disk, engine):
+    probe = tmp_path / "probe"
+    assert merge(models, probe, engine=engine) == 0
+    size = sum(p.stat().st_size for p in probe.iterdir())
+    disk = small_disk(size * 3 // 2 + 65536)  # room for one output, not for a second beside it
+    out = disk / "merged"
+    assert merge(models, out, engine=engine) == 0
+    before = tree(out)
+    capsys.readouterr()
+    assert merge(models, out, engine=engine) == 2
+    one_error_line(capsys, f"--out {out}", "no space left")
+    assert tree(out) == before
+    assert sorted(p.name for p in disk.iterdir()) == ["merged"]

@@ -473,10 +473,10 @@ class ShardedWriter:
         self.tmp.mkdir(parents=True)
         for fname, header, size in zip(self.files, self.headers, self.sizes):
             fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)  # before anything can fail: abort() closes it
             os.ftruncate(fd, size)
             _preallocate(fd, size)
             _pwrite_all(fd, memoryview(header), 0)
-            self._fds.append(fd)
         return self
 
     def write(self, name: str, tensor, row_start: int | None = None) -> None:

@@ -110,6 +110,7 @@ def reduced_demo_config(path: Path, inputs: Path) -> str:
         cfg["protocol"]["benchmarks"][bench]["max_new_tokens"] = 24
     # fits any CI node; the tiny models need far less
     cfg["resources"] = {"merge_gpus": 0, "generate_gpus": 0, "merge_mem_mb": 2000, "generate_mem_mb": 3000}
+    cfg["keep_merges"] = True  # the merged weights are compared byte for byte after the runs
     mfconfig.prepare(cfg)  # still valid
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return merge_id
@@ -161,10 +162,11 @@ def failure_report(workdir: Path, code: int, output: str, what: str) -> str:
 
 
 def submitted_jobs(output: str) -> dict[str, list[str]]:
-    """rule -> SLURM job ids, from snakemake's 'Job N has been submitted' lines."""
+    """rule (or group_<group id> for a group job) -> SLURM job ids, from snakemake's 'Job N has
+    been submitted' lines."""
     jobs: dict[str, list[str]] = {}
-    for m in re.finditer(r"has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_([A-Za-z0-9_]+)/", output):
-        jobs.setdefault(m.group(2), []).append(m.group(1))
+    for m in re.finditer(r"has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/(rule_|group_)([^/\s]+)/", output):
+        jobs.setdefault(m.group(3) if m.group(2) == "rule_" else f"group_{m.group(3)}", []).append(m.group(1))
     return jobs
 
 
@@ -232,9 +234,11 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
     assert code == 0, failure_report(remote, code, out, f"SLURM run after {slurm_s:.0f}s")
     print(f"SLURM run {slurm_s:.0f}s (local run, alongside, done by {local_s:.0f}s), jobs {jobs}")
 
-    # every non-local job went through sbatch, the local rules did not
-    remote_rules = {rule: n for rule, n in expected_jobs.items() if rule not in LOCAL_RULES}
-    assert {rule: len(ids) for rule, ids in jobs.items()} == remote_rules
+    # every non-local job went through sbatch, the local rules did not; the merge and the
+    # generate jobs reading its checkpoint went as one group job
+    group = f"group_model_{merge_id}_generate_merge"  # a group job's name: group id + its rules
+    remote_rules = {rule: n for rule, n in expected_jobs.items() if rule not in LOCAL_RULES | {"merge", "generate"}}
+    assert {rule: len(ids) for rule, ids in jobs.items()} == {**remote_rules, group: 1}
     accounting = sacct([j for ids in jobs.values() for j in ids])
     assert {r["State"] for r in accounting.values()} == {"COMPLETED"}, accounting
 
@@ -243,14 +247,21 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
         for job in ids:
             acct = accounting[job]
             assert "gpu" not in acct["ReqTRES"], (rule, acct)
-            # cpus: the profile's cpus_per_task (score), else the rule's threads
-            assert acct["AllocCPUS"] == {"generate": "1", "judge_gsm8k": "1"}.get(rule, "2"), (rule, acct)
-    (score_job, *_) = jobs["score"]
+    (score_job, *_) = jobs["score"]  # cpus: the profile's cpus_per_task
+    assert accounting[score_job]["AllocCPUS"] == "2", accounting[score_job]
     assert accounting[score_job]["ReqMem"].startswith("8000M") and accounting[score_job]["Timelimit"] == "02:00:00"
-    (merge_job,) = jobs["merge"]  # memory from the config's resources block, runtime from the profile
-    assert accounting[merge_job]["ReqMem"].startswith("2000M") and accounting[merge_job]["Timelimit"] == "04:00:00"
-    (gen_job, *_) = jobs["generate"]
-    assert accounting[gen_job]["ReqMem"].startswith("3000M") and accounting[gen_job]["Timelimit"] == "12:00:00"
+    # the group job: merge, then its two generate jobs side by side. Snakemake adds up the
+    # memory of parallel jobs and takes the max of jobs in sequence, and the other way round
+    # for runtime; each job's memory from the config's resources block, runtime from the profile.
+    per_job = job_resources(dry_run(remote, "--workflow-profile", PROFILE, "--configfile", configfile))
+    (merge_res,), gens = per_job["merge"], per_job["generate"]
+    mem_mb = max(int(merge_res["mem_mb"]), sum(int(g["mem_mb"]) for g in gens))
+    minutes = int(merge_res["runtime"]) + max(int(g["runtime"]) for g in gens)
+    (group_job,) = jobs[group]
+    acct = accounting[group_job]
+    assert acct["ReqMem"].startswith(f"{mem_mb}M"), (acct, mem_mb)
+    assert acct["Timelimit"] == f"{minutes // 60:02d}:{minutes % 60:02d}:00", (acct, minutes)
+    assert int(acct["AllocCPUS"]) >= 2, acct  # at least the merge's threads
 
     # same results as the local run: merged weights byte for byte, the same generations,
     # scores value for value
@@ -273,8 +284,9 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
 def job_resources(dry_run_output: str) -> dict[str, list[dict[str, str]]]:
     """rule -> the resources of each of its jobs, from a dry run's job blocks."""
     found: dict[str, list[dict[str, str]]] = {}
-    for block in re.split(r"\n(?=\[|rule |localrule )", dry_run_output):
-        head = re.match(r"(?:rule|localrule) (\w+):", block)
+    # jobs of a group job (merge and the jobs reading its checkpoint) are indented under it
+    for block in re.split(r"\n(?=\s*\[|\s*rule |\s*localrule )", dry_run_output):
+        head = re.match(r"\s*(?:rule|localrule) (\w+):", block)
         line = re.search(r"^\s+resources: (.*)$", block, re.M)
         if head and line:
             found.setdefault(head.group(1), []).append(dict(kv.split("=", 1) for kv in line.group(1).split(", ")))

@@ -223,7 +223,8 @@ class JudgeClient:
         key = request_key(self.model, messages, params, attempt)
         if self._cache is not None:
             hit = self._cache.get(key)
-            if hit is not None and (hit["text"] or "").strip():  # (an empty reply cached by an older version: ask again)
+            # (an empty reply, cached by an older version, is asked again)
+            if hit is not None and (hit["text"] or "").strip():
                 with self._lock:
                     self.accounting.cache_hits += 1
                     self.accounting.cached_prompt_tokens += hit["prompt_tokens"] or 0

@@ -137,3 +137,14 @@ def test_api_key_is_redacted_from_errors_logs_replies_and_cache(server, tmp_path
     assert "[redacted]" in j.text and SECRET not in j.text
     assert SECRET not in caplog.text
     assert SECRET.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("cache.sqlite*"))
+
+
+def test_an_empty_reply_cached_by_an_older_version_is_asked_again(server, tmp_path):
+    from mergeflow.judge.client import JudgmentCache, request_key
+
+    cache = JudgmentCache(tmp_path / "cache.sqlite")
+    cache.put(request_key("judge", MESSAGES, {}), "judge", {}, "", 7, 3)
+    cache.close()
+    with client(server, tmp_path) as c:
+        j = c.complete(MESSAGES)
+    assert (j.text, j.cached, server.hits) == ("verdict: yes", False, 1)

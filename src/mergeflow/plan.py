@@ -318,7 +318,7 @@ def render(plan: dict) -> str:
                      f"{row['input_tokens']:>12,}{row['output_tokens']:>12,}   {cost}")
     total_cost = sum(r["cost_usd"] or 0 for r in plan["judge"].values())
     lines += [
-        f"  judge cost total: ${total_cost:,.2f}",
+        f"  judge cost total: ${total_cost:,.2f} (configured prices; a GSM8K answer is charged its max_new_tokens)",
         "",
         f"  disk: sources {_gb(d['sources_bytes'])}, one merged checkpoint {_gb(d['checkpoint_bytes'])}",
         f"    peak, merges temporary (keep_merges: false): {_gb(d['peak_bytes'])} "
@@ -327,7 +327,8 @@ def render(plan: dict) -> str:
         f"{'   <- this config' if d['keep_merges'] else ''}",
         "",
         f"  GPU-hours: merge {g['merge']:,.1f}, generate {g['generate']:,.1f}, likelihood {g['likelihood']:,.1f}, "
-        f"total {g['total']:,.1f}" + ("" if g["total"] else "   (no GPU in this config's resources)"),
+        f"total {g['total']:,.1f}" + ("   (upper bound: every prompt decodes its full max_new_tokens)" if g["total"]
+                                      else "   (no GPU in this config's resources)"),
         "",
         "  rates (benchmarks/rates.yaml):",
     ]

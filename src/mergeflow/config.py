@@ -232,6 +232,25 @@ def merge_specs(config: dict) -> dict[str, MergeSpec]:
     return specs
 
 
+def eval_models(config: dict, specs: dict[str, MergeSpec] | None = None) -> list[str]:
+    """Names of every model to evaluate (`evaluate.models`): base, experts and merge ids."""
+    every = [*config["models"], *(merge_specs(config) if specs is None else specs)]
+    chosen = config["evaluate"]["models"]
+    if chosen == "all":
+        return every
+    unknown = [m for m in chosen if m not in every]
+    if unknown:
+        raise MergeflowError(f"config key 'evaluate.models': unknown model(s) {unknown}; known: {every}")
+    return list(chosen)
+
+
+def benchmarks_of(config: dict, model: str, specs: dict[str, MergeSpec] | None = None) -> list[str]:
+    """A model's benchmarks: a merge may name its own (e.g. pruning runs: each expert on its task)."""
+    spec = (merge_specs(config) if specs is None else specs).get(model)
+    return list(spec.benchmarks) if spec is not None and spec.benchmarks is not None else list(
+        config["evaluate"]["benchmarks"])
+
+
 def generation_settings(config: dict, benchmark: str) -> dict:
     """The resolved generation settings of one benchmark (template names expanded)."""
     protocol = config["protocol"]

@@ -1,8 +1,8 @@
 """`mergeflow plan CONFIG`: what a config will run and cost, before anything is submitted.
 
-Counts jobs the way the workflow's rules do (workflow/rules/common.smk: evaluated models,
-per-merge benchmarks, judge and likelihood jobs; tests/test_plan.py checks them against a
-Snakemake dry run), sizes checkpoints from disk or from benchmarks/rates.yaml, and turns the
+Counts jobs with the functions the workflow's rules use (mergeflow.config: evaluated models,
+per-merge benchmarks; tests/test_plan.py checks the counts against a Snakemake dry run),
+sizes checkpoints from disk or from benchmarks/rates.yaml, and turns the
 per-stage rates in benchmarks/rates.yaml (each with its source) into GPU-hours and judge cost.
 Light: yaml and jsonschema only, no Snakemake.
 """
@@ -33,19 +33,7 @@ def load_rates(path: Path = RATES_PATH) -> dict:
         raise MergeflowError(f"rates file {path} is unreadable: {err}") from err
 
 
-# --- what the workflow schedules (mirrors workflow/rules/common.smk) ---------------------
-
-
-def eval_models(cfg: dict) -> list[str]:
-    specs = mfconfig.merge_specs(cfg)
-    every = [*cfg["models"], *specs]
-    chosen = cfg["evaluate"]["models"]
-    return every if chosen == "all" else [m for m in chosen if m in every]
-
-
-def benchmarks_of(cfg: dict, model: str) -> list[str]:
-    spec = mfconfig.merge_specs(cfg).get(model)
-    return list(spec.benchmarks) if spec is not None and spec.benchmarks is not None else list(cfg["evaluate"]["benchmarks"])
+# --- what the workflow schedules (the rules use the same mfconfig functions) ---------------
 
 
 def doc_count(cfg: dict, benchmark: str, root: Path) -> int:
@@ -131,7 +119,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
                concurrent: int | None = None) -> dict:
     rates = rates or load_rates()
     specs = mfconfig.merge_specs(cfg)
-    models = eval_models(cfg)
+    models = mfconfig.eval_models(cfg, specs)
     if concurrent is None:
         concurrent = int((yaml.safe_load(PROFILE_PATH.read_text()) or {}).get("jobs", 1))
     gpu = cfg["resources"]["generate_gpus"] > 0
@@ -156,7 +144,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
     backends = set()
     for model in models:
         params_b = params_of[model] / 1e9
-        for bench in benchmarks_of(cfg, model):
+        for bench in mfconfig.benchmarks_of(cfg, model, specs):
             settings = mfconfig.generation_settings(cfg, bench)
             n = doc_count(cfg, bench, root)
             generate_jobs += 1
@@ -187,7 +175,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
     likelihood_jobs = lik_gpu_s = 0
     if cfg["evaluate"]["reference_likelihood"]:
         for model in models:
-            benches = [b for b in benchmarks_of(cfg, model) if mfbenchmarks.get(b).reference_response is not None]
+            benches = [b for b in mfconfig.benchmarks_of(cfg, model, specs) if mfbenchmarks.get(b).reference_response is not None]
             if benches:
                 likelihood_jobs += 1
                 if gpu:
@@ -242,7 +230,7 @@ def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict) -> dict:
     out = {}
     launch = cfg["judge"]["endpoint"].get("launch")
     if cfg["evaluate"]["gsm8k_judge"]:
-        models_g = [m for m in models if "gsm8k" in benchmarks_of(cfg, m)]
+        models_g = [m for m in models if "gsm8k" in mfconfig.benchmarks_of(cfg, m)]
         if models_g:
             n = doc_count(cfg, "gsm8k", root)
             prompt_file = root / cfg["judge"]["gsm8k"]["prompt"]
@@ -252,7 +240,7 @@ def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict) -> dict:
             per_in = template_tokens + tokens["gsm8k_judge"]["question_and_reference"] + max_new
             out["gsm8k_judge"] = _cost(len(models_g) * n, per_in, tokens["gsm8k_judge"]["output"],
                                        _judge_prices(cfg, "gsm8k"), launch, len(models_g), n)
-    models_a = [m for m in models if "alpaca_eval" in benchmarks_of(cfg, m)]
+    models_a = [m for m in models if "alpaca_eval" in mfconfig.benchmarks_of(cfg, m)]
     if models_a:
         n = doc_count(cfg, "alpaca_eval", root)
         annotator = str(cfg["judge"]["alpaca_eval"].get("annotator", ""))

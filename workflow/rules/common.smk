@@ -64,14 +64,10 @@ wildcard_constraints:
 
 def eval_models():
     """Names of every model to evaluate: base, experts and merge ids."""
-    chosen = CFG["evaluate"]["models"]
-    every = [*MODELS, *MERGES]
-    if chosen == "all":
-        return every
-    unknown = [m for m in chosen if m not in every]
-    if unknown:
-        raise WorkflowError(f"config key 'evaluate.models': unknown model(s) {unknown}; known: {every}")
-    return list(chosen)
+    try:
+        return mfconfig.eval_models(CFG, MERGES)
+    except MergeflowError as err:
+        raise WorkflowError(str(err))
 
 
 def model_dir(name):
@@ -190,8 +186,7 @@ def judge_preflight():
 
 def benchmarks_of(model):
     """A merge may name its own benchmarks (e.g. pruning runs: each expert on its task)."""
-    spec = MERGES.get(model)
-    return list(spec.benchmarks) if spec is not None and spec.benchmarks is not None else BENCHMARKS
+    return mfconfig.benchmarks_of(CFG, model, MERGES)
 
 
 def score_files():

@@ -103,3 +103,10 @@ def test_configs_plan_and_match_the_dry_run(name):
     text = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120).stdout
     assert "peak, keep_merges: true" in text and "GPU-hours" in text
+
+
+def test_paper_plans_name_the_substitute_judge_and_the_papers():
+    plan = build_plan(mfconfig.load(ROOT / "config" / "della.yaml"), root=ROOT)
+    gsm8k, alpaca = plan["judge"]["gsm8k_judge"], plan["judge"]["alpaca_eval"]
+    assert gsm8k["judge"] == "gpt-4.1-2025-04-14" and gsm8k["paper_judge"] == "gpt-4-0613"
+    assert alpaca["judge"].startswith("alpaca_eval_gpt4.1 ") and alpaca["paper_judge"].startswith("alpaca_eval_gpt4 ")

@@ -248,6 +248,14 @@ def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict) -> dict:
         output = t["output_weighted"] if Path(annotator).name.startswith("weighted") else t["output"]
         out["alpaca_eval"] = _cost(len(models_a) * n, t["input"], output, _judge_prices(cfg, "alpaca_eval"), launch,
                                    len(models_a), n)
+    endpoint = cfg["judge"]["endpoint"]
+    judge_model = (f"{launch.get('server') or 'transformers'} serve {launch.get('hub') or launch.get('model')}"
+                   if launch else endpoint.get("model"))
+    paper = cfg["judge"].get("paper") or {}
+    for kind, row in out.items():
+        row["judge"] = judge_model if kind == "gsm8k_judge" else (
+            f"{cfg['judge']['alpaca_eval'].get('annotator')} ({judge_model})")
+        row["paper_judge"] = paper.get(kind)
     return out
 
 
@@ -304,6 +312,9 @@ def render(plan: dict) -> str:
         cost = "unpriced" if row["cost_usd"] is None else f"${row['cost_usd']:,.2f}"
         lines.append(f"  {kind:<13}{row['models']:>8}{row['per_model']:>13}{row['requests']:>9}"
                      f"{row['input_tokens']:>12,}{row['output_tokens']:>12,}   {cost}")
+    for kind, row in plan["judge"].items():
+        lines.append(f"  {kind:<13}judged by {row['judge']}"
+                     + (f"; the paper used {row['paper_judge']}" if row["paper_judge"] else ""))
     total_cost = sum(r["cost_usd"] or 0 for r in plan["judge"].values())
     lines += [
         f"  judge cost total: ${total_cost:,.2f} (configured prices; a GSM8K answer is charged its max_new_tokens)",

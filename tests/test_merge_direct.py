@@ -80,6 +80,8 @@ def test_device_ring_is_a_fifo_that_wraps_and_waits_only_for_retired_regions():
 @pytest.mark.parametrize("method,params,why", [
     ("della_layer", {}, "MagPrune scope"),
     ("della_norank", {}, "score"),
+    ("della_randrank", {}, "score 'random'"),
+    ("della_randrank_layer", {}, "MagPrune scope 'tensor'"),
     ("dare", {"drop_rate": 0.5, "rescale": "l1"}, "rescale 'l1'"),
     ("ties", {"density": 0.5, "trim_scope": "model"}, "trim scope 'model'"),
 ])
@@ -134,6 +136,19 @@ def test_cli_falls_back_to_torch_where_it_must(zoo, tmp_path, capsys, monkeypatc
                  "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "mergeflow_merge.json").read_text())["engine"] == "torch"
     assert all(v.equal(_load(tmp_path / "t")[k]) for k, v in _load(tmp_path / "a").items())
+
+
+def test_random_ranking_runs_on_the_torch_engine_and_direct_refuses_it(zoo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_FAST_EXIT", "0")
+    base, experts = zoo
+    ex = [a for n, p in experts.items() for a in ("--expert", f"{n}={p}")]
+    assert _cli(["--method", "della_randrank", "--base", str(base), *ex, "--out", str(tmp_path / "a")]) == 0
+    assert "torch engine (MagPrune scope 'row' / score 'random')" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "mergeflow_merge.json").read_text())["engine"] == "torch"
+    assert _cli(["--method", "della_randrank", "--base", str(base), *ex, "--engine", "direct",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--engine direct cannot run this merge: MagPrune scope 'row' / score 'random'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_cpu_engine_without_a_compiler_falls_back(zoo, tmp_path, capsys, monkeypatch):
@@ -212,6 +227,9 @@ SUPPORTED = [
     ("della_noelect", {}),
     ("dare_della", {}),
     ("nodrop_noelect", {}),
+    ("nodrop", {}),
+    ("dare_noelect", {"drop_rate": 0.5}),
+    ("ties_noelect", {"density": 0.4}),
     ("m3", {"alpha": 0.5}),
     ("m3", {"alpha": 2.0, "combine": "ties", "density": 0.5}),
     ("m3", {"combine": "average"}),

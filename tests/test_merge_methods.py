@@ -220,6 +220,69 @@ def test_dare_della_is_dare_then_elect_and_disjoint_mean():
     np.testing.assert_allclose(got, base + ref_disjoint(dh, [1, 1, 1]), atol=ATOL, rtol=0)
 
 
+# -- the DELLA paper's baselines and ablations (Tables 1, 4, 6) ------------------------------
+
+
+def test_nodrop_is_elect_and_disjoint_mean_without_a_drop():
+    # The paper's Table 1 "TA" (DELLA with p = 0): every delta kept, signs elected, then lambda.
+    base, ex = inputs(20)
+    w = [1.0, 0.5, 2.0]
+    got, m = run("nodrop", {"weights": w, "lambda": 1.3}, base, ex, seed=2, name=NAME)
+    d = deltas32(base, ex).astype(np.float64)
+    wd = np.array(w)[:, None, None] * d
+    gamma = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(wd) == gamma
+    tau = (wd * agree).sum(0) / np.maximum((np.array(w)[:, None, None] * agree).sum(0), 1e-30)
+    np.testing.assert_allclose(got, base + 1.3 * tau, atol=ATOL, rtol=0)
+    assert not np.allclose(got, base + 1.3 * wd.sum(0) / sum(w))  # not nodrop_noelect's mean
+    assert m.params == {"lambda": 1.3, "weights": w}
+
+
+def test_dare_noelect_is_dare_then_weighted_mean():
+    base, ex = inputs(21)
+    w = [1.0, 0.8, 1.2]
+    got, _ = run("dare_noelect", {"drop_rate": 0.4, "lambda": 0.9, "weights": w}, base, ex, seed=4, name=NAME)
+    d = deltas32(base, ex)
+    dh = np.stack([ref_dare(d[t], 0.4, 4, NAME, t) for t in range(N)]).astype(np.float64)
+    tau = (np.array(w)[:, None, None] * dh).sum(0) / sum(w)
+    np.testing.assert_allclose(got, base + 0.9 * tau, atol=ATOL, rtol=0)
+
+
+def test_ties_noelect_is_per_tensor_topk_then_weighted_mean():
+    base, ex = inputs(22)
+    got, _ = run("ties_noelect", {"density": 0.3, "lambda": 1.1}, base, ex)
+    d = deltas32(base, ex)
+    dh = np.stack([ref_trim(d[t], 0.3, "tensor") for t in range(N)]).astype(np.float64)
+    np.testing.assert_allclose(got, base + 1.1 * dh.mean(0), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method,scope", [("della_randrank", "row"), ("della_randrank_layer", "tensor")])
+def test_random_ranking_keeps_by_a_keyed_random_permutation(method, scope):
+    # Table 6's random ranking: the keep table k_r = (1-p) - eps + 2 eps r/(n-1) indexed by
+    # the rank r of each element's keyed uniform (purpose "rank"), not of |delta|.
+    base, ex = inputs(23)
+    got, m = run(method, {"drop_rate": 0.5, "window_size": 0.4, "lambda": 1.0}, base, ex, seed=9, name=NAME)
+    d = deltas32(base, ex)
+    dh = []
+    for t in range(N):
+        x = d[t].reshape(1, -1) if scope == "tensor" else d[t]
+        v = uniforms(9, NAME, t, "rank", x.shape)
+        u = uniforms(9, NAME, t, "magprune", x.shape)
+        out = np.zeros_like(x)
+        for i, row in enumerate(x):
+            n = len(row)
+            r = np.empty(n)
+            r[np.argsort(v[i], kind="stable")] = np.arange(n)
+            k = np.float32(0.5 - 0.2 + 0.4 * r / (n - 1))
+            out[i] = np.where(u[i] < k, row / k, np.float32(0))
+        dh.append(out.reshape(d[t].shape))
+    np.testing.assert_allclose(got, base + ref_disjoint(np.stack(dh), [1, 1, 1]), atol=ATOL, rtol=0)
+    by_magnitude = {"della_randrank": "della", "della_randrank_layer": "della_layer"}[method]
+    magnitude, _ = run(by_magnitude, {"drop_rate": 0.5, "window_size": 0.4, "lambda": 1.0}, base, ex, seed=9, name=NAME)
+    assert not np.array_equal(got, magnitude)
+    assert m.tensor_wide == (scope == "tensor")
+
+
 def test_blocks_of_rows_merge_like_the_whole_tensor():
     base, ex = inputs(10, rows=12, cols=29)
     whole, _ = run("della", {}, base, ex, seed=3, name=NAME)

@@ -19,10 +19,12 @@ from mergeflow.merging import rng, steps
 
 REQUIRED = object()
 ENGINE_PARAMS = ("dtype", "donor")  # read by the engine, not by a method
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the engine param dtype
 TRIM_SCOPES = ("tensor", "row", "model")
 RESCALES = ("inverse", "l1", "none")
 COMBINES = ("average", "task_arithmetic", "ties")
-DELLA_FAMILY = ("della", "della_norank", "della_layer", "della_noelect", "dare_della", "nodrop_noelect")
+DELLA_FAMILY = ("della", "della_norank", "della_layer", "della_noelect", "dare_della", "nodrop_noelect",
+                "nodrop", "dare_noelect", "della_randrank", "della_randrank_layer")
 
 # Names people bring from other tools, with what to use instead.
 HINTS = {
@@ -142,7 +144,7 @@ class Recipe:
     rescale: str = "none"
     window_size: float = 0.0
     prune_scope: str = "row"  # magprune ranking scope: row | tensor
-    prune_score: str = "rank"  # magprune: rank | magnitude
+    prune_score: str = "rank"  # magprune: rank | magnitude | random
     trim_density: float = 1.0  # TIES magnitude trim after sparsify (1 = none)
     trim_scope: str = "tensor"
     elect: bool = False
@@ -221,7 +223,8 @@ class Method:
                 steps.bernoulli_drop_(d[t], r.drop_rate, r.rescale, b.key(t, "dare"), b.offset)
             elif r.sparsify == "magprune":
                 steps.magprune_(d[t], r.drop_rate, r.window_size, r.rescale, b.key(t, "magprune"),
-                                b.offset, r.prune_scope, r.prune_score, b.tables)
+                                b.offset, r.prune_scope, r.prune_score, b.tables,
+                                rank_key=b.key(t, "rank") if r.prune_score == "random" else None)
         return d
 
     def trimmed_deltas(self, b: Block):
@@ -388,6 +391,25 @@ _della_builder("della_layer", "magprune", elect=True, prune_scope="tensor")
 _della_builder("della_noelect", "magprune", elect=False)
 _della_builder("dare_della", "dare", elect=True)
 _della_builder("nodrop_noelect", None, elect=False)
+# The DELLA paper's own baselines and ablations (Tables 1, 4 and 6; docs/della.md):
+_della_builder("nodrop", None, elect=True)  # Table 1 "TA" (DELLA p = 0): elect + fuse + lambda, no drop
+_della_builder("dare_noelect", "dare", elect=False)  # Table 4 "DARE"
+_della_builder("della_randrank", "magprune", elect=True, prune_score="random")  # Table 6 random rank, per row
+_della_builder("della_randrank_layer", "magprune", elect=True, prune_scope="tensor", prune_score="random")
+
+
+@register("ties_noelect")
+def _ties_noelect(params, experts, seed):
+    """Table 4 "TIES": per-tensor magnitude top-k, no election, weighted mean of the deltas
+    (the fork's ties_noelect), times lambda."""
+    m = "ties_noelect"
+    p = _take(m, params, {"lambda": 1.0, "weights": None, "density": None, "mask_rate": None,
+                          "trim_scope": "tensor"})
+    w = _weights(m, "weights", p["weights"], experts)
+    lam = _number(m, "lambda", p["lambda"])
+    trim = _trim_part(m, p)
+    resolved = {"lambda": lam, "weights": w, "density": trim["trim_density"], "trim_scope": trim["trim_scope"]}
+    return Recipe(elect=False, fuse="mean", lam=lam, weights=w, **trim), resolved
 
 
 @register("m3")

@@ -283,12 +283,14 @@ def ranks_ascending(scores):
 
 
 def magprune_(delta, drop_rate: float, window_size: float, rescale: str, key, offset: int,
-              scope: str = "row", score: str = "rank", tables: dict | None = None):
+              scope: str = "row", score: str = "rank", tables: dict | None = None, rank_key=None):
     """DELLA MagPrune in place on one expert's block `delta` [rows, cols].
 
     scope `row` ranks within each row (the paper), `tensor` over the whole tensor
     (`della_layer`; block must be the whole tensor). score `rank` uses the exact rank;
-    `magnitude` uses min-max normalised |delta| per row instead (`della_norank`).
+    `magnitude` uses min-max normalised |delta| per row instead (`della_norank`);
+    `random` ranks by keyed uniforms drawn with `rank_key` instead of |delta|, a random
+    permutation of the same keep table (the paper's random-ranking ablation, Table 6).
     Survivors are divided by their keep probability (rescale `inverse`) or rescaled to
     the tensor's L1 norm (`l1`, upstream mergekit) or left as is (`none`).
     """
@@ -296,9 +298,9 @@ def magprune_(delta, drop_rate: float, window_size: float, rescale: str, key, of
 
     shape = delta.shape
     flat = delta.view(1, -1) if scope == "tensor" else delta
-    scores = flat.abs()
+    scores = flat.abs() if score != "random" else rng.uniform(rank_key, offset, flat.shape, flat.device)
     eps = window_size / 2.0
-    if score == "rank":
+    if score in ("rank", "random"):
         n = flat.shape[1]
         table = None if tables is None else tables.get((n, str(flat.device)))
         if table is None:

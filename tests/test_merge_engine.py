@@ -399,3 +399,34 @@ def test_model_scope_ties_elects_mergelm_majority_sign_bf16(tiny_model_dir, tmp_
     cancels = (t1 + t2 == 0) & (t1 != 0)
     tensor_scope = merged(tmp_path / "tensor")[n].float() - base[n].float()
     assert cancels.any() and torch.equal(tensor_scope[cancels], torch.maximum(t1, t2)[cancels])
+
+
+def test_cli_dtype_donor_and_threads_reach_the_merge(zoo, tmp_path, monkeypatch, capsys):
+    # the workflow passes config merge.dtype / merge.donor and the rule's {threads} this way
+    from mergeflow import cli
+    from mergeflow.merging import set_cpu_threads
+
+    base, experts, _ = zoo
+    monkeypatch.setattr(cli, "STAGES", [("merge", "mergeflow.merging.cli")])
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")
+    math = shutil.copytree(experts["math"], tmp_path / "math")
+    (math / "config.json").write_text(json.dumps({**json.loads((math / "config.json").read_text()), "mark": "math"}))
+    out = tmp_path / "ta"
+    argv = ["merge", "--method", "task_arithmetic", "--base", str(base), "--expert", f"lm={experts['lm']}",
+            f"math={math}", "--params", '{"lambda": 0.5}', "--dtype", "bfloat16", "--donor", "math",
+            "--threads", "1", "--device", "cpu", "--out", str(out)]
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        set_cpu_threads(None)
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert {t.dtype for t in merged(out).values()} == {torch.bfloat16}
+    assert meta["output"]["dtype"] == ["bfloat16"] and meta["donor"] == "math"
+    assert json.loads((out / "config.json").read_text())["mark"] == "math"
+    assert meta["threads"] == {"read": 2, "write": 1}  # not 8 readers of a 64-CPU machine
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    clash = argv[:-2] + ["--out", str(tmp_path / "clash")]
+    clash[clash.index("--params") + 1] = '{"lambda": 0.5, "dtype": "float16"}'
+    assert cli.main(clash) == 2
+    assert "--dtype bfloat16" in capsys.readouterr().err

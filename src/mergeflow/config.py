@@ -26,7 +26,7 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "demo": {"enabled": False, "seed": 0, "out": "resources/demo"},
-    "merge": {"device": "auto", "vocab_policy": "truncate", "dtype": None, "gpus": 0},
+    "merge": {"device": "auto", "vocab_policy": "truncate", "dtype": None, "donor": None},
     "keep_merges": False,
     "evaluate": {"models": "all", "benchmarks": [], "gsm8k_judge": False, "reference_likelihood": False},
     "judge": {
@@ -191,6 +191,13 @@ class MergeSpec:
     seed: int
     tag: str | None = None
     benchmarks: tuple[str, ...] | None = None  # evaluation plan, not part of the id
+    dtype: str | None = None  # output dtype (config merge.dtype); None: the inputs'
+    donor: str | None = None  # model whose config and tokenizer ship (merge.donor); None: the engine's choice
+
+    @property
+    def donor_label(self) -> str:
+        """The donor as `mergeflow merge --donor` names it: base, an expert name, or auto."""
+        return "auto" if self.donor is None else ("base" if self.donor == self.base else self.donor)
 
     @property
     def merge_id(self) -> str:
@@ -200,9 +207,11 @@ class MergeSpec:
         return f"{self.method}-{'+'.join(self.experts)}-{digest}"
 
     def to_json(self) -> str:
-        return canonical_json(
-            {"method": self.method, "base": self.base, "experts": list(self.experts), "params": self.params, "seed": self.seed}
-        )
+        spec = {"method": self.method, "base": self.base, "experts": list(self.experts), "params": self.params,
+                "seed": self.seed}
+        # dtype and donor change the bytes; unset, they leave the ids of earlier configs as they were
+        spec.update({k: v for k, v in (("dtype", self.dtype), ("donor", self.donor)) if v is not None})
+        return canonical_json(spec)
 
 
 def _expand_grid(merge: dict) -> list[dict]:
@@ -215,7 +224,12 @@ def _expand_grid(merge: dict) -> list[dict]:
 def merge_specs(config: dict) -> dict[str, MergeSpec]:
     """Merge id → spec, in config order; duplicate configurations are an error."""
     specs: dict[str, MergeSpec] = {}
+    shared = config.get("merge") or {}
     for i, merge in enumerate(config.get("merges", [])):
+        donor = shared.get("donor")
+        if donor is not None and donor != merge.get("base", config["base_model"]) and donor not in merge["experts"]:
+            raise MergeflowError(f"config key 'merge.donor': '{donor}' is neither the base nor an expert of "
+                                 f"merges[{i}]")
         for params in _expand_grid(merge):
             spec = MergeSpec(
                 method=merge["method"],
@@ -225,6 +239,8 @@ def merge_specs(config: dict) -> dict[str, MergeSpec]:
                 seed=merge.get("seed", config.get("seed", 42)),
                 tag=merge.get("tag"),
                 benchmarks=tuple(merge["benchmarks"]) if "benchmarks" in merge else None,
+                dtype=shared.get("dtype"),
+                donor=donor,
             )
             if spec.merge_id in specs:
                 raise MergeflowError(f"config key 'merges[{i}]': same configuration as an earlier merge ({spec.merge_id})")

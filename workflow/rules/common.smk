@@ -40,7 +40,10 @@ reject_gpu_gres()
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; ")
 
-MERGES = mfconfig.merge_specs(CFG)
+try:
+    MERGES = mfconfig.merge_specs(CFG)
+except MergeflowError as err:
+    raise WorkflowError(str(err))
 
 # vLLM lives in its own env (it pins its own torch): generation uses it when the protocol
 # asks for vllm, or for auto on GPU jobs; otherwise the transformers env.
@@ -107,16 +110,9 @@ def merge_inputs(wildcards):
     return {name: model_dir(name) for name in dict.fromkeys(names)}
 
 
-def merge_args(wildcards):
-    spec = merge_spec(wildcards)
-    parts = [f"--base {shlex.quote(model_dir(spec.base))}"]
-    parts += [f"--expert {shlex.quote(f'{e}={model_dir(e)}')}" for e in spec.experts]
-    parts += [
-        f"--method {spec.method}",
-        f"--params {shlex.quote(mfconfig.canonical_json(spec.params))}",
-        f"--seed {spec.seed}",
-    ]
-    return " ".join(parts)
+def merge_experts(wildcards):
+    """`NAME=DIR` of each expert, in the merge's order (list-valued params follow it)."""
+    return [f"{e}={model_dir(e)}" for e in merge_spec(wildcards).experts]
 
 
 def generation_settings(wildcards):

@@ -8,7 +8,13 @@ rule merge:
         model=merge_output("results/merges/{merge_id}"),
         meta="results/merge_meta/{merge_id}.json",
     params:
-        args=merge_args,
+        method=lambda w: merge_spec(w).method,
+        base=lambda w: model_dir(merge_spec(w).base),
+        experts=merge_experts,
+        params=lambda w: mfconfig.canonical_json(merge_spec(w).params),
+        seed=lambda w: merge_spec(w).seed,
+        dtype=lambda w: merge_spec(w).dtype or "auto",
+        donor=lambda w: merge_spec(w).donor_label,
         device=CFG["merge"]["device"],
         vocab_policy=CFG["merge"]["vocab_policy"],
     log:
@@ -24,6 +30,7 @@ rule merge:
         gpu=CFG["resources"]["merge_gpus"],
         mem_mb=CFG["resources"]["merge_mem_mb"],
     shell:
-        "workflow/scripts/mergeflow merge {params.args} --device {params.device} "
-        "--vocab-policy {params.vocab_policy} --out {output.model} --metadata-out {output.meta} "
-        "--gpus {resources.gpu} > {log} 2>&1"
+        "workflow/scripts/mergeflow merge --method {params.method} --base {params.base:q} "
+        "--expert {params.experts:q} --params {params.params:q} --seed {params.seed} --dtype {params.dtype} "
+        "--donor {params.donor:q} --device {params.device} --vocab-policy {params.vocab_policy} "
+        "--threads {threads} --out {output.model} --metadata-out {output.meta} --gpus {resources.gpu} > {log} 2>&1"

@@ -45,7 +45,7 @@ def _params(text: str) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    from mergeflow.merging.methods import method_names  # light: no torch at import
+    from mergeflow.merging.methods import OUTPUT_DTYPES, method_names  # light: no torch at import
 
     p = subparsers.add_parser(
         "merge",
@@ -54,10 +54,17 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--method", required=True, choices=method_names())
     p.add_argument("--base", help="base (pre-trained) model directory")
-    p.add_argument("--expert", action="append", type=_expert, required=True, metavar="NAME=DIR",
-                   help="an expert model (repeat; order matters for list-valued params)")
+    p.add_argument("--expert", action="extend", nargs="+", type=_expert, required=True, metavar="NAME=DIR",
+                   help="expert models (one or more, or repeat the option; order matters for list-valued params)")
     p.add_argument("--params", type=str, default="{}",
                    help="method params as JSON (or @FILE with JSON/YAML); engine keys: dtype, donor")
+    p.add_argument("--dtype", choices=("auto", *OUTPUT_DTYPES), default="auto",
+                   help="output dtype (engine key dtype; auto: each tensor keeps the base's dtype)")
+    p.add_argument("--donor", default="auto", metavar="LABEL",
+                   help="'base' or an expert name: the input whose config and tokenizer the output ships "
+                        "(engine key donor; auto: the base, or under pad_mean the owner of the larger vocabulary)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads the merge's pools may use (default: every CPU; a workflow job: its {threads})")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--vocab-policy", choices=("truncate", "pad_mean"), default=None,
@@ -93,6 +100,19 @@ def run(args) -> int:
                                  + ("reserved" if name == "base" else "given twice"))
         experts[name] = path
     params = _params(args.params)
+    for key, value in (("dtype", args.dtype), ("donor", args.donor)):
+        if value == "auto":
+            continue
+        if params.get(key, value) != value:
+            raise MergeflowError(f"--{key} {value}: --params sets {key} to {params[key]!r}")
+        params[key] = value
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MergeflowError(f"--threads {args.threads}: expected at least 1")
+        from mergeflow.merging import set_cpu_threads
+
+        set_cpu_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # torch's pool (read at its import)
     common = dict(base=args.base, params=params, seed=args.seed, device=args.device,
                   vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads,
                   force=args.force)

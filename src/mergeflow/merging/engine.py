@@ -43,7 +43,7 @@ from mergeflow.merging import methods
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "mergeflow_merge.json"
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+OUTPUT_DTYPES = methods.OUTPUT_DTYPES
 # CPU blocks of about 2M elements: every per-block buffer (3 experts x 8 MB) stays under
 # glibc's mmap threshold, so freed buffers are recycled instead of page-faulted afresh.
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
@@ -95,7 +95,9 @@ class Item:
 
 def thread_counts(device_type: str, io_threads: int | None = None) -> tuple[int, int]:
     """(reader threads, writer threads) of a merge on `device_type` ("cpu" | "cuda")."""
-    cpus = os.cpu_count() or 2
+    from mergeflow.merging import cpu_threads
+
+    cpus = cpu_threads()
     io = io_threads or max(2, min(12 if device_type == "cuda" else 8, cpus))
     write = max(1, min(8, io // 2 if device_type == "cpu" else cpus // 2))
     return io, write
@@ -703,6 +705,7 @@ class MergeEngine:
             "donor": donor_label,
             "vocab_policy": self.vocab_policy,
             "vocab_resized": self.vocab_resized,
+            "threads": {"read": self.io_threads, "write": self.write_threads},
             "output": {"dtype": sorted({dt for _, _, dt in self.plan}), "tensors": len(self.plan),
                        "bytes": writer.total_size, "files": writer.files},
             "mergeflow_version": __version__,

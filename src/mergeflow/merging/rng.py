@@ -124,13 +124,14 @@ def _np_uniform_part(out, key, offset: int) -> None:
 def _np_uniform(key, offset: int, numel: int):
     """CPU uniforms, split over a few threads (numpy releases the GIL in its loops)."""
     global _POOL
-    import os
     from concurrent.futures import ThreadPoolExecutor
+
+    from mergeflow.merging import cpu_threads
 
     import numpy as np
 
     out = np.empty(numel, np.float32)
-    workers = min(4, os.cpu_count() or 1, max(1, numel // (1 << 20)))
+    workers = min(4, cpu_threads(), max(1, numel // (1 << 20)))
     if workers <= 1:
         _np_uniform_part(out, key, offset)
         return out

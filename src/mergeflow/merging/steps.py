@@ -236,11 +236,12 @@ def _sort_rows_np(key) -> None:
     """Sort an int64 numpy array along its rows in place, rows split over a few threads
     (numpy's SIMD sort releases the GIL)."""
     global _SORT_POOL
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
+    from mergeflow.merging import cpu_threads
+
     rows = key.shape[0]
-    workers = min(4, os.cpu_count() or 1, rows)
+    workers = min(4, cpu_threads(), rows)
     if workers <= 1 or key.size < (1 << 20):
         key.sort(axis=1)
         return

@@ -278,6 +278,23 @@ def generation_settings(config: dict, benchmark: str) -> dict:
     return settings
 
 
+def aggregate_settings(config: dict) -> dict:
+    """The config slice `mergeflow aggregate` reads, config-shaped (a full config or a slice
+    gives the same slice): what names and labels merges, the protocol's name, `aggregate`
+    and the paper's judges. Passed to the aggregate job as its params, so editing one of
+    these reruns the aggregate and nothing else."""
+    shared = config.get("merge") or {}
+    return {
+        "base_model": config["base_model"],
+        "seed": config.get("seed", DEFAULTS["seed"]),
+        "merge": {key: shared.get(key) for key in ("dtype", "donor")},  # they enter merge ids
+        "merges": config.get("merges", []),
+        "protocol": {"name": (config.get("protocol") or {}).get("name")},
+        "aggregate": _deep_defaults(config.get("aggregate") or {}, DEFAULTS["aggregate"]),
+        "judge": {"paper": (config.get("judge") or {}).get("paper")},
+    }
+
+
 def parse_settings(text: str | None, what: str = "--settings") -> dict:
     """A stage's `--settings`: a JSON object given inline, or the path of a JSON file.
 

@@ -23,7 +23,7 @@ rule aggregate:
             labels={"figure": "{name}"},
         ),
     params:
-        configfile=workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml",
+        settings=mfconfig.canonical_json(mfconfig.aggregate_settings(CFG)),
     log:
         "results/logs/aggregate.log",
     conda:
@@ -31,5 +31,5 @@ rule aggregate:
     localrule: True
     shell:
         "workflow/scripts/mergeflow aggregate --scores {input.scores} --merges {input.merges} "
-        "--config {params.configfile} --agreement {input.agreement} --out {output.csv} --tables {output.tables} "
+        "--settings {params.settings:q} --agreement {input.agreement} --out {output.csv} --tables {output.tables} "
         "--plots {output.plots} > {log} 2>&1"

@@ -247,6 +247,11 @@ def score_settings(wildcards):
     return "{}"
 
 
+def score_threads(wildcards):
+    """Code scoring runs scoring.code.max_workers sandboxed programs at once; the rest one."""
+    return CFG["scoring"]["code"]["max_workers"] if wildcards.benchmark in ("mbpp", "humaneval") else 1
+
+
 def score_judge_inputs(wildcards):
     return judge_inputs(wildcards) if wildcards.benchmark == "alpaca_eval" else []
 

@@ -18,7 +18,7 @@ rule score:
         "results/logs/score/{model}/{benchmark}.log",
     conda:
         "../../envs/score.yaml"
-    threads: 1
+    threads: score_threads
     resources:
         gpu=lambda w: JUDGE_GPUS if w.benchmark == "alpaca_eval" else 0,
     shell:

@@ -9,7 +9,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("aggregate", help="tidy scores table, paper-style tables and plots")
     p.add_argument("--scores", nargs="+", required=True, type=Path, help="score JSON files")
     p.add_argument("--merges", nargs="*", default=[], type=Path, help="merge output dirs (or their metadata JSON)")
-    p.add_argument("--config", required=True, type=Path, help="the experiment config (YAML)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--config", type=Path, help="the experiment config (YAML)")
+    given.add_argument("--settings", help="the config's aggregate slice (mergeflow.config.aggregate_settings) as "
+                                          "JSON or a JSON file: what the workflow passes")
     p.add_argument("--agreement", nargs="*", default=[], type=Path,
                    help="judge agreement files (mergeflow judge agreement) for tables/judge_agreement.md")
     p.add_argument("--out", required=True, type=Path, help="tidy CSV to write (Parquet goes beside it)")
@@ -25,7 +28,8 @@ def run(args) -> int:
     from mergeflow.aggregate.tables import add_judge_note, judge_note, write_robustness, write_tables
     from mergeflow.aggregate.tidy import tidy_table
 
-    config = mfconfig.load(args.config)
+    config = mfconfig.aggregate_settings(mfconfig.load(args.config) if args.config
+                                         else mfconfig.parse_settings(args.settings))
     frame = tidy_table(args.scores, args.merges, config)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, index=False)

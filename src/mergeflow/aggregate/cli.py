@@ -25,6 +25,7 @@ def run(args) -> int:
     from mergeflow import config as mfconfig
     from mergeflow.aggregate.agreement import write_agreement_table
     from mergeflow.aggregate.compare import claims_table, load_published, write_comparisons
+    from mergeflow.aggregate.della import is_della_layout, write_della_tables
     from mergeflow.aggregate.tables import add_judge_note, judge_note, write_robustness, write_tables
     from mergeflow.aggregate.tidy import tidy_table
 
@@ -36,8 +37,11 @@ def run(args) -> int:
     frame.to_parquet(args.out.with_suffix(".parquet"), index=False)
     written = write_tables(frame, args.tables)
     written += write_robustness(frame, args.tables)
-    published = load_published([Path(p) for p in config["aggregate"]["published"]])
+    paths = [Path(p) for p in config["aggregate"]["published"]]
+    della_paths = [p for p in paths if is_della_layout(p)]  # per-table cells (config/published/README.md)
+    published = load_published([p for p in paths if p not in della_paths])
     written += write_comparisons(frame, published, args.tables)
+    written += write_della_tables(frame, config, della_paths, args.tables)
     written += write_agreement_table(args.agreement, args.tables)
     if config["aggregate"]["claims"]:
         claims = claims_table(frame, Path(config["aggregate"]["claims"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from mergeflow import config as mfconfig
@@ -105,6 +106,7 @@ def test_della_tables_through_mergeflow_aggregate(specs, tmp_path):
     # Table 5: WANDA is not run; Table 4's erratum is shown
     assert "WANDA needs calibration activations" in (tables / "paper_della_table5.md").read_text()
     assert "39.3" in (tables / "paper_della_table4.md").read_text()
+    assert "| DELLA average gain over TIES " in (tables / "claims.md").read_text()
     tex = (tables / "paper_della_table1.tex").read_text()
     assert r"\textbf{90.0}" in tex and "81.8" in tex and tex.rstrip().endswith(f"% {note}")
 
@@ -128,3 +130,28 @@ def test_every_published_row_has_merges_behind_it_in_della_yaml(specs):
         if table in (1, 4) and method not in ("nodrop", "nodrop_noelect"):
             drops = set(della._select(merges, tags, method, params, "lm+math+code")["drop"].round(6))
             assert drops == {0.1, 0.3, 0.5, 0.7, 0.9}, (table, row)
+
+
+def test_abstract_claims_come_from_table1_as_the_paper_computed_them(specs):
+    # DELLA's gain over TIES: per merge, DELLA's Avg minus TIES's, averaged over the four merges
+    config = mfconfig.load(CONFIG)
+    columns = {"lm+math": ["alpaca_eval", "gsm8k"], "lm+code": ["alpaca_eval", "mbpp"],
+               "math+code": ["gsm8k", "mbpp"], "lm+math+code": ["alpaca_eval", "gsm8k", "mbpp"]}
+    score_of = {"alpaca_eval": ("alpaca_eval", "win_rate", 1.0), "gsm8k": ("gsm8k_judge", "judge_accuracy", 100.0),
+                "mbpp": ("mbpp", "pass@1", 100.0)}
+    rows, gains = [], []
+    for i, (experts, cols) in enumerate(columns.items()):
+        ids = {m: merge_id(specs, "table1", m, experts.split("+"), **{"lambda": 1.1},
+                           **({"density": 0.5} if m == "ties" else {"drop_rate": 0.5}))
+               for m in ("della", "ties")}
+        for method, base in (("della", 60.0 + i), ("ties", 50.0)):
+            for col in cols:
+                bench, metric, unit = score_of[col]
+                rows.append({"model": ids[method], "benchmark": bench, "metric": metric, "value": base / unit})
+        gains.append(10.0 + i)
+    path = ROOT / "config" / "published" / "della_claims.csv"
+    claims = pd.read_csv(path)[["claim", "value"]]
+    got = della.table1_claims(claims, path, pd.DataFrame(rows), config, [ROOT / "config" / "published" / "della.csv"])
+    got = dict(zip(pd.read_csv(path)["versus"], got["ours"]))
+    assert got["ties"] == pytest.approx(sum(gains) / 4)
+    assert pd.isna(got["dare_della"]) and pd.isna(got["pruning_baselines"])  # DARE not scored: no claim

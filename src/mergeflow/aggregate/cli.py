@@ -25,7 +25,7 @@ def run(args) -> int:
     from mergeflow import config as mfconfig
     from mergeflow.aggregate.agreement import write_agreement_table
     from mergeflow.aggregate.compare import claims_table, load_published, write_comparisons
-    from mergeflow.aggregate.della import is_della_layout, write_della_tables
+    from mergeflow.aggregate.della import is_della_layout, table1_claims, write_della_tables
     from mergeflow.aggregate.tables import add_judge_note, judge_note, write_robustness, write_tables
     from mergeflow.aggregate.tidy import tidy_table
 
@@ -45,6 +45,7 @@ def run(args) -> int:
     written += write_agreement_table(args.agreement, args.tables)
     if config["aggregate"]["claims"]:
         claims = claims_table(frame, Path(config["aggregate"]["claims"]))
+        claims = table1_claims(claims, Path(config["aggregate"]["claims"]), frame, config, della_paths)
         path = args.tables / "claims.md"
         path.write_text("# Abstract-level claims: ours vs published (points)\n\n" + claims.round(2).to_markdown(index=False) + "\n")
         written.append(path)

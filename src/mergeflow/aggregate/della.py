@@ -336,6 +336,28 @@ def to_latex(table: int, c: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table1_claims(claims: pd.DataFrame, claims_path: Path, frame: pd.DataFrame, config: dict,
+                  paths: list[Path]) -> pd.DataFrame:
+    """`claims` (compare.claims_table's rows of `claims_path`, della_claims.csv) with ours
+    from our Table 1 as the paper computed them: DELLA's Avg minus the baseline's, per
+    merge, averaged over the four merges."""
+    if not paths:
+        return claims
+    c = cells(frame, config, load(paths), 1)
+    avg = {idx: v for idx, col, v in zip(c["index"], c["column"], c["ours"]) if col == "avg"}
+    row_of = {method: row for (table, row), (_, method, _) in ROWS.items() if table == 1}
+
+    def gain(versus: str) -> float:
+        merges = sorted({experts for experts, row in avg if row == "DELLA"})
+        return _mean(avg[(e, "DELLA")] - avg.get((e, row_of[versus]), math.nan) for e in merges)
+
+    ours = []
+    for versus in pd.read_csv(claims_path)["versus"]:
+        parts = ["ties", "dare_della"] if versus == "pruning_baselines" else [versus]
+        ours.append(_mean(gain(v) for v in parts) if all(v in row_of for v in parts) else math.nan)
+    return claims.assign(ours=ours)
+
+
 def write_della_tables(frame: pd.DataFrame, config: dict, paths: list[Path], out_dir: Path) -> list[Path]:
     """paper_della_table{1..7}.md / .tex for the tables the published files have."""
     if not paths:

@@ -1,11 +1,11 @@
 # mergeflow: fetch -> merge -> generate -> score -> aggregate.
 # Only includes rule files; logic lives in the mergeflow package (src/mergeflow).
 
-# The demo is the default; a --configfile replaces it rather than extending it, so a
-# paper config never inherits demo keys.
-if not workflow.overwrite_configfiles:
+# The config: --configfile FILE...; without one, Snakemake's default workflow profile
+# (profiles/default) names the demo, config/config.yaml, which a --configfile replaces.
+from snakemake.utils import min_version
 
-    configfile: "config/config.yaml"
+min_version("9.0")
 
 
 include: "workflow/rules/common.smk"

@@ -33,7 +33,7 @@ def _snakemake(workdir: Path, *args, timeout=900):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
-    for item in ("Snakefile", "workflow", "config", "envs", "src"):
+    for item in ("Snakefile", "profiles", "workflow", "config", "envs", "src"):  # profiles: the default config
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
     start = time.time()

@@ -7,13 +7,17 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-SRC = os.path.join(workflow.basedir, "src")
-sys.path.insert(0, SRC)
+try:  # the package of this checkout, installed into the Python that runs Snakemake
+    from mergeflow import benchmarks as mfbenchmarks  # declarations only
+    from mergeflow import config as mfconfig  # light: yaml + jsonschema only
+    from mergeflow.errors import MergeflowError
+except ImportError as err:
+    raise WorkflowError(f"cannot import mergeflow ({err}): run Snakemake from the project's environment "
+                        f"(scripts/setup.sh; `pip install -e .` into {sys.executable})")
 
-from mergeflow import benchmarks as mfbenchmarks  # noqa: E402 (declarations only)
-from mergeflow import config as mfconfig  # noqa: E402 (light: yaml + jsonschema only)
-from mergeflow.errors import MergeflowError  # noqa: E402
-
+if not config:
+    raise WorkflowError("no config: pass --configfile FILE (the demo is config/config.yaml, the default of "
+                        "Snakemake's default workflow profile, profiles/default, when no --workflow-profile is given)")
 try:
     CFG = mfconfig.prepare(config)
 except MergeflowError as err:

@@ -118,3 +118,28 @@ def test_load_json_list(tmp_path):
     path.write_text(json.dumps(rows))
     assert alpaca.load(path) == rows
     assert alpaca.fields(rows[0])["instruction"] == "Say hi."
+
+
+def test_the_registry_is_the_one_list_of_benchmarks():
+    # the config schema, the scorers and the tables' headline metrics all come from it
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    from mergeflow import benchmarks, config
+    from mergeflow.aggregate.tables import headline_metric
+    from mergeflow.errors import MergeflowError
+    from mergeflow.scoring.cli import SCORERS
+
+    assert set(SCORERS) == set(benchmarks.NAMES)
+    assert benchmarks.code_benchmarks() == ("mbpp", "humaneval")
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+    for name in benchmarks.NAMES:
+        bench = benchmarks.get(name)
+        assert bench.scorer in ("lm_eval", "execution", "alpaca_eval") and bench.headline, name
+        assert headline_metric(name, set(bench.headline)) == bench.headline[0]
+    unknown = copy.deepcopy(demo)
+    unknown["evaluate"]["benchmarks"] = ["gsm8k", "squad"]
+    with pytest.raises(MergeflowError, match=r"evaluate.benchmarks\[1\]"):
+        config.prepare(unknown)

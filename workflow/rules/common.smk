@@ -66,7 +66,7 @@ DEMO_OUT = CFG["demo"]["out"]
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
     merge_id=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
-    benchmark=r"gsm8k|math|mbpp|humaneval|alpaca_eval",
+    benchmark="|".join(mfbenchmarks.NAMES),
 
 
 def eval_models():
@@ -130,7 +130,7 @@ JUDGE_ON_VLLM = JUDGE_SERVER == "vllm"
 JUDGE_ENV = "../../envs/vllm.yaml" if JUDGE_ON_VLLM else "../../envs/judge.yaml"
 JUDGE_GPUS = CFG["resources"]["judge_gpus"]
 # Benchmarks scored by rule score; AlpacaEval moves to judge_alpaca_eval when a vLLM judge runs it
-SCORED_BENCHMARKS = "gsm8k|math|mbpp|humaneval" + ("" if JUDGE_ON_VLLM else "|alpaca_eval")
+SCORED_BENCHMARKS = "|".join(b for b in mfbenchmarks.NAMES if not (JUDGE_ON_VLLM and b == "alpaca_eval"))
 
 
 def judge_model_dir():
@@ -246,14 +246,14 @@ def score_settings(wildcards):
     sandbox edits only code scoring."""
     if wildcards.benchmark == "alpaca_eval":
         return judge_settings("alpaca_eval")
-    if wildcards.benchmark in ("mbpp", "humaneval"):
+    if wildcards.benchmark in mfbenchmarks.code_benchmarks():
         return mfconfig.canonical_json(CFG["scoring"]["code"])
     return "{}"
 
 
 def score_threads(wildcards):
     """Code scoring runs scoring.code.max_workers sandboxed programs at once; the rest one."""
-    return CFG["scoring"]["code"]["max_workers"] if wildcards.benchmark in ("mbpp", "humaneval") else 1
+    return CFG["scoring"]["code"]["max_workers"] if wildcards.benchmark in mfbenchmarks.code_benchmarks() else 1
 
 
 def score_judge_inputs(wildcards):

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from mergeflow import benchmarks
 from mergeflow.aggregate.retention import retention_table
 
-# The number each paper reports per benchmark; the first metric present is used.
+# The number each paper reports per benchmark (declared by each benchmark, plus the GSM8K
+# judge's); the first metric present is used.
 HEADLINE_METRICS: dict[str, list[str]] = {
-    "gsm8k": ["exact_match,strict-match", "exact_match,flexible-extract", "accuracy"],
-    "math": ["exact_match,mergelm", "exact_match,boxed"],
-    "mbpp": ["pass@1"],
-    "humaneval": ["pass@1"],
-    "alpaca_eval": ["length_controlled_winrate", "win_rate"],
+    **{name: list(benchmarks.get(name).headline) for name in benchmarks.NAMES},
     "gsm8k_judge": ["judge_accuracy"],
 }
 BENCHMARK_ORDER = ["alpaca_eval", "gsm8k", "gsm8k_judge", "math", "humaneval", "mbpp"]

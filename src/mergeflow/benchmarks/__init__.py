@@ -21,4 +21,9 @@ def get(name: str) -> Benchmark:
     return importlib.import_module(f"mergeflow.benchmarks.{name}").BENCHMARK
 
 
-__all__ = ["NAMES", "Benchmark", "get"]
+def code_benchmarks() -> tuple[str, ...]:
+    """Benchmarks scored by running programs (in the sandbox of scoring.code)."""
+    return tuple(n for n in NAMES if get(n).scorer == "execution")
+
+
+__all__ = ["NAMES", "Benchmark", "code_benchmarks", "get"]

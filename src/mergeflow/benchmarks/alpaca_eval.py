@@ -9,6 +9,8 @@ from mergeflow.benchmarks.base import Benchmark, HubSource
 
 BENCHMARK = Benchmark(
     name="alpaca_eval",
+    scorer="alpaca_eval",
+    headline=("length_controlled_winrate", "win_rate"),
     schema={"instruction": str, "output": str},
     optional={"generator": str, "dataset": str},
     hub=HubSource("tatsu-lab/alpaca_eval", ("alpaca_eval",), "eval", file="{subset}.json"),

@@ -30,6 +30,10 @@ class HubSource:
 class Benchmark:
     name: str
     schema: dict[str, type | tuple[type, ...]]  # required field -> type, as in the Hub dataset
+    # How `mergeflow score` scores it: lm_eval (replay), execution (sandbox) or alpaca_eval (judge)
+    scorer: str = "lm_eval"
+    # The number the papers report, first metric present wins (aggregate tables' headline)
+    headline: tuple[str, ...] = ()
     optional: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
     # Groups of optional fields of which a row needs at least one (dataset configs name them differently).
     one_of: tuple[tuple[str, ...], ...] = ()

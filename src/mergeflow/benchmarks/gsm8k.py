@@ -27,6 +27,8 @@ def reference_response(doc: dict) -> str:
 
 BENCHMARK = Benchmark(
     name="gsm8k",
+    scorer="lm_eval",
+    headline=("exact_match,strict-match", "exact_match,flexible-extract", "accuracy"),
     schema={"question": str, "answer": str},
     hub=HubSource("openai/gsm8k", ("main",), "test"),
     sizes={"": 1319},  # GSM8K test

@@ -17,6 +17,8 @@ def program(doc: dict, completion: str) -> str:
 
 BENCHMARK = Benchmark(
     name="humaneval",
+    scorer="execution",
+    headline=("pass@1",),
     schema={"task_id": str, "prompt": str, "entry_point": str, "test": str},
     optional={"canonical_solution": str},
     id_field="task_id",

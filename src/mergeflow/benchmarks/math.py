@@ -56,6 +56,8 @@ def reference_response(doc: dict) -> str:
 
 BENCHMARK = Benchmark(
     name="math",
+    scorer="lm_eval",
+    headline=("exact_match,mergelm", "exact_match,boxed"),
     schema={"problem": str, "solution": str},
     optional={"level": (str, int), "type": str},
     hub=HubSource("EleutherAI/hendrycks_math", SUBJECTS, "test"),

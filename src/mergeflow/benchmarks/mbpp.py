@@ -52,6 +52,8 @@ def reference_response(doc: dict) -> str:
 
 BENCHMARK = Benchmark(
     name="mbpp",
+    scorer="execution",
+    headline=("pass@1",),
     schema={"task_id": int, "test_list": list},
     optional={"text": str, "prompt": str, "code": str, "test_setup_code": str, "challenge_test_list": list,
               "test_imports": list, "source_file": str},

@@ -1,8 +1,9 @@
-"""`mergeflow score`: score stored generations of one benchmark.
+"""`mergeflow score`: score stored generations of one benchmark, with the scorer the
+benchmark declares (mergeflow.benchmarks):
 
-gsm8k, math     -> lm-eval replay (lm_eval_replay.py)
-mbpp, humaneval -> sandboxed execution, pass@1 (code_exec.py, sandbox.py)
-alpaca_eval     -> alpaca_eval win rate against the configured judge (alpaca.py)
+lm_eval     -> lm-eval replay (lm_eval_replay.py)
+execution   -> sandboxed execution, pass@1 (code_exec.py, sandbox.py)
+alpaca_eval -> alpaca_eval win rate against the configured judge (alpaca.py)
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mergeflow import gpus
+from mergeflow import benchmarks, gpus
 
 log = logging.getLogger(__name__)
 
-SCORERS = {"gsm8k": "lm_eval", "math": "lm_eval", "mbpp": "execution", "humaneval": "execution",
-           "alpaca_eval": "alpaca_eval"}
+SCORERS = {name: benchmarks.get(name).scorer for name in benchmarks.NAMES}  # declared by each benchmark
 
 
 def add_parser(subparsers) -> None:

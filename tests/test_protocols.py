@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mergeflow import config as mfconfig
 from mergeflow.generation import templates as T
@@ -59,6 +60,22 @@ def test_configs_use_the_package_reference_templates(paper):
 def test_judges_are_the_papers():
     della = mfconfig.load(ROOT / "config" / "della.yaml")
     m3 = mfconfig.load(ROOT / "config" / "m3.yaml")
-    assert della["judge"]["alpaca_eval"]["annotator"] == "alpaca_eval_gpt4" and della["evaluate"]["gsm8k_judge"]
-    assert m3["judge"]["alpaca_eval"]["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
+    # the papers' annotators are recorded; the substitutes run the same protocol with a judge that exists
+    assert della["judge"]["paper"]["alpaca_eval"].startswith("alpaca_eval_gpt4 ") and della["evaluate"]["gsm8k_judge"]
+    assert della["judge"]["paper"]["gsm8k_judge"] == "gpt-4-0613"
+    assert m3["judge"]["paper"]["alpaca_eval"].startswith("weighted_alpaca_eval_gpt4_turbo ")
+    from alpaca_eval import constants
+
+    for cfg in (della, m3):
+        paper = yaml.safe_load((Path(constants.EVALUATORS_CONFIG_DIR) / cfg["judge"]["paper"]["alpaca_eval"].split()[0]
+                                / "configs.yaml").read_text())
+        ours = yaml.safe_load((ROOT / "workflow" / "judges" / cfg["judge"]["alpaca_eval"]["annotator"]
+                               / "configs.yaml").read_text())
+        (paper,), (ours,) = paper.values(), ours.values()
+        assert ours["completions_kwargs"]["model_name"] == cfg["judge"]["endpoint"]["model"] != \
+            paper["completions_kwargs"]["model_name"]
+        for key in ("prompt_template", "fn_completion_parser", "completion_parser_kwargs", "batch_size"):
+            assert ours.get(key) == paper.get(key), key
+        strip = lambda kw: {k: v for k, v in kw.items() if k != "model_name"}  # noqa: E731
+        assert strip(ours["completions_kwargs"]) == strip(paper["completions_kwargs"])
     assert della["merge"]["vocab_policy"] == "truncate" and m3["merge"]["vocab_policy"] == "pad_mean"

@@ -89,3 +89,34 @@ def test_grid_key_also_in_params_is_an_error(demo_config):
     demo_config["merges"][3]["grid"] = {"drop_rate": [0.1, 0.2]}
     with pytest.raises(MergeflowError, match=r"merges\[3\]\.grid"):
         mfconfig.prepare(demo_config)
+
+
+def test_config_checks_reach_cli_users_too(demo_config, tmp_path):
+    # BERTAttack's similarity constraint needs a sentence encoder: mergeflow.config says so
+    # for every reader of a config (mergeflow plan, aggregate), not only the Snakefile
+    del demo_config["robustness"]["adversarial"]["sentence_encoder"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(demo_config))
+    with pytest.raises(MergeflowError, match=r"'robustness.adversarial.sentence_encoder': BERTAttack on (sst2|cola)") as err:
+        mfconfig.load(path)
+    assert "\n" not in str(err.value)
+    demo_config["robustness"]["adversarial"]["settings"]["min_sentence_cos_sim"] = None
+    mfconfig.prepare(demo_config)  # without the constraint, no encoder is needed
+    demo_config["robustness"]["adversarial"]["task_settings"] = {"cola": {"attacks": ["nope"]}}
+    with pytest.raises(MergeflowError, match=r"'robustness.adversarial' \(cola\).*nope"):
+        mfconfig.prepare(demo_config)
+
+
+def test_dtype_and_donor_enter_the_merge_id_only_when_set(demo_config):
+    before = mfconfig.merge_specs(mfconfig.prepare(copy.deepcopy(demo_config)))
+    demo_config["merge"]["dtype"] = "bfloat16"
+    with_dtype = mfconfig.merge_specs(mfconfig.prepare(copy.deepcopy(demo_config)))
+    assert set(before).isdisjoint(with_dtype) and all(s.dtype == "bfloat16" for s in with_dtype.values())
+    demo_config["merge"]["dtype"] = None
+    assert list(mfconfig.merge_specs(mfconfig.prepare(copy.deepcopy(demo_config)))) == list(before)
+    demo_config["merge"]["donor"] = "math"
+    specs = mfconfig.merge_specs(mfconfig.prepare(copy.deepcopy(demo_config)))
+    assert {s.donor_label for s in specs.values()} == {"math"}
+    demo_config["merge"]["donor"] = "code"  # not an input of the LM & Math merges
+    with pytest.raises(MergeflowError, match=r"'merge.donor': 'code' is neither the base nor an expert of merges\[4\]"):
+        mfconfig.merge_specs(mfconfig.prepare(demo_config))

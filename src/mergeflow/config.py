@@ -162,7 +162,36 @@ def _deep_defaults(config: dict, defaults: dict) -> dict:
 def prepare(config: dict) -> dict:
     """Validate a raw config and return it with defaults filled in."""
     validate(config)
-    return _deep_defaults(config, DEFAULTS)
+    prepared = _deep_defaults(config, DEFAULTS)
+    _check_sentence_encoder(prepared)
+    return prepared
+
+
+def attack_settings_of(config: dict, task: str) -> dict:
+    """robustness.adversarial.settings with the task's task_settings over them."""
+    adv = (config.get("robustness") or {}).get("adversarial") or {}
+    return {**(adv.get("settings") or {}), **((adv.get("task_settings") or {}).get(task) or {})}
+
+
+def _check_sentence_encoder(config: dict) -> None:
+    """BERTAttack with its similarity constraint needs `adversarial.sentence_encoder`
+    (checked on the settings as the attack CLI completes them, defaults included)."""
+    robustness = config.get("robustness") or {}
+    adv = robustness.get("adversarial") or {}
+    if not robustness.get("enabled") or not adv.get("tasks"):
+        return
+    from mergeflow.robustness.cli import attack_settings  # light: argparse and this module
+
+    for task in adv["tasks"]:
+        try:
+            s = attack_settings(task, attack_settings_of(config, task))
+        except MergeflowError as err:
+            raise MergeflowError(f"config key 'robustness.adversarial' ({task}): {err}") from None
+        if "bertattack" in s["attacks"] and s["min_sentence_cos_sim"] is not None and not adv.get("sentence_encoder"):
+            raise MergeflowError(
+                f"config key 'robustness.adversarial.sentence_encoder': BERTAttack on {task} needs a sentence "
+                "encoder for its similarity constraint ({hub: ..., revision: ...} or {path: ...}); or set "
+                "robustness.adversarial.settings.min_sentence_cos_sim: null to run without it")
 
 
 def load(path: str | Path) -> dict:
@@ -272,15 +301,37 @@ def benchmarks_of(config: dict, model: str, specs: dict[str, MergeSpec] | None =
         config["evaluate"]["benchmarks"])
 
 
-def generation_settings(config: dict, benchmark: str) -> dict:
-    """The resolved generation settings of one benchmark (template names expanded)."""
+def resolve_generation(config: dict, settings: dict) -> dict:
+    """Generation settings as a job gets them: the defaults, the global seed,
+    protocol.defaults, then `settings`; a template may name one of protocol.templates."""
     protocol = config["protocol"]
-    settings = {**GENERATION_DEFAULTS, "seed": config.get("seed", 42)}
-    settings.update(protocol.get("defaults", {}))
-    settings.update(protocol["benchmarks"][benchmark])
+    resolved = {**GENERATION_DEFAULTS, "seed": config.get("seed", DEFAULTS["seed"]),
+                **protocol.get("defaults", {}), **settings}
     templates = protocol.get("templates", {})
-    settings["template"] = templates.get(settings["template"], settings["template"])
-    return settings
+    resolved["template"] = templates.get(resolved["template"], resolved["template"])
+    return resolved
+
+
+def generation_settings(config: dict, benchmark: str) -> dict:
+    """The resolved generation settings of one benchmark."""
+    return resolve_generation(config, config["protocol"]["benchmarks"][benchmark])
+
+
+def livebench_settings(config: dict) -> dict:
+    """The resolved generation settings of the LiveBench robustness jobs."""
+    return resolve_generation(config, config["robustness"]["livebench"]["generation"])
+
+
+def source_args(source: dict) -> list[str]:
+    """`mergeflow fetch` / `robustness fetch` options of a config source ({path}, {hub,
+    revision, subset, split} or {package}): the one translation of a source into a job's
+    arguments."""
+    key = next(k for k in ("path", "hub", "package") if k in source)
+    args = ["--source", str(source[key])]
+    for option in ("revision", "subset", "split"):
+        if option in source:
+            args += [f"--{option}", str(source[option])]
+    return args
 
 
 def aggregate_settings(config: dict) -> dict:

@@ -231,16 +231,6 @@ def merge_output(path):
     return directory(path) if CFG["keep_merges"] else temp(directory(path), group_jobs=True)
 
 
-def fetch_data_args(wildcards):
-    source = CFG["benchmarks"][wildcards.benchmark]
-    key = "path" if "path" in source else ("hub" if "hub" in source else "package")
-    parts = [f"--source {shlex.quote(source[key])}"]
-    for opt in ("revision", "subset", "split"):
-        if opt in source:
-            parts.append(f"--{opt} {shlex.quote(source[opt])}")
-    return " ".join(parts)
-
-
 def score_settings(wildcards):
     """Each scoring job gets only its own settings: judge edits rerun only judging jobs,
     sandbox edits only code scoring."""
@@ -305,21 +295,8 @@ def robustness_score_files():
     return list(dict.fromkeys(files))
 
 
-def _source_args(source):
-    key = "path" if "path" in source else "hub"
-    parts = [f"--source {shlex.quote(source[key])}"]
-    for opt in ("revision", "subset", "split"):
-        if opt in source:
-            parts.append(f"--{opt} {shlex.quote(str(source[opt]))}")
-    return " ".join(parts)
-
-
 def _livebench_settings(wildcards):
-    """Generation settings: protocol defaults + the robustness block; a template may name one
-    of protocol.templates."""
-    gen = {**CFG["protocol"].get("defaults", {}), **ROBUST["livebench"]["generation"]}
-    gen["template"] = CFG["protocol"].get("templates", {}).get(gen["template"], gen["template"])
-    return mfconfig.canonical_json(gen)
+    return mfconfig.canonical_json(mfconfig.livebench_settings(CFG))
 
 
 def _mlm_dir():
@@ -328,8 +305,7 @@ def _mlm_dir():
 
 
 def _attack_settings(task):
-    adv = ROBUST.get("adversarial") or {}
-    return {**(adv.get("settings") or {}), **((adv.get("task_settings") or {}).get(task) or {})}
+    return mfconfig.attack_settings_of(CFG, task)
 
 
 def _encoder_dir():
@@ -338,24 +314,3 @@ def _encoder_dir():
     if not enc:
         return None
     return os.path.normpath(enc["path"]) if "path" in enc else "resources/models/robustness_encoder"
-
-
-def _check_sentence_encoder():
-    """BERTAttack with its similarity constraint needs `adversarial.sentence_encoder`
-    (checked on the settings as the attack CLI completes them, defaults included)."""
-    from mergeflow.robustness.cli import attack_settings
-
-    for task in ((ROBUST.get("adversarial") or {}).get("tasks") or {}):
-        try:
-            s = attack_settings(task, _attack_settings(task))
-        except MergeflowError as err:
-            raise WorkflowError(f"config key 'robustness.adversarial' ({task}): {err}") from None
-        if "bertattack" in s["attacks"] and s["min_sentence_cos_sim"] is not None and _encoder_dir() is None:
-            raise WorkflowError(
-                f"config key 'robustness.adversarial.sentence_encoder': BERTAttack on {task} needs a sentence "
-                "encoder for its similarity constraint ({hub: ..., revision: ...} or {path: ...}); or set "
-                "robustness.adversarial.settings.min_sentence_cos_sim: null to run without it")
-
-
-if ROBUST_ON:
-    _check_sentence_encoder()

@@ -27,11 +27,11 @@ rule fetch_data:
     output:
         "resources/data/{benchmark}.jsonl",
     params:
-        args=fetch_data_args,
+        source=lambda w: mfconfig.source_args(CFG["benchmarks"][w.benchmark]),
     log:
         "results/logs/fetch/data_{benchmark}.log",
     priority: BEFORE_MERGES_PRIORITY
     conda:
         "../../envs/fetch.yaml"
     shell:
-        "workflow/scripts/mergeflow fetch data --benchmark {wildcards.benchmark} {params.args} --out {output} > {log} 2>&1"
+        "workflow/scripts/mergeflow fetch data --benchmark {wildcards.benchmark} {params.source:q} --out {output} > {log} 2>&1"

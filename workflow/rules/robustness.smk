@@ -34,7 +34,7 @@ if ROBUST_ON:
         output:
             "resources/data/livebench_{lb_category}.jsonl",
         params:
-            args=lambda w: _source_args(ROBUST["livebench"]["categories"][w.lb_category]["source"]),
+            source=lambda w: mfconfig.source_args(ROBUST["livebench"]["categories"][w.lb_category]["source"]),
             release=ROBUST.get("livebench", {}).get("release_date", ""),
         log:
             "results/logs/robustness/fetch_livebench_{lb_category}.log",
@@ -42,7 +42,7 @@ if ROBUST_ON:
         conda:
             "../../envs/robustness.yaml"
         shell:
-            "workflow/scripts/mergeflow robustness fetch --dataset livebench_{wildcards.lb_category} {params.args} "
+            "workflow/scripts/mergeflow robustness fetch --dataset livebench_{wildcards.lb_category} {params.source:q} "
             "--release-date {params.release} --out {output} > {log} 2>&1"
 
     rule robustness_fetch_task:
@@ -51,14 +51,14 @@ if ROBUST_ON:
         output:
             "resources/data/{adv_task}.jsonl",
         params:
-            args=lambda w: _source_args(ROBUST["adversarial"]["tasks"][w.adv_task]),
+            source=lambda w: mfconfig.source_args(ROBUST["adversarial"]["tasks"][w.adv_task]),
         log:
             "results/logs/robustness/fetch_{adv_task}.log",
         priority: BEFORE_MERGES_PRIORITY
         conda:
             "../../envs/robustness.yaml"
         shell:
-            "workflow/scripts/mergeflow robustness fetch --dataset {wildcards.adv_task} {params.args} "
+            "workflow/scripts/mergeflow robustness fetch --dataset {wildcards.adv_task} {params.source:q} "
             "--out {output} > {log} 2>&1"
 
     # BERTAttack's masked LM and sentence encoder, where the config names them on the Hub
@@ -75,13 +75,13 @@ if ROBUST_ON:
             wildcard_constraints:
                 attack_model="|".join(_HUB_ATTACK_MODELS),
             params:
-                args=lambda w: _source_args(ROBUST["adversarial"][_ATTACK_MODEL_KEYS[w.attack_model]]),
+                source=lambda w: mfconfig.source_args(ROBUST["adversarial"][_ATTACK_MODEL_KEYS[w.attack_model]]),
             log:
                 "results/logs/robustness/fetch_{attack_model}.log",
             conda:
                 "../../envs/fetch.yaml"
             shell:
-                "workflow/scripts/mergeflow fetch model {params.args} --out {output} > {log} 2>&1"
+                "workflow/scripts/mergeflow fetch model {params.source:q} --out {output} > {log} 2>&1"
 
         # resources/models/robustness_* also matches fetch_model's resources/models/{model}
         ruleorder: robustness_fetch_attack_model > fetch_model

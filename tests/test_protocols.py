@@ -46,9 +46,16 @@ def test_m3_protocol():
     assert settings("m3", "mbpp")["postprocess"] == "code_mergelm"
 
 
-@pytest.mark.parametrize("paper", ["della", "m3"])
-def test_configs_use_the_package_reference_templates(paper):
-    """The package's named templates and the configs agree (one source of truth each way)."""
+@pytest.mark.parametrize("paper", ["della", "m3", "config"])
+def test_configs_name_the_package_templates_and_keep_no_copy(paper):
+    """One copy of each prompt string: the package's, which configs name."""
+    raw = yaml.safe_load((ROOT / "config" / f"{paper}.yaml").read_text())
+    copies = set(T.TEMPLATES.values()) | set(T.INSTRUCTIONS.values())
+    written = [*(raw["protocol"].get("templates") or {}).values(),
+               *(v for b in raw["protocol"]["benchmarks"].values() for k, v in b.items() if k in ("template", "instruction"))]
+    assert copies.isdisjoint(written)
+    if paper == "config":
+        return
     assert settings(paper, "alpaca_eval")["template"] == T.VICUNA
     assert settings(paper, "mbpp")["template"] == T.ALPACA_CODE
     assert settings(paper, "mbpp")["instruction"] == T.MBPP_INSTRUCTION_REPOS

@@ -112,7 +112,7 @@ def _check_references(config: dict) -> None:
                 raise MergeflowError(f"config key 'merges[{i}].experts': '{expert}' is this merge's base model")
         _check_merge_params(config, i, merge)
     protocol = config["protocol"]
-    templates = protocol.get("templates", {})
+    templates = _templates(config)
     for bench in config.get("evaluate", {}).get("benchmarks", []):
         if bench not in config["benchmarks"]:
             raise MergeflowError(f"config key 'evaluate.benchmarks': '{bench}' has no data source under 'benchmarks'")
@@ -127,7 +127,7 @@ def _check_references(config: dict) -> None:
         if tpl not in templates and "{instruction}" not in tpl:
             raise MergeflowError(
                 f"config key 'protocol.benchmarks.{bench}.template': '{tpl}' is neither a name under "
-                "'protocol.templates' nor a template containing {instruction}"
+                f"'protocol.templates' or of the package ({', '.join(templates)}) nor a template containing {{instruction}}"
             )
 
 
@@ -303,13 +303,27 @@ def benchmarks_of(config: dict, model: str, specs: dict[str, MergeSpec] | None =
 
 def resolve_generation(config: dict, settings: dict) -> dict:
     """Generation settings as a job gets them: the defaults, the global seed,
-    protocol.defaults, then `settings`; a template may name one of protocol.templates."""
+    protocol.defaults, then `settings`; a template may name one of protocol.templates or of
+    the package, an instruction one of the package's."""
     protocol = config["protocol"]
     resolved = {**GENERATION_DEFAULTS, "seed": config.get("seed", DEFAULTS["seed"]),
                 **protocol.get("defaults", {}), **settings}
-    templates = protocol.get("templates", {})
-    resolved["template"] = templates.get(resolved["template"], resolved["template"])
+    resolved["template"] = _templates(config).get(resolved["template"], resolved["template"])
+    resolved["instruction"] = _instructions().get(resolved["instruction"], resolved["instruction"])
     return resolved
+
+
+def _templates(config: dict) -> dict[str, str]:
+    """Template names: the package's (mergeflow.generation.templates), then protocol.templates."""
+    from mergeflow.generation.templates import TEMPLATES  # light: strings only
+
+    return {**TEMPLATES, **config["protocol"].get("templates", {})}
+
+
+def _instructions() -> dict[str, str]:
+    from mergeflow.generation.templates import INSTRUCTIONS
+
+    return INSTRUCTIONS
 
 
 def generation_settings(config: dict, benchmark: str) -> dict:

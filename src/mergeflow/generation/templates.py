@@ -1,7 +1,8 @@
 """The papers' prompt templates, byte for byte, and building a prompt from settings.
 
-Configs pin their own `template`/`instruction` strings; these constants are the reference
-copies (tests compare them with the reference repos' strings) and what the demo trains on.
+The one copy of each: configs name them (`template: vicuna`, `instruction: mbpp_repos`,
+TEMPLATES and INSTRUCTIONS below), tests compare them with the reference repos' strings,
+and the demo trains on them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ MBPP_INSTRUCTION = "Create a Python script for this problem:\n{text}\nTest examp
 MBPP_INSTRUCTION_REPOS = "Create a Python script for this problem:\n\n{text_tabs}\nTest examples:\n{tests_tabs}"
 HUMANEVAL_INSTRUCTION = "Create a Python script for this problem:\n{prompt}"
 HUMANEVAL_INSTRUCTION_REPOS = "Create a Python script for this problem:\n{prompt_tabs}"
+
+# The names a config gives (protocol.*.template, protocol.*.instruction; config/README.md).
+TEMPLATES = {
+    "vicuna": VICUNA,
+    "alpaca": ALPACA,
+    "alpaca_cot_della": ALPACA_COT_DELLA,
+    "alpaca_cot_mergelm": ALPACA_COT_MERGELM,
+    "alpaca_code": ALPACA_CODE,
+    "mergelm_non_chat": MERGELM_NON_CHAT,
+}
+INSTRUCTIONS = {
+    "mbpp": MBPP_INSTRUCTION,
+    "mbpp_repos": MBPP_INSTRUCTION_REPOS,
+    "humaneval": HUMANEVAL_INSTRUCTION,
+    "humaneval_repos": HUMANEVAL_INSTRUCTION_REPOS,
+}
 
 
 def build_prompt(template: str, instruction: str, fields: dict) -> str:

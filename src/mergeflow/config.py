@@ -21,8 +21,8 @@ from mergeflow.errors import MergeflowError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
-# Defaults filled in after validation (kept here, not in the schema, so they are explicit
-# in one place and visible in `mergeflow` output).
+# Defaults filled in after validation: their one place (the schema has none; CLI options
+# that stand for a config key take theirs from here).
 DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "demo": {"enabled": False, "seed": 0, "out": "resources/demo"},
@@ -141,7 +141,7 @@ def _check_merge_params(config: dict, i: int, merge: dict) -> None:
     grid = merge.get("grid") or {}
     for params in _expand_grid(merge):
         try:
-            check_params(merge["method"], params, list(merge["experts"]), merge.get("seed", config.get("seed", 42)))
+            check_params(merge["method"], params, list(merge["experts"]), merge.get("seed", config.get("seed", DEFAULTS["seed"])))
         except ParamError as err:
             root = re.split(r"[.\[]", err.key, maxsplit=1)[0]
             where = "experts" if err.key == "experts" else f"{'grid' if root in grid else 'params'}.{err.key}"
@@ -270,7 +270,7 @@ def merge_specs(config: dict) -> dict[str, MergeSpec]:
                 base=merge.get("base", config["base_model"]),
                 experts=tuple(merge["experts"]),
                 params=params,
-                seed=merge.get("seed", config.get("seed", 42)),
+                seed=merge.get("seed", config.get("seed", DEFAULTS["seed"])),
                 tag=merge.get("tag"),
                 benchmarks=tuple(merge["benchmarks"]) if "benchmarks" in merge else None,
                 dtype=shared.get("dtype"),

@@ -45,6 +45,7 @@ def _params(text: str) -> dict:
 
 
 def add_parser(subparsers) -> None:
+    from mergeflow.config import DEFAULTS
     from mergeflow.merging.methods import OUTPUT_DTYPES, method_names  # light: no torch at import
 
     p = subparsers.add_parser(
@@ -65,7 +66,7 @@ def add_parser(subparsers) -> None:
                         "(engine key donor; auto: the base, or under pad_mean the owner of the larger vocabulary)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads the merge's pools may use (default: every CPU; a workflow job: its {threads})")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="config key seed (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--vocab-policy", choices=("truncate", "pad_mean"), default=None,
                    help="reconcile embedding/lm_head row counts (default: fail on a mismatch)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from mergeflow.config import DEFAULTS
 from mergeflow.errors import MergeflowError
 from mergeflow.scoring import results
 from mergeflow.scoring.sandbox import LIMIT_KEYS, Limits, detect_isolation
@@ -30,7 +31,7 @@ def score(
     """(rows, details, samples) for (doc, generation) pairs."""
     limits = Limits.from_settings(settings)
     sandbox = detect_isolation(settings.get("isolation", "auto"), settings.get("python"), limits)
-    workers = settings.get("max_workers", 2)
+    workers = settings.get("max_workers", DEFAULTS["scoring"]["code"]["max_workers"])
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise MergeflowError(f"score setting 'max_workers' must be a positive integer, got {workers!r}")
     log.info("executing %d programs (isolation %s, %d workers)", len(pairs), sandbox.isolation, workers)

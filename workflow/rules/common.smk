@@ -5,8 +5,6 @@ import re
 import shlex
 import sys
 
-from snakemake.settings.types import DeploymentMethod
-
 try:  # the package of this checkout, installed into the Python that runs Snakemake
     from mergeflow import benchmarks as mfbenchmarks  # declarations only
     from mergeflow import config as mfconfig  # light: yaml + jsonschema only
@@ -24,16 +22,44 @@ except MergeflowError as err:
     raise WorkflowError(str(err))
 
 
+# --- What Snakemake's public API does not tell a Snakefile: the command line's resources,
+# its deployment method, the jobs about to run. Read in these three functions only, each
+# with a safe answer when a Snakemake release moves the attribute (min_version pins 9).
+
+
+def _given_resources():
+    """(where, {name: value}) of --set-resources and --default-resources; [] if unknown."""
+    settings = getattr(workflow, "resource_settings", None)
+    try:
+        given = [(f"set-resources {rule}", res) for rule, res in (settings.overwrite_resources or {}).items()]
+        given.append(("default-resources", settings.default_resources or {}))
+        return [(where, {k: getattr(v, "raw", v) for k, v in dict(res).items()}) for where, res in given]
+    except (AttributeError, TypeError):  # the check is then sbatch's own (--gres beside --gpus)
+        return []
+
+
+def _conda_deployment():
+    """Whether jobs run in their rules' conda envs (--sdm conda); False if unknown."""
+    methods = getattr(getattr(workflow, "deployment_settings", None), "deployment_method", None) or ()
+    return any(str(getattr(m, "value", m)).lower() == "conda" for m in methods)
+
+
+def _planned_jobs():
+    """(jobs that need to run, every job of the DAG), or None if unknown (then judge anyway)."""
+    dag = getattr(workflow, "dag", None)
+    try:
+        return list(dag.needrun_jobs()), list(dag.jobs)
+    except AttributeError:
+        return None
+
+
 def reject_gpu_gres():
     """GPU rules ask for GPUs with `gpu` (config resources.*_gpus) and `gpu_model`; the SLURM
     plugin would pass a GPU `gres` beside them, and sbatch would get --gres and --gpus both."""
-    settings = workflow.resource_settings
-    given = [(f"set-resources {rule}", res) for rule, res in (settings.overwrite_resources or {}).items()]
-    given.append(("default-resources", settings.default_resources or {}))
-    for where, res in given:
-        if "gres" in res and "gpu" in str(res["gres"].raw).lower():
+    for where, res in _given_resources():
+        if "gres" in res and "gpu" in str(res["gres"]).lower():
             raise WorkflowError(
-                f"{where}: gres={res['gres'].raw} asks for GPUs, which this workflow requests with the "
+                f"{where}: gres={res['gres']} asks for GPUs, which this workflow requests with the "
                 "`gpu` resource (config resources.*_gpus) and `gpu_model`: use those, not gres")
 
 
@@ -41,7 +67,7 @@ reject_gpu_gres()
 
 # Without --sdm conda, jobs run with the Python that runs Snakemake (the project's .venv);
 # with it, each rule's conda env provides `python`.
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+if not _conda_deployment():
     shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; ")
 
 try:
@@ -167,19 +193,17 @@ def judging_planned(jobs):
 def judge_preflight():
     """Before any job runs: the judge model is served and the key is set (or the launched
     server's executable and model are there). Raises WorkflowError naming the config key."""
-    from snakemake.logging import logger
-
     from mergeflow.judge.preflight import preflight
 
-    dag = getattr(workflow, "dag", None)  # not public API: without it, check regardless
-    if dag is not None and not judging_planned(dag.needrun_jobs()):
+    planned = _planned_jobs()
+    if planned is not None and not judging_planned(planned[0]):
         return
     settings = json.loads(judge_settings("gsm8k"))
     built = bool(JUDGE_LAUNCH) and ("hub" in JUDGE_LAUNCH or judge_model_dir() in {
-        os.path.normpath(f) for job in (dag.jobs if dag is not None else []) for f in job.output})
+        os.path.normpath(f) for job in (planned[1] if planned is not None else []) for f in job.output})
     try:
-        in_env = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method  # env has the server
-        logger.info(f"judge preflight: {preflight(settings, model_dir_built=built, env_provides_server=in_env)}")
+        checked = preflight(settings, model_dir_built=built, env_provides_server=_conda_deployment())
+        print(f"judge preflight: {checked}", file=sys.stderr)
     except MergeflowError as err:
         raise WorkflowError(f"judge preflight failed (no job was run): {err}") from None
 

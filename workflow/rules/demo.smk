@@ -1,11 +1,12 @@
 # Stage 0 (demo config only): tiny checkpoints and benchmark-shaped data, from a seed.
 
 if CFG["demo"]["enabled"]:
+    from mergeflow.demo.data import FAMILIES as DEMO_DATA  # light: the demo's data files, by benchmark
 
     rule demo_assets:
         output:
             models=[directory(f"{DEMO_OUT}/models/{name}") for name in ("base", "lm", "math", "code", "judge")],
-            data=[f"{DEMO_OUT}/data/{b}.jsonl" for b in ("gsm8k", "mbpp", "alpaca_eval", "math")],
+            data=[f"{DEMO_OUT}/data/{b}.jsonl" for b in DEMO_DATA],
         params:
             out=lambda w, output: os.path.dirname(os.path.dirname(output.models[0])),
             seed=CFG["demo"]["seed"],

@@ -180,7 +180,7 @@ def _check_sentence_encoder(config: dict) -> None:
     adv = robustness.get("adversarial") or {}
     if not robustness.get("enabled") or not adv.get("tasks"):
         return
-    from mergeflow.robustness.cli import attack_settings  # light: argparse and this module
+    from mergeflow.robustness.settings import attack_settings  # light: no torch
 
     for task in adv["tasks"]:
         try:

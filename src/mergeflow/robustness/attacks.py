@@ -38,8 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mergeflow.errors import MergeflowError
-
-ATTACKS = ("deepwordbug", "bertattack", "stresstest")
+from mergeflow.robustness.settings import ATTACKS  # noqa: F401 (the names live with the settings check)
 STRESS_DISTRACTORS = (" and true is true ", " and false is not true ", " and true is true " * 5)
 UNK = "[UNK]"
 _WORD = re.compile(r"[A-Za-z0-9]+")

@@ -18,13 +18,15 @@ from lm_eval.api.filter import Filter
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from mergeflow import benchmarks
 from mergeflow.errors import MergeflowError
 from mergeflow.scoring import answers, results
 from mergeflow.scoring.paths import resolve_file
 
 log = logging.getLogger(__name__)
 
-TASK_FILES = {"gsm8k": "gsm8k.yaml", "math": "math.yaml"}
+# workflow/tasks/<name>.yaml of each benchmark that declares the lm_eval scorer
+TASK_FILES = {name: f"{name}.yaml" for name in benchmarks.NAMES if benchmarks.get(name).scorer == "lm_eval"}
 INVALID = "[invalid]"  # lm-eval's fallback for "no answer found"
 
 

@@ -41,6 +41,7 @@ def rows_of(md: str) -> dict[tuple, list[str]]:
     return out
 
 
+@pytest.mark.slow
 def test_della_tables_through_mergeflow_aggregate(specs, tmp_path):
     d = tmp_path / "scores"
     t1 = {(p, lam): merge_id(specs, "table1", "della", ["lm", "math"], drop_rate=p, **{"lambda": lam})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,12 +48,52 @@ def demo_dir(tmp_path_factory) -> Path:
     return _build(tmp_path_factory.mktemp("demo") / "demo")
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes(demo_dir, tmp_path):
     again = _digest(_build(tmp_path / "again"))
     first = _digest(demo_dir)
     assert again == first
     assert {"data/gsm8k.jsonl", "data/mbpp.jsonl", "data/alpaca_eval.jsonl", "data/math.jsonl", "demo.json",
             "models/base/model.safetensors", "models/math/tokenizer.json", "models/code/config.json"} <= set(first)
+
+
+RECORDED = Path(__file__).parent / "data" / "demo_zoo_sha256.json"
+
+
+def recorded_hashes(zoo: str) -> dict[str, str]:
+    """The sha256 of each model.safetensors of the seed-0 zoo (`small` or `full`), as built
+    with the pinned torch and transformers (tests/data/demo_zoo_sha256.json)."""
+    return json.loads(RECORDED.read_text())[zoo]
+
+
+def model_hashes(root: Path) -> dict[str, str]:
+    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("models/*/model.safetensors"))}
+
+
+def test_zoo_has_the_recorded_bytes(demo_dir):
+    """The kernels `mergeflow demo` pins give these bytes on every x86-64 CPU: a change here
+    means the training, the pinned versions or the kernel pinning changed (docs/demo.md)."""
+    import torch
+    import transformers
+
+    record = json.loads(RECORDED.read_text())
+    assert model_hashes(demo_dir) == record["small"], (
+        f"demo zoo bytes drifted (torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"recorded with torch {record['torch']}, transformers {record['transformers']})")
+    assert json.loads((demo_dir / "demo.json").read_text())["cpu_kernels"] == "pinned"
+
+
+@pytest.mark.slow
+def test_zoo_bytes_do_not_depend_on_the_thread_count(tmp_path):
+    """One thread gives the bytes of the default two (benchmarks/README.md: not so at 16)."""
+    from mergeflow.demo.cpu import PINNED_ENV
+
+    program = ("import dataclasses, pathlib, sys; from mergeflow.demo.build import build_demo; "
+               "from mergeflow.demo.models import SMALL; "
+               "build_demo(pathlib.Path(sys.argv[1]), 0, dataclasses.replace(SMALL, threads=1))")
+    subprocess.run([sys.executable, "-c", program, str(tmp_path / "one")], check=True, timeout=600,
+                   env={**os.environ, **PINNED_ENV}, capture_output=True)
+    assert model_hashes(tmp_path / "one") == recorded_hashes("small")
 
 
 def test_other_seed_other_data():

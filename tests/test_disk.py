@@ -69,6 +69,7 @@ def demo_specs():
     return cfg, mfconfig.merge_specs(cfg)
 
 
+@pytest.mark.slow
 def test_merged_checkpoints_are_temporary_and_grouped_with_their_consumers(demo_specs):
     cfg, specs = demo_specs
     out = dry_run()
@@ -89,6 +90,7 @@ def test_merged_checkpoints_are_temporary_and_grouped_with_their_consumers(demo_
     assert {f"results/merge_meta/{m}.json" for m in specs} <= set(aggregate.split(", "))
 
 
+@pytest.mark.slow
 def test_keep_merges_keeps_the_checkpoints(tmp_path, demo_specs):
     _, specs = demo_specs
     out = dry_run("--configfile", str(write_config(tmp_path, keep_merges=True)))
@@ -116,6 +118,7 @@ def _merge(base: Path, expert: Path, out: Path, params: dict) -> None:
                    check=True, capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
 
+@pytest.mark.slow
 def test_a_merge_merged_again_keeps_its_fingerprint_other_dirs_keep_theirs(tiny_model_dir, tmp_path):
     from conftest import build_tiny_llama
     from mergeflow.generation.cache import model_fingerprint

@@ -174,6 +174,7 @@ def job_blocks(output: str) -> dict[str, list[dict[str, str]]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configfile", ["config/della.yaml", "config/m3.yaml"])
 def test_paper_runs_ask_gpus_one_way_and_generate_gets_two_cpus(configfile):
     done = dry_run("--configfile", configfile)
@@ -187,6 +188,7 @@ def test_paper_runs_ask_gpus_one_way_and_generate_gets_two_cpus(configfile):
         assert job["gpu"] == "1" and int(job["threads"]) >= 2, job  # vLLM: front end + engine core
 
 
+@pytest.mark.slow
 def test_a_gpu_gres_beside_the_rules_gpu_is_rejected():
     for args in (["--set-resources", "merge:gres=gpu:1"], ["--default-resources", 'gres="gpu:a100:1"']):
         done = dry_run("--configfile", "config/della.yaml", *args)

@@ -42,6 +42,7 @@ def gsm8k_job(tmp_path: Path) -> tuple[Path, str, Path]:
     return data, settings, tmp_path / "out.jsonl"
 
 
+@pytest.mark.slow
 def test_gpu_jobs_with_a_cpu_torch_stop_at_once_naming_request_and_what_torch_sees(tmp_path, tiny_model_dir):
     data, settings, out = gsm8k_job(tmp_path)
     env = job_env(tmp_path / "claims")
@@ -72,6 +73,7 @@ def test_merge_checks_with_the_cuda_driver_not_torch(tmp_path, tiny_model_dir):
     assert "CUDA_VISIBLE_DEVICES=unset" in done.stderr and not (tmp_path / "merged").exists()
 
 
+@pytest.mark.slow
 def test_gpus_0_runs_with_every_gpu_hidden(tmp_path, tiny_model_dir):
     data, settings, out = gsm8k_job(tmp_path)
     done = mergeflow(["generate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k", "--data", str(data),
@@ -185,6 +187,7 @@ def test_machine_gpus_are_read_from_nvidia_smi(tmp_path, monkeypatch):
 
 # --- the rules pass each job's GPU count -----------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [[], ["--configfile", "config/della.yaml"]], ids=["demo", "della"])
 def test_every_gpu_rule_passes_its_gpu_resource_as_gpus(config):
     done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", *config], cwd=ROOT,

@@ -251,6 +251,7 @@ def test_judge_prompt_file_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- real local server
+@pytest.mark.slow
 def test_real_local_server_answers_and_garbage_is_counted_unparsed(judge_server, tmp_path):
     base_url, served = judge_server
     data, gens = _gsm8k_files(tmp_path, ["The answer is: 0", "The answer is: 7"])

@@ -168,6 +168,7 @@ def test_run_stops_before_any_job_without_the_key(tmp_path):
     _no_job_ran(work)
 
 
+@pytest.mark.slow
 def test_dry_run_never_contacts_the_endpoint(endpoint, tmp_path):
     work, config = _workdir(tmp_path, endpoint.base_url)
     res = _snakemake(work, config, TARGET, "-n")  # the endpoint would fail the preflight: not called
@@ -179,6 +180,7 @@ def test_dry_run_never_contacts_the_endpoint(endpoint, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_a_served_judge_passes_and_the_job_judges(endpoint, tmp_path):
     endpoint.models.append(HOSTED)
     work, config = _workdir(tmp_path, endpoint.base_url)
@@ -192,6 +194,7 @@ def test_a_served_judge_passes_and_the_job_judges(endpoint, tmp_path):
     assert {r["path"] for r in endpoint.requests[1:]} == {"/v1/chat/completions"}
 
 
+@pytest.mark.slow
 def test_a_plan_without_judging_is_not_checked(endpoint, tmp_path):
     work, config = _workdir(tmp_path, endpoint.base_url)
     os.utime(work / "data" / "gsm8k.jsonl")  # newer than its copy: fetch_data must rerun
@@ -202,6 +205,7 @@ def test_a_plan_without_judging_is_not_checked(endpoint, tmp_path):
     assert endpoint.requests == []
 
 
+@pytest.mark.slow
 def test_a_vllm_judge_is_served_for_each_judging_job_of_a_run(tmp_path):
     """The open-weights path through the workflow: preflight (executable and model, nothing
     started), then each judging job starts `vllm serve` (the fake), judges, stops it."""

@@ -146,6 +146,7 @@ def test_a_tensor_merges_the_same_without_the_others(zoo, tmp_path):
     assert torch.equal(merged(full)[keep], merged(part)[keep])
 
 
+@pytest.mark.slow
 def test_model_scope_ties_uses_one_global_threshold(zoo, tmp_path):
     base, experts, _ = zoo
     out = tmp_path / "global"
@@ -345,6 +346,7 @@ def _mergelm_ties(base: dict, experts: list[dict], mask_rate: float) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_model_scope_ties_elects_mergelm_majority_sign_bf16(tiny_model_dir, tmp_path):
     """bf16 experts whose trimmed deltas cancel exactly at many positions, most elected signs
     negative: MergeLM (and model scope) elects - there, tensor scope keeps +."""

@@ -13,6 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_draws(tmp_path, monkeypatch):
     rows = []
     for model, method, experts, drop, value in [

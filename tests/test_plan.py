@@ -89,6 +89,7 @@ def _dry_run_jobs(configfile: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+)$", table.group(1), re.M)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["config", "della", "m3"])
 def test_configs_plan_and_match_the_dry_run(name):
     res = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml", "--json"], cwd=ROOT,

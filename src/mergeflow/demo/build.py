@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mergeflow import atomic
+from mergeflow.demo import cpu
 from mergeflow.demo import data as families
 from mergeflow.demo import judging
 from mergeflow.demo.models import EXPERT_FAMILIES, EXPERTS, MODELS, ZooSpec, add_pad_row, new_base
@@ -32,8 +33,11 @@ def build_demo(out: Path, seed: int, spec: ZooSpec, models: tuple[str, ...] = MO
     import torch
 
     out = Path(out)
+    if not cpu.pinned():
+        log.warning("CPU kernels not pinned (%s): this zoo's bytes depend on this CPU; `mergeflow demo` pins them",
+                    " ".join(f"{k}={v}" for k, v in cpu.PINNED_ENV.items()))
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(spec.threads)  # results depend on the thread count: fix it
+    torch.set_num_threads(spec.threads)
     started = time.monotonic()
     splits = {name: families.split_rows(name, seed, spec.n_test, spec.n_train) for name in families.FAMILIES}
     for name, (test, _) in splits.items():
@@ -50,7 +54,7 @@ def build_demo(out: Path, seed: int, spec: ZooSpec, models: tuple[str, ...] = MO
     )
 
     manifest: dict = {"seed": seed, "spec": asdict(spec), "data": {n: len(t) for n, (t, _) in splits.items()},
-                      "models": {}}
+                      "cpu_kernels": "pinned" if cpu.pinned() else "native", "models": {}}
     base = new_base(spec, tokenizer, seed)
     corpus = [encode_pairs(tokenizer, [("", t) for t in texts], spec.max_length) for texts in plain.values()]
     templated = [encode_pairs(tokenizer, ps, spec.max_length) for ps in pairs.values()]

@@ -11,7 +11,8 @@ def add_parser(subparsers) -> None:
         "demo",
         help="build the demo zoo and benchmark-shaped data (deterministic from --seed)",
         description="Writes OUT/data/{gsm8k,mbpp,alpaca_eval,math}.jsonl, OUT/models/{base,lm,math,code}/ "
-        "(safetensors + tokenizer) and OUT/demo.json. The same seed gives the same bytes.",
+        "(safetensors + tokenizer) and OUT/demo.json. The same seed gives the same bytes on every x86-64 CPU "
+        "(training runs with portable CPU kernels: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE,STRICT).",
     )
     p.add_argument("--out", type=Path, default=Path("resources/demo"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of data, tokenizer and training")
@@ -34,12 +35,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergeflow.demo import cpu
     from mergeflow.demo.build import build_demo
     from mergeflow.demo.models import FULL, SMALL
     from mergeflow.errors import MergeflowError
 
     if args.seed < 0:
         raise MergeflowError(f"--seed must be >= 0, got {args.seed}")
+    if not cpu.pinned():  # the same bytes on every CPU need kernels chosen before torch starts
+        return cpu.rerun_pinned(["demo", "--out", str(args.out), "--seed", str(args.seed)]
+                                + (["--small"] if args.small else []))
     manifest = build_demo(args.out, args.seed, SMALL if args.small else FULL)
     for name, info in manifest["models"].items():
         print(f"{name}: {info['steps']} steps, loss {info['first_loss']} -> {info['last_loss']}, "

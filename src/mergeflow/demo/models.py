@@ -34,7 +34,7 @@ class ZooSpec:
     finetune_optimizer: str = "sgd"
     lr_finetune: float = 0.05
     lr_judge: float = 2e-3
-    threads: int = 2  # torch threads while training (fixed: results depend on it)
+    threads: int = 2  # torch threads while training (the pinned kernels give the same bits at any count)
 
 
 FULL = ZooSpec()

@@ -87,7 +87,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     # Our reader/writer threads share the cores with torch's OpenMP pool; spinning OpenMP
-    # workers then starve them (seen: 8x slower on a busy 2-core machine). Only effective
+    # workers then starve them on a busy machine. Only effective
     # before torch is first imported, which is the case for the CLI.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     gpus.prepare(args.gpus, query="none")  # the direct engine needs no torch: ask the driver
@@ -136,7 +136,7 @@ def run(args) -> int:
         if args.gpus:
             gpus.check_torch(args.gpus)  # the torch engine on a CPU build would merge on the CPU
         # CUDA context, pinned staging memory and the RNG kernel need only the driver: set
-        # them up in a background thread while the main thread imports torch (1.6-4 s).
+        # them up in a background thread while the main thread imports torch.
         cudrv.start_early(args.device, pinned_bytes(args.io_threads))
         meta = run_merge(args.method, experts, args.out, **common)
     if args.metadata_out:

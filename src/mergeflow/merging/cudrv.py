@@ -1,7 +1,6 @@
 """Direct CUDA driver calls (ctypes) for what must not wait for `import torch`.
 
-A merge process spends most of its fixed cost importing torch (1.6-2 s on an H100
-machine). Creating the CUDA context, pinning the host staging buffers and loading the
+A merge process spends most of its fixed cost importing torch. Creating the CUDA context, pinning the host staging buffers and loading the
 keyed-uniform kernel need only the driver library, so the CLI starts them in a
 background thread (`start_early`) before it imports torch: ctypes releases the GIL
 during each driver call, and torch later finds the primary context already created.

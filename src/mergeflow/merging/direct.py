@@ -1,8 +1,7 @@
 """Direct engines: merges without torch. This module: what both share, and the GPU engine.
 
 On a GPU the torch engine spends more time starting than merging: `import torch` alone
-took 3.8-5.4 s on the H200 machines we measured (1.6-4.9 s on H100s), against about 2 s
-for reading, merging and writing a 2.7 B model. The GPU engine drives the GPU through the
+takes longer than reading, merging and writing a 2.7 B model (benchmarks/README.md). The GPU engine drives the GPU through the
 CUDA driver API (ctypes, `cudrv`) with the PTX kernels of `kernels.cu`; the CPU engine
 (`direct_cpu`) runs the same per-element code (`merge_ops.h`) compiled as C. A merge
 process then imports numpy and the standard library only.

@@ -94,7 +94,7 @@ _POOL = None
 def _np_uniform_part(out, key, offset: int) -> None:
     """`uniform` for counters offset.. into float32 `out`, with numpy uint32 arithmetic
     (logical shifts, wrapping products) in cache-sized steps: the ~20 passes of the hash
-    then run from L2 instead of memory, about 3x faster than whole-block torch ops."""
+    then run from L2 instead of memory, faster than whole-block torch ops."""
     import numpy as np
 
     m1, m2 = np.uint32(_M1), np.uint32(0x846CA68B)

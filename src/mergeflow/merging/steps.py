@@ -40,7 +40,7 @@ def kth_largest_flat(a, k: int) -> tuple[float, int, int]:
 
     Returns (value, count of elements > value, count of elements == value). On the CPU a
     two-pass radix select over the float bits (non-negative floats order like their bit
-    patterns; bincount of the high, then of the low 16 bits) is several times faster than
+    patterns; bincount of the high, then of the low 16 bits) is faster than
     `torch.kthvalue` and yields both counts for free; on CUDA `kthvalue` is itself a
     radix select.
     """
@@ -55,8 +55,8 @@ def kth_largest_flat(a, k: int) -> tuple[float, int, int]:
     j = int(torch.searchsorted(top, k))
     b = (1 << 16) - 1 - j
     above = int(top[j - 1]) if j > 0 else 0
-    # Second pass over the elements of bin b only (one compare and a gather, instead of
-    # shifting and clamping every element: 14 against 38 ms per 16.8M on 2 cores).
+    # Second pass over the elements of bin b only: one compare and a gather beat shifting
+    # and clamping every element (benchmarks/README.md, numbers behind comments).
     hist = torch.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16).flip(0)
     top = hist.cumsum(0)
     j2 = int(torch.searchsorted(top, k - above))
@@ -73,8 +73,7 @@ def _kth_largest_device(a, k: int):
 
     A histogram radix select was tried first and lost badly on real deltas: differences
     of bf16 weights have few distinct values, so millions of atomic increments land on a
-    handful of bins and serialise (on an H100: 15.9 ms per 17.7M-element tensor, against
-    0.9 ms for the sort).
+    handful of bins and serialise (benchmarks/README.md has the timings).
     """
     import torch
 
@@ -96,8 +95,7 @@ def _keep_first_(flags, need: int, block: int = 1 << 16):
     before = 0
     start = nb * block  # where the element-wise search starts (the tail by default)
     if nb:
-        # an int32 sum per block is faster than count_nonzero along dim 1 (25 against 40 ms
-        # per 16.8M on 2 cores); the running total needs int64
+        # an int32 sum per block is faster than count_nonzero along dim 1; the running total needs int64
         cum = flags[:start].view(nb, block).sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int64)
         j = int(torch.searchsorted(cum, need))
         if j < nb:
@@ -136,7 +134,7 @@ def topk_mask(scores, k: int):
         need = k - gt.sum(dim=1, keepdim=True, dtype=torch.int64)
         eq = scores == thr
         # A 1-D cumsum runs as one device-wide scan; along dim 1 of a single row it would
-        # run in one thread block (seen: 8 s of a 2.7B TIES merge).
+        # run in one thread block, the bulk of a large TIES merge.
         run = eq.view(-1).cumsum(0, dtype=torch.int64).view(rows, n) if rows == 1 else \
             eq.cumsum(dim=1, dtype=torch.int64)
         eq &= run <= need
@@ -258,7 +256,7 @@ def sorted_columns(scores):
     On CUDA: torch's stable segmented sort. On the CPU a stable torch sort is slow, so
     each value's float bits and its column are packed into one int64 key (non-negative
     floats order like their bits; the column makes every key unique, so any sort is
-    stable) and sorted with numpy's SIMD sort, about ten times faster.
+    stable) and sorted with numpy's SIMD sort, which is much faster.
     """
     import numpy as np
     import torch

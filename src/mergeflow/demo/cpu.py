@@ -1,5 +1,5 @@
-"""CPU kernels for the demo zoo's training that give the same bits on every x86-64 CPU and
-at every thread count, so that the same seed gives the same zoo on every machine.
+"""CPU kernels for the demo zoo's training that give the same bits on every x86-64 CPU (at the
+zoo's fixed thread count), so that the same seed gives the same zoo on every machine.
 
 Two libraries choose their code by the CPU they run on: ATen's vectorised kernels (AVX2 or
 AVX-512 or none) and MKL's matrix products. Both read their choice from the environment

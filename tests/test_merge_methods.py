@@ -440,16 +440,15 @@ def test_large_tensor_trim_selects_the_k_largest_exactly(ties):
         assert torch.equal(steps.topk_mask(a.view(1, -1), k).view(-1), ref)
 
 
-def test_keep_first_clears_all_but_the_first_true_entries():
+def test_topk_mask_keeps_the_first_of_tied_values_as_a_stable_sort():
+    # Mostly ties: which of the equal values are kept decides the bits (block edges at 2**16).
     g = torch.Generator().manual_seed(0)
     for n in (5, 65536, 65537, 200_003):
-        f = torch.rand(n, generator=g) < 0.3
-        for need in (0, 1, int(f.sum()) // 2, int(f.sum())):
-            ref = f.clone()
-            ref[ref.nonzero().view(-1)[need:]] = False
-            x = f.clone()
-            steps._keep_first_(x, need)
-            assert torch.equal(x, ref), (n, need)
+        a = torch.randint(0, 3, (n,), generator=g).float()
+        for k in (1, n // 3, n // 2 + 1, n):
+            ref = torch.zeros(n, dtype=torch.bool)
+            ref[torch.sort(-a, stable=True).indices[:k]] = True
+            assert torch.equal(steps.topk_mask(a.view(1, -1), k).view(-1), ref), (n, k)
 
 
 def test_device_radix_select_matches_a_sort():

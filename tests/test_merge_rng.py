@@ -30,12 +30,12 @@ def py_uniform(seed, name, expert, purpose, i):
     return (x >> 8) / 2**24
 
 
-def test_lowbias32_matches_python_reference():
-    assert py_lowbias32(0) == 0
-    assert rng._signed(0x846CA68B) == 0x846CA68B - 2**32
-    t = torch.tensor([1, 2, 0x7FFFFFFF, -1], dtype=torch.int32)
-    got = rng._lowbias32_(t.clone()).tolist()
-    want = [py_lowbias32(v & 0xFFFFFFFF) for v in [1, 2, 0x7FFFFFFF, 0xFFFFFFFF]]
+@pytest.mark.parametrize("offset", [0, 2**31 - 2, 2**32 - 4])
+def test_random_bits_are_the_reference_hash_in_all_32_bits(offset):
+    """All 32 bits (uniform keeps 24), across the int32 sign boundary of counters and keys."""
+    key = rng.stream_key(3, "model.norm.weight", 0, "mask")
+    got = rng.random_bits(key, offset, 4).tolist()
+    want = [py_lowbias32(py_lowbias32((offset + i) ^ key[0]) ^ key[1]) for i in range(4)]
     assert [g & 0xFFFFFFFF for g in got] == want
 
 

@@ -23,6 +23,7 @@ def settings(paper, bench):
     return mfconfig.generation_settings(mfconfig.load(ROOT / "config" / f"{paper}.yaml"), bench)
 
 
+@pytest.mark.slow
 def test_della_protocol():
     assert settings("della", "alpaca_eval")["template"] == VICUNA
     gsm = settings("della", "gsm8k")
@@ -35,6 +36,7 @@ def test_della_protocol():
     assert {s["backend"] for s in (gsm, mbpp)} == {"hf"} and gsm["batch_size"] == 1
 
 
+@pytest.mark.slow
 def test_m3_protocol():
     gsm = settings("m3", "gsm8k")
     assert gsm["template"].endswith("### Response: Let's think step by step.")  # MergeLM keeps the period
@@ -46,6 +48,7 @@ def test_m3_protocol():
     assert settings("m3", "mbpp")["postprocess"] == "code_mergelm"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper", ["della", "m3", "config"])
 def test_configs_name_the_package_templates_and_keep_no_copy(paper):
     """One copy of each prompt string: the package's, which configs name."""
@@ -64,6 +67,7 @@ def test_configs_name_the_package_templates_and_keep_no_copy(paper):
     assert settings(paper, "gsm8k")["template"] == expected
 
 
+@pytest.mark.slow
 def test_judges_are_the_papers():
     della = mfconfig.load(ROOT / "config" / "della.yaml")
     m3 = mfconfig.load(ROOT / "config" / "m3.yaml")

@@ -97,6 +97,7 @@ def reduced_demo_config(path: Path, inputs: Path) -> str:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["demo"]["enabled"] = False
     cfg["robustness"] = {"enabled": False}  # its demo inputs come from the demo stage
+    cfg["judge"]["agreement"] = {}  # so do the judge's labelled requests
     cfg["models"] = {name: {"path": str(inputs / "models" / name)} for name in ("base", "lm", "math")}
     cfg["base_model"] = "base"
     cfg["merges"] = [

@@ -54,6 +54,7 @@ def test_every_table_names_the_judge_and_the_papers_judge(tmp_path):
         assert path.read_text().rstrip().endswith(f"% {note}"), path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper", ["della", "m3"])
 def test_paper_configs_name_judges_that_exist_and_record_the_papers(paper):
     from mergeflow.scoring.alpaca import resolve_annotator

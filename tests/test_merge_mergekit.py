@@ -66,6 +66,7 @@ def models_block(experts, **per_model):
     return [{"model": str(experts[e]), "parameters": {k: v[e] for k, v in per_model.items()}} for e in EXPERTS]
 
 
+@pytest.mark.slow
 def test_task_arithmetic_matches_mergekit(zoo, tmp_path):
     base, experts = zoo
     theirs = run_mergekit({"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
@@ -75,6 +76,7 @@ def test_task_arithmetic_matches_mergekit(zoo, tmp_path):
     compare(ours, theirs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ties_matches_mergekit_exactly(zoo, tmp_path):
     base, experts = zoo
     density = {"lm": 0.4, "math": 0.4, "code": 0.4}
@@ -86,6 +88,7 @@ def test_ties_matches_mergekit_exactly(zoo, tmp_path):
     assert compare(ours, theirs, atol=0.0) == 0.0
 
 
+@pytest.mark.slow
 def test_linear_matches_our_average(zoo, tmp_path):
     _, experts = zoo
     theirs = run_mergekit({"merge_method": "linear", "dtype": "float32",

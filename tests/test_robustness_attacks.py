@@ -59,6 +59,7 @@ def test_deepwordbug_respects_a_small_edit_budget():
     assert len(res.edits) <= 1
 
 
+@pytest.mark.slow
 def test_bertattack_substitutes_masked_lm_candidates(tmp_path):
     from mergeflow.robustness.demo import build_tiny_mlm
 

@@ -36,6 +36,7 @@ def _doc(category, qid):
         ("if-demo-4", "Only one paragraph.", 0.0),
     ],
 )
+@pytest.mark.slow
 def test_instruction_following_scores(qid, answer, expected):
     result = livebench.score_instruction_following(_doc("instruction_following", qid), answer)
     assert result["score"] == pytest.approx(expected)
@@ -90,6 +91,7 @@ def test_pickled_objects_in_private_tests_are_refused():
         livebench.decode_tests(doc)
 
 
+@pytest.mark.slow
 def test_coding_scores_by_execution_in_the_sandbox():
     docs = {r["question_id"]: r for r in demo.livebench_rows("coding")}
     fence = "```python\n{}\n```"

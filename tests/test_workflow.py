@@ -20,12 +20,14 @@ def snakemake(*args, cwd=ROOT, check=False):
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=check)
 
 
+@pytest.mark.slow
 def test_lint_is_clean():
     res = snakemake("--lint")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Congratulations" in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_lists_every_stage():
     res = snakemake("-n", "--cores", "2", "--quiet", "rules")
     out = res.stdout + res.stderr
@@ -35,6 +37,7 @@ def test_dry_run_lists_every_stage():
         assert re.search(rf"^{rule}\s+\d+", out, re.M), f"rule {rule} missing from the dry run:\n{out}"
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["merges"][1]["params"]["window_sise"] = 0.1
@@ -189,6 +192,7 @@ def test_every_env_file_parses():
         assert "dependencies" in spec and "channels" in spec, env_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper", ["della", "m3"])
 def test_paper_config_dry_runs_offline(paper):
     res = snakemake("-n", "--cores", "4", "--quiet", "rules", "--configfile", f"config/{paper}.yaml")

@@ -72,6 +72,7 @@ def test_engine_and_config_share_the_registry_check():
     assert err.value.key == "window_size" and "(0, 1]" in err.value.detail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["window_size", "m3_one_expert", "base_as_expert"])
 def test_bad_merge_params_fail_snakemake_dry_run(demo, case, tmp_path):
     mutate, method, key = BAD[case]

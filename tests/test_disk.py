@@ -100,6 +100,7 @@ def test_keep_merges_keeps_the_checkpoints(tmp_path, demo_specs):
     assert len(merge_outputs) == len(specs) and not any("(nodelocal)" in line for line in merge_outputs)
 
 
+@pytest.mark.slow
 def test_keep_merges_must_be_a_boolean(tmp_path):
     res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile",
                           str(write_config(tmp_path, keep_merges="yes"))], cwd=ROOT, capture_output=True, text=True,

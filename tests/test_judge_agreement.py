@@ -170,6 +170,7 @@ def test_bad_recorded_files_are_clear_errors(tmp_path, capsys):
     assert "record 0 lacks ['output_2', 'preference']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_dry_run_lists_the_agreement_job():
     res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--quiet", "rules"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)

@@ -148,6 +148,7 @@ def _no_job_ran(work: Path) -> None:
     assert not (work / "results" / "logs").exists(), list((work / "results" / "logs").rglob("*"))
 
 
+@pytest.mark.slow
 def test_run_stops_before_any_job_when_the_endpoint_does_not_serve_the_judge(endpoint, tmp_path):
     work, config = _workdir(tmp_path, endpoint.base_url)
     res = _snakemake(work, config, TARGET, key="sk-preflight")
@@ -159,6 +160,7 @@ def test_run_stops_before_any_job_when_the_endpoint_does_not_serve_the_judge(end
     assert "sk-preflight" not in out
 
 
+@pytest.mark.slow
 def test_run_stops_before_any_job_without_the_key(tmp_path):
     work, config = _workdir(tmp_path, HOSTED_URL)
     res = _snakemake(work, config, TARGET)

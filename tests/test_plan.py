@@ -106,6 +106,7 @@ def test_configs_plan_and_match_the_dry_run(name):
     assert "peak, keep_merges: true" in text and "GPU-hours" in text
 
 
+@pytest.mark.slow
 def test_paper_plans_name_the_substitute_judge_and_the_papers():
     plan = build_plan(mfconfig.load(ROOT / "config" / "della.yaml"), root=ROOT)
     gsm8k, alpaca = plan["judge"]["gsm8k_judge"], plan["judge"]["alpaca_eval"]

@@ -297,6 +297,7 @@ def job_resources(dry_run_output: str) -> dict[str, list[dict[str, str]]]:
     return found
 
 
+@pytest.mark.slow
 def test_snakemake_reads_profile_yaml_and_config_yaml_is_a_link_to_it():
     from snakemake.cli import get_profile_dir
 

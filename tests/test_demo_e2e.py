@@ -54,6 +54,18 @@ def _jobs(dry_run_output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+)$", table.group(1), re.M)}
 
 
+def test_demo_zoo_has_the_recorded_bytes(demo_run):
+    """The full seed-0 zoo is the same bytes on every x86-64 CPU (pinned kernels, docs/demo.md)."""
+    import hashlib
+    import json
+
+    work, _ = demo_run
+    got = {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted((work / "resources/demo/models").glob("*/model.safetensors"))}
+    recorded = json.loads((ROOT / "tests/data/demo_zoo_sha256.json").read_text())
+    assert got == recorded["full"], f"demo zoo bytes drifted (recorded with torch {recorded['torch']})"
+
+
 def test_demo_produces_scores_for_every_model_and_benchmark(demo_run):
     work, elapsed = demo_run
     scores = pd.read_csv(work / "results" / "scores.csv")

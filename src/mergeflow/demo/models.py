@@ -33,7 +33,7 @@ class ZooSpec:
     finetune_optimizer: str = "sgd"
     lr_finetune: float = 0.05
     lr_judge: float = 2e-3
-    threads: int = 2  # torch threads while training; fixed: bits agree at 1 and 2 threads, not at 16
+    threads: int = 2  # torch threads while training; fixed, whatever the CPUs: the bits depend on it
 
 
 FULL = ZooSpec()

@@ -23,7 +23,7 @@ DEMO_CORES = 2
 DEMO_DISK: dict[Path, DiskSampler] = {}  # the demo run's disk sampler, by work dir
 
 
-def _snakemake(workdir: Path, *args, timeout=900):
+def _snakemake(workdir: Path, *args, timeout=2400):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
@@ -85,9 +85,8 @@ def test_demo_produces_scores_for_every_model_and_benchmark(demo_run):
     tables = sorted(p.name for p in (work / "results" / "tables").glob("*.md"))
     assert "scores.md" in tables and any(t.startswith("merges_") for t in tables)
     assert "judge_agreement.md" in tables  # the demo judge against its labels (judge.agreement)
-    # A hang guard, not a benchmark: the 10-minute budget is measured on an idle box
-    # (README: 6m59s); a shared 2-core CI box under load can take longer.
-    assert elapsed < 1200, f"demo took {elapsed:.0f}s"
+    # A hang guard, not a benchmark (the demo's time is measured in README and benchmarks/README.md)
+    assert elapsed < 2400, f"demo took {elapsed:.0f}s"
 
 
 def test_demo_adds_robustness_rows_with_and_without_m3(demo_run):

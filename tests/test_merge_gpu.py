@@ -79,6 +79,13 @@ def zoo(tiny_model_dir, tmp_path_factory):
     ("ties", {"density": 0.3, "trim_scope": "model"}),
     ("m3", {"combine": "ties", "density": 0.5}),
     ("task_arithmetic", {"weights": [1.0, 0.5, 0.25]}),
+    ("m3", {"combine": "ties", "density": 0.5, "trim_scope": "model"}),
+    ("dare", {"drop_rate": 0.5, "combine": "ties", "density": 0.5, "trim_scope": "model"}),
+    ("nodrop", {}),
+    ("dare_noelect", {}),
+    ("ties_noelect", {"density": 0.7}),
+    ("della_randrank", {}),
+    ("della_randrank_layer", {}),
 ])
 def test_cpu_and_cuda_merges_are_identical(zoo, tmp_path, method, params):
     base, experts = zoo

@@ -86,6 +86,10 @@ def zoo(tiny_model_dir, tmp_path_factory):
     ("ties_noelect", {"density": 0.7}),
     ("della_randrank", {}),
     ("della_randrank_layer", {}),
+    ("average", {}),
+    ("della_noelect", {}),
+    ("dare", {"drop_rate": 0.3, "combine": "average"}),
+    ("della", {"weights": [1.0, 0.7, 0.3]}),
 ])
 def test_cpu_and_cuda_merges_are_identical(zoo, tmp_path, method, params):
     base, experts = zoo

@@ -199,7 +199,7 @@ def bernoulli_drop_(delta, drop_rate: float, rescale: str, key, offset: int):
     del u
     delta.mul_(mask)
     if rescale == "inverse":
-        delta.div_(keep)
+        div_exact_(delta, keep)
     elif rescale == "l1":
         rescale_l1_(delta, l1)
     return delta
@@ -388,7 +388,7 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
     plain = torch.zeros_like(deltas[0])
     for d, w, m in zip(deltas, weights, fuse_weights):
         agree = (d * gamma) > 0
-        raw = d.div_(w) if w != 1.0 else d
+        raw = div_exact_(d, w) if w != 1.0 else d
         raw.mul_(agree)
         plain.add_(raw)
         cnt.add_(agree)
@@ -399,6 +399,14 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
     if bool(fallback.any()):
         mixed = torch.where(fallback, plain / cnt.clamp(min=1), mixed)
     return mixed
+
+
+def div_exact_(x, divisor):
+    """x / divisor in place, correctly rounded on every device: CUDA turns a division by a
+    Python scalar into a multiplication by its reciprocal, a 0-dim tensor divisor it does not."""
+    import torch
+
+    return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))
 
 
 def weighted_sum(deltas, weights):
@@ -413,7 +421,7 @@ def weighted_mean(deltas, weights):
     """sum_t w_t x_t / sum_t w_t (average; `*_noelect` fuse), as mergekit guards it."""
     total = sum(weights)
     out = weighted_sum(deltas, weights)
-    return out.div_(total) if abs(total) >= 1e-8 else out
+    return div_exact_(out, total) if abs(total) >= 1e-8 else out
 
 
 def scale_add(base, tau, lam: float):

@@ -316,16 +316,24 @@ def _task_arithmetic(params, experts, seed):
     return Recipe(fuse="sum", lam=lam, weights=w), {"lambda": lam, "weights": w}
 
 
-@register("ties")
-def _ties(params, experts, seed):
-    m = "ties"
-    p = _take(m, params, {"lambda": 1.0, "weights": None, "density": None, "mask_rate": None,
-                          "trim_scope": "tensor"})
-    w = _weights(m, "weights", p["weights"], experts)
-    lam = _number(m, "lambda", p["lambda"])
-    trim = _trim_part(m, p)
-    resolved = {"lambda": lam, "weights": w, "density": trim["trim_density"], "trim_scope": trim["trim_scope"]}
-    return Recipe(elect=True, fuse="disjoint", lam=lam, weights=w, **trim), resolved
+def _ties_builder(name, elect):
+    """TIES: magnitude top-k trim, then sign election and disjoint mean (or, without
+    election, the weighted mean of the trimmed deltas: the fork's ties_noelect), times lambda."""
+
+    def build(params, experts, seed):
+        m = name
+        p = _take(m, params, {"lambda": 1.0, "weights": None, "density": None, "mask_rate": None,
+                              "trim_scope": "tensor"})
+        w = _weights(m, "weights", p["weights"], experts)
+        lam = _number(m, "lambda", p["lambda"])
+        trim = _trim_part(m, p)
+        resolved = {"lambda": lam, "weights": w, "density": trim["trim_density"], "trim_scope": trim["trim_scope"]}
+        return Recipe(elect=elect, fuse="disjoint" if elect else "mean", lam=lam, weights=w, **trim), resolved
+
+    REGISTRY[name] = build
+
+
+_ties_builder("ties", elect=True)
 
 
 @register("dare")
@@ -398,18 +406,7 @@ _della_builder("della_randrank", "magprune", elect=True, prune_score="random")  
 _della_builder("della_randrank_layer", "magprune", elect=True, prune_scope="tensor", prune_score="random")
 
 
-@register("ties_noelect")
-def _ties_noelect(params, experts, seed):
-    """Table 4 "TIES": per-tensor magnitude top-k, no election, weighted mean of the deltas
-    (the fork's ties_noelect), times lambda."""
-    m = "ties_noelect"
-    p = _take(m, params, {"lambda": 1.0, "weights": None, "density": None, "mask_rate": None,
-                          "trim_scope": "tensor"})
-    w = _weights(m, "weights", p["weights"], experts)
-    lam = _number(m, "lambda", p["lambda"])
-    trim = _trim_part(m, p)
-    resolved = {"lambda": lam, "weights": w, "density": trim["trim_density"], "trim_scope": trim["trim_scope"]}
-    return Recipe(elect=False, fuse="mean", lam=lam, weights=w, **trim), resolved
+_ties_builder("ties_noelect", elect=False)  # Table 4 "TIES"
 
 
 @register("m3")

@@ -324,7 +324,7 @@ def test_profile_gives_paper_runs_gpus_and_the_demo_none():
             assert {k: res.get(k) for k in want} == want, (rule, res)
     # (a dry run does not tell local rules apart: the SLURM test checks they were not submitted)
 
-    demo = job_resources(dry_run(ROOT, "--workflow-profile", PROFILE))
+    demo = job_resources(dry_run(ROOT, "--workflow-profile", PROFILE, "--configfile", "config/config.yaml"))
     for rule in ("merge", "generate"):
         assert {res.get("gpu") for res in demo[rule]} == {"0"}, (rule, demo[rule][0])
     assert {res.get("runtime") for res in demo["demo_assets"]} == {"30"}

@@ -217,6 +217,8 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
     configfile = "config/slurm_test.yaml"
     expected_jobs = job_counts(dry_run(remote, "--quiet", "rules", "--configfile", configfile))
     assert expected_jobs == {"fetch_data": 2, "merge": 1, "generate": 2, "score": 2, "aggregate": 1, "all": 1}
+    # each job's resources as the profile gives them, read before the run (after it, nothing is left to run)
+    per_job = job_resources(dry_run(remote, "--workflow-profile", PROFILE, "--configfile", configfile))
 
     local_run = Snakemake(local, "--cores", "2", "--configfile", configfile)
     slurm_run = Snakemake(
@@ -257,7 +259,6 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
     # the group job: merge, then its two generate jobs side by side. Snakemake adds up the
     # memory of parallel jobs and takes the max of jobs in sequence, and the other way round
     # for runtime; each job's memory from the config's resources block, runtime from the profile.
-    per_job = job_resources(dry_run(remote, "--workflow-profile", PROFILE, "--configfile", configfile))
     (merge_res,), gens = per_job["merge"], per_job["generate"]
     mem_mb = max(int(merge_res["mem_mb"]), sum(int(g["mem_mb"]) for g in gens))
     minutes = int(merge_res["runtime"]) + max(int(g["runtime"]) for g in gens)

@@ -113,25 +113,17 @@ def load_alpaca_recorded(path: str | Path, limit: int | None = None) -> tuple[li
 
 def load_gsm8k_recorded(path: str | Path, limit: int | None = None) -> tuple[list[dict], int]:
     """(labelled GSM8K judging records, first `limit` of them; 0 skipped)."""
+    from mergeflow.scoring.results import jsonl_objects
+
     path = Path(path)
-    if not path.is_file():
-        raise MergeflowError(f"recorded GSM8K judgments not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MergeflowError(f"{path}:{lineno}: not valid JSON ({err})") from None
-            missing = [k for k in GSM8K_FIELDS if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
-            if missing:
-                raise MergeflowError(f"{path}:{lineno}: recorded GSM8K judgment lacks string field(s) {missing}")
-            if rec["verdict"] not in GSM8K_VERDICTS:
-                raise MergeflowError(
-                    f"{path}:{lineno}: verdict must be one of {GSM8K_VERDICTS}, got {rec['verdict']!r}")
-            records.append(rec)
+    for lineno, rec in jsonl_objects(path, "recorded GSM8K judgments"):
+        missing = [k for k in GSM8K_FIELDS if not isinstance(rec.get(k), str)]
+        if missing:
+            raise MergeflowError(f"{path}:{lineno}: recorded GSM8K judgment lacks string field(s) {missing}")
+        if rec["verdict"] not in GSM8K_VERDICTS:
+            raise MergeflowError(f"{path}:{lineno}: verdict must be one of {GSM8K_VERDICTS}, got {rec['verdict']!r}")
+        records.append(rec)
     return _limited(records, limit, path), 0
 
 

@@ -13,12 +13,12 @@ from mergeflow.errors import MergeflowError
 GENERATION_FIELDS = ("doc_id", "prompt", "output", "completion")
 
 
-def read_generations(path: str | Path) -> list[dict]:
-    """Generation records (`doc_id`, `prompt`, `output`, `completion`), in file order."""
+def jsonl_objects(path: str | Path, what: str):
+    """(line number, object) of each non-blank line of a JSONL file; a one-line error naming
+    the file and line for a missing file, invalid JSON or a line that is not an object."""
     path = Path(path)
     if not path.is_file():
-        raise MergeflowError(f"generations file not found: {path}")
-    records, seen = [], {}
+        raise MergeflowError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -29,18 +29,26 @@ def read_generations(path: str | Path) -> list[dict]:
                 raise MergeflowError(f"{path}:{lineno}: not valid JSON ({err})") from None
             if not isinstance(rec, dict):
                 raise MergeflowError(f"{path}:{lineno}: expected a JSON object")
-            missing = [k for k in GENERATION_FIELDS if k not in rec]
-            if missing:
-                raise MergeflowError(f"{path}:{lineno}: generation record lacks {missing}")
-            for key in GENERATION_FIELDS:
-                if not isinstance(rec[key], str):
-                    raise MergeflowError(f"{path}:{lineno}: field {key!r} must be a string")
-            if rec["doc_id"] in seen:
-                raise MergeflowError(
-                    f"{path}: lines {seen[rec['doc_id']]} and {lineno} both hold doc_id {rec['doc_id']!r}"
-                )
-            seen[rec["doc_id"]] = lineno
-            records.append(rec)
+            yield lineno, rec
+
+
+def read_generations(path: str | Path) -> list[dict]:
+    """Generation records (`doc_id`, `prompt`, `output`, `completion`), in file order."""
+    path = Path(path)
+    records, seen = [], {}
+    for lineno, rec in jsonl_objects(path, "generations file"):
+        missing = [k for k in GENERATION_FIELDS if k not in rec]
+        if missing:
+            raise MergeflowError(f"{path}:{lineno}: generation record lacks {missing}")
+        for key in GENERATION_FIELDS:
+            if not isinstance(rec[key], str):
+                raise MergeflowError(f"{path}:{lineno}: field {key!r} must be a string")
+        if rec["doc_id"] in seen:
+            raise MergeflowError(
+                f"{path}: lines {seen[rec['doc_id']]} and {lineno} both hold doc_id {rec['doc_id']!r}"
+            )
+        seen[rec["doc_id"]] = lineno
+        records.append(rec)
     if not records:
         raise MergeflowError(f"generations file is empty: {path}")
     return records

@@ -16,21 +16,18 @@ def add_parser(subparsers) -> None:
         "judge", help="LLM judge: GSM8K judging, agreement with recorded judgments, local judge server")
     sub = parser.add_subparsers(dest="judge_command", required=True, metavar="JUDGE_COMMAND")
 
-    gsm8k = sub.add_parser("gsm8k", help="judge GSM8K responses against the reference solution (DELLA)")
-    gsm8k.add_argument("--data", required=True, help="GSM8K data file (.jsonl)")
-    gsm8k.add_argument("--generations", required=True, help="generation records (.jsonl)")
-    gsm8k.add_argument("--settings", required=True, help="judge settings: JSON object or file")
-    gsm8k.add_argument("--out", required=True, help="score file to write (.json)")
-    gpus.add_argument(gsm8k)  # for a judge server launched on the job's GPU(s)
-    gsm8k.set_defaults(func=run_gsm8k)
+    def judging(name, help, data, settings, func):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--data", required=True, help=f"{data} data file (.jsonl)")
+        p.add_argument("--generations", required=True, help="generation records (.jsonl)")
+        p.add_argument("--settings", required=True, help=f"judge settings{settings}: JSON object or file")
+        p.add_argument("--out", required=True, help="score file to write (.json)")
+        gpus.add_argument(p)  # for a judge server launched on the job's GPU(s)
+        p.set_defaults(func=func)
 
-    alpaca = sub.add_parser("alpaca_eval", help="alpaca_eval win rate (as `mergeflow score --benchmark alpaca_eval`)")
-    alpaca.add_argument("--data", required=True, help="AlpacaEval data file (.jsonl)")
-    alpaca.add_argument("--generations", required=True, help="generation records (.jsonl)")
-    alpaca.add_argument("--settings", required=True, help="judge settings (with annotator): JSON object or file")
-    alpaca.add_argument("--out", required=True, help="score file to write (.json)")
-    gpus.add_argument(alpaca)
-    alpaca.set_defaults(func=run_alpaca_eval)
+    judging("gsm8k", "judge GSM8K responses against the reference solution (DELLA)", "GSM8K", "", run_gsm8k)
+    judging("alpaca_eval", "alpaca_eval win rate (as `mergeflow score --benchmark alpaca_eval`)", "AlpacaEval",
+            " (with annotator)", run_alpaca_eval)
 
     preflight = sub.add_parser("preflight", help="check that the judge can answer, before any judging job runs")
     preflight.add_argument("--settings", required=True, help="judge settings: JSON object or file")

@@ -352,7 +352,8 @@ def aggregate_settings(config: dict) -> dict:
     """The config slice `mergeflow aggregate` reads, config-shaped (a full config or a slice
     gives the same slice): what names and labels merges, the protocol's name, `aggregate`
     and the paper's judges. Passed to the aggregate job as its params, so editing one of
-    these reruns the aggregate and nothing else."""
+    these reruns the aggregate and nothing else; so does a model's or a benchmark's pinned
+    revision (scores.csv records them)."""
     shared = config.get("merge") or {}
     return {
         "base_model": config["base_model"],
@@ -362,6 +363,13 @@ def aggregate_settings(config: dict) -> dict:
         "protocol": {"name": (config.get("protocol") or {}).get("name")},
         "aggregate": _deep_defaults(config.get("aggregate") or {}, DEFAULTS["aggregate"]),
         "judge": {"paper": (config.get("judge") or {}).get("paper")},
+        # the pinned Hub revisions of models and data, for scores.csv's provenance columns
+        "revisions": {
+            "models": {name: src["revision"] for name, src in (config.get("models") or {}).items()
+                       if isinstance(src, dict) and src.get("revision")},
+            "benchmarks": {name: src["revision"] for name, src in (config.get("benchmarks") or {}).items()
+                           if isinstance(src, dict) and src.get("revision")},
+        },
     }
 
 

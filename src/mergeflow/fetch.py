@@ -32,6 +32,7 @@ MODEL_FILES = [
     "vocab.json",
     "merges.txt",
 ]
+FETCH_RECORD = "mergeflow_fetch.json"  # in a fetched model dir: source, requested revision, commit
 
 
 def add_parser(subparsers) -> None:
@@ -82,14 +83,22 @@ def fetch_model(source: str, revision: str | None, out: Path | None) -> Path:
     with _hub_errors(source, "model", "a local model directory: --source /path/to/model", revision=revision):
         from huggingface_hub import HfApi, snapshot_download
 
-        files = HfApi().list_repo_files(source, revision=revision)
+        info = HfApi().model_info(source, revision=revision)
+        commit = _check_commit(source, revision, info.sha)
+        files = [s.rfilename for s in info.siblings or []]
         # Prefer safetensors; fall back to pickled .bin shards where a repo has only those.
         if any(f.endswith(".safetensors") for f in files):
             weights = ["*.safetensors", "*.safetensors.index.json"]
         else:
             weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-        snapshot_download(source, revision=revision, local_dir=out, allow_patterns=MODEL_FILES + weights)
-    return check_model_dir(out)
+        # the resolved commit, not the branch: files of one snapshot even if the branch moves meanwhile
+        snapshot_download(source, revision=commit, local_dir=out, allow_patterns=MODEL_FILES + weights)
+    check_model_dir(out)
+    # what checkpoints.model_revision reads: merges record the commit their inputs came from
+    atomic.write_text(out / FETCH_RECORD, json.dumps(
+        {"source": source, "requested_revision": revision, "revision": commit}, indent=1) + "\n")
+    log.info("%s at %s (commit %s) in %s", source, revision or "main", commit, out)
+    return out
 
 
 def run_model(args: argparse.Namespace) -> int:
@@ -135,6 +144,11 @@ def fetch_data(
         rows = []
         for sub in subsets:
             rows.extend(_read_hub(bench, source, sub, split, revision))
+        with _hub_errors(source, "dataset", "a local file: --source FILE.jsonl", revision=revision):
+            from huggingface_hub import HfApi
+
+            commit = _check_commit(source, revision, HfApi().dataset_info(source, revision=revision).sha)
+        log.info("%s at %s is commit %s", source, revision or "main", commit)
         rows = [bench.validate(row, f"{source}[{i}]") for i, row in enumerate(rows)]
     else:
         raise MergeflowError(f"--source {source!r}: no such local file, and not a Hub dataset id (owner/name)")
@@ -159,7 +173,8 @@ def _read_hub(bench, source: str, subset: str | None, split: str, revision: str 
     name = f"{source}" + (f" ({subset})" if subset else "")
     direct = bench.hub is not None and bench.hub.file and source == bench.hub.dataset
     filename = bench.hub.file.format(subset=subset or bench.hub.subsets[0]) if direct else None
-    with _hub_errors(name, "dataset", how, revision=revision, filename=filename, subset=subset, split=split):
+    with _hub_errors(source, "dataset", how, revision=revision, filename=filename, subset=subset, split=split,
+                     label=name):
         if direct:
             # No loader for this dataset in current `datasets`: read the subset's file directly.
             from huggingface_hub import hf_hub_download
@@ -181,8 +196,10 @@ class _hub_errors:
     """Turn Hub failures into a MergeflowError naming the repo and the local-path way out."""
 
     def __init__(self, repo_id: str, kind: str, local_hint: str, revision: str | None = None,
-                 filename: str | None = None, subset: str | None = None, split: str | None = None):
+                 filename: str | None = None, subset: str | None = None, split: str | None = None,
+                 label: str | None = None):
         self.repo_id, self.kind, self.local_hint = repo_id, kind, local_hint
+        self.label = label or repo_id
         self.revision, self.filename, self.subset, self.split = revision, filename, subset, split
 
     def __enter__(self):
@@ -193,15 +210,28 @@ class _hub_errors:
             return False
         from huggingface_hub import errors as hf_errors
 
-        what = f"{self.kind} {self.repo_id}"
+        what = f"{self.kind} {self.label}"
         at = f"at revision {self.revision or 'main'}"
         detail = " ".join(str(exc).split())[:400] or type(exc).__name__
         # LocalEntryNotFoundError (offline, not cached) is also an EntryNotFoundError: the Hub was not asked.
         missing_file = isinstance(exc, getattr(hf_errors, "RemoteEntryNotFoundError", ())) or (
             isinstance(exc, hf_errors.EntryNotFoundError) and not isinstance(exc, hf_errors.LocalEntryNotFoundError))
-        if missing_file:
-            name = repr(self.filename) if self.filename else "a requested file"
-            msg = f"{what} {at}: file {name} not found in the repository on the Hugging Face Hub ({detail})"
+        not_found = isinstance(exc, (hf_errors.RevisionNotFoundError, hf_errors.RepositoryNotFoundError)) or (
+            type(exc).__name__ == "DatasetNotFoundError") or (missing_file and not self.filename)
+        if not_found and not isinstance(exc, hf_errors.GatedRepoError):
+            # Hubs differ in which error a bad revision gets (olah: RepoNotFound, or a 404 on the
+            # tree): ask for the repository at its default branch to tell the two apart.
+            default = self._default_commit()
+            if default is not None and self.revision:
+                msg = (f"{what}: revision {self.revision} not found on the Hugging Face Hub "
+                       f"(the repository exists; its default branch is at commit {default})")
+            elif default is not None:
+                msg = f"{what}: not found on the Hugging Face Hub ({detail})"
+            else:
+                msg = f"{what} not found on the Hugging Face Hub (or private: set HF_TOKEN)"
+        elif missing_file:
+            msg = (f"{what} {at}: file {self.filename!r} not found in the repository on the Hugging Face Hub "
+                   f"({detail})")
         elif isinstance(exc, ValueError) and ("BuilderConfig" in str(exc) or "Config name is missing" in str(exc)):
             config = f"config {self.subset!r} not found" if self.subset else "needs a config"
             msg = f"{what} {at}: dataset {config} (--subset): {detail}"
@@ -209,16 +239,30 @@ class _hub_errors:
             msg = f"{what} {at}: split {self.split!r} not found (--split): {detail}"
         elif isinstance(exc, hf_errors.GatedRepoError):
             msg = f"{what} is gated on the Hugging Face Hub: accept its licence there and set HF_TOKEN"
-        elif isinstance(exc, hf_errors.RevisionNotFoundError):
-            msg = f"{what}: revision not found on the Hugging Face Hub ({exc})"
-        elif isinstance(exc, hf_errors.RepositoryNotFoundError) or type(exc).__name__ == "DatasetNotFoundError":
-            msg = f"{what} not found on the Hugging Face Hub (or private: set HF_TOKEN)"
         else:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
             msg = (f"the Hugging Face Hub is unreachable{offline}: cannot fetch {what} "
                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
                    f"Download it where the Hub is reachable and pass {self.local_hint}")
         raise MergeflowError(msg) from exc
+
+    def _default_commit(self) -> str | None:
+        """The commit of the repository's default branch, or None if it cannot be had."""
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().repo_info(self.repo_id, repo_type=self.kind).sha
+        except Exception:  # noqa: BLE001 (any failure means: no such repository for us)
+            return None
+
+
+def _check_commit(source: str, revision: str | None, commit: str | None) -> str:
+    """The commit a revision resolved to; a full commit hash must resolve to itself."""
+    if not commit:
+        raise MergeflowError(f"{source}: the Hub named no commit for revision {revision or 'main'}")
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision) and commit != revision:
+        raise MergeflowError(f"{source}: revision {revision} resolved to another commit, {commit}")
+    return commit
 
 
 def _warn_unpinned(source: str, revision: str | None) -> None:

@@ -20,6 +20,7 @@ from mergeflow.provenance import TRACKED, versions
 COLUMNS = [
     "model", "role", "merge_id", "method", "family", "dare", "m3", "experts", "benchmark", "metric",
     "value", "stderr", "n", "headline", "scorer", "judge", "protocol", "seed", "params",
+    "model_revision", "data_revision",
 ]
 VERSION_COLUMNS = [f"version_{name}" for name in TRACKED.values()]
 
@@ -87,9 +88,28 @@ def merge_family(method: str, params: dict) -> dict:
     }
 
 
+def model_revision(model: str, specs: dict, metadata: dict, pinned: dict) -> str | None:
+    """The Hub revision a model came from: its pinned revision (base, experts), or for a merge
+    `label=commit` of each input that had one, from what `mergeflow fetch` recorded in the model
+    directory (the merge metadata's inputs)."""
+    if model not in specs:
+        return pinned.get(model)
+    inputs = (metadata.get(model) or {}).get("inputs") or {}
+    named = {"base": inputs.get("base"), **(inputs.get("experts") or {})}
+    revs = [f"{label}={entry['revision']}" for label, entry in named.items() if entry and entry.get("revision")]
+    return ";".join(revs) or None
+
+
+def data_revision(benchmark: str, pinned: dict) -> str | None:
+    """The pinned revision of the benchmark's data (gsm8k_judge scores gsm8k's data)."""
+    names = [name for name in pinned if benchmark == name or benchmark.startswith(f"{name}_")]
+    return pinned[max(names, key=len)] if names else None
+
+
 def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) -> pd.DataFrame:
     specs = mfconfig.merge_specs(config)
     metadata = {Path(p).name.removesuffix(".json"): read_merge_metadata(p) for p in merge_dirs}
+    revisions = config.get("revisions") or {}
     rows = []
     for path in score_files:
         for row in read_score_file(Path(path)):
@@ -123,6 +143,8 @@ def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) ->
                     m3=None,
                 )
             row["protocol"] = config["protocol"].get("name")
+            row["model_revision"] = model_revision(model, specs, metadata, revisions.get("models") or {})
+            row["data_revision"] = data_revision(row["benchmark"], revisions.get("benchmarks") or {})
             rows.append(row)
     if not rows:
         raise MergeflowError("no score rows found: nothing to aggregate")

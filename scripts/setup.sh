@@ -13,6 +13,7 @@ TORCH_SPEC="${MERGEFLOW_TORCH:-$TORCH_PIN}"
 stamp=.venv/.mergeflow-installed
 want="$(cat pyproject.toml envs/constraints.txt | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  bash scripts/setup_test_assets.sh  # olah, real GSM8K rows, the Llama-2 tokenizer (once)
   exit 0
 fi
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "mergeflow needs Python >= 3.11"'
@@ -30,3 +31,4 @@ quiet_pip -c <(grep -v '^torch==' envs/constraints.txt) -e ".[eval,workflow,serv
 .venv/bin/python -c "from mergeflow.merging.direct_cpu import library; library()" 2>/dev/null \
   || echo "mergeflow setup: no C compiler for the CPU merge kernels; CPU merges will use the torch engine"
 echo "$want" > "$stamp"
+bash scripts/setup_test_assets.sh

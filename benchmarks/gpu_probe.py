@@ -70,11 +70,11 @@ def main() -> int:
         timeit(f"{tag} topk_mask tensor", lambda: steps.topk_mask(flat.view(1, -1), k))
         timeit(f"{tag} sorted_columns rows", lambda: steps.sorted_columns(d.abs()))
         key = (123, 456)
-        for backend in ("ptx", "triton", "torch"):
+        for backend in ("triton", "torch"):
             os.environ["MERGEFLOW_GPU_RNG"] = backend
             rng._GPU.clear()
             timeit(f"{tag} uniform {backend}", lambda: rng.uniform(key, 0, shape, dev))
-        os.environ["MERGEFLOW_GPU_RNG"] = "ptx"
+        os.environ["MERGEFLOW_GPU_RNG"] = "triton"
         rng._GPU.clear()
         bf = base.float()
         for name, params in [("task_arithmetic", {}), ("ties", {"density": 0.5}),

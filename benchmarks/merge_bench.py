@@ -29,6 +29,7 @@ SIZES = {
     "0.3b": (1024, 2816, 16, 32000),
     "1b": (2048, 5632, 22, 32000),  # TinyLlama-1.1B shapes
     "2.7b": (2560, 6912, 32, 32000),  # 2.7 B params, 5.4 GB in bf16
+    "13b-rows": (5120, 13824, 8, 32000),  # Llama-2-13B row shapes, 8 layers: 2.87 B params
 }
 
 # method -> (mergeflow method, mergeflow params, mergekit method, mergekit per-model params, global)
@@ -38,6 +39,12 @@ METHODS = {
     "dare_ties": ("dare", {"drop_rate": 0.5, "combine": "ties"}, "dare_ties", {"weight": 1.0, "density": 0.5}, {}),
     "della": ("della", {"drop_rate": 0.3, "window_size": 0.14, "lambda": 1.1}, "della",
               {"weight": 1.0, "density": 0.7, "epsilon": 0.07}, {"lambda": 1.1}),
+    # M3 (mergekit has none): against mergekit's method doing the same work with fixed weights
+    "m3_ta": ("m3", {"alpha": 0.5}, "task_arithmetic", {"weight": 0.33}, {"lambda": 1.0}),
+    "m3_ties": ("m3", {"alpha": 0.5, "combine": "ties", "density": 0.5}, "ties",
+                {"weight": 0.33, "density": 0.5}, {}),
+    "m3_dare": ("m3", {"alpha": 0.5, "dare": {"drop_rate": 0.5}}, "dare_linear", {"weight": 0.33, "density": 0.5},
+                {}),
 }
 
 
@@ -220,32 +227,6 @@ def read_write_floor(dirs: dict[str, Path], out_dir: Path, threads: int, device:
     return res
 
 
-def compare_outputs(a: Path, b: Path) -> dict:
-    """Element-wise comparison of two merges with the same layout (16-bit outputs):
-    shards must match in size; counts elements whose bits differ and the largest
-    difference in units in the last place."""
-    import numpy as np
-
-    files = sorted(f.name for f in a.glob("*.safetensors"))
-    if files != sorted(f.name for f in b.glob("*.safetensors")):
-        return {"same_layout": False}
-    differ, total, max_ulp = 0, 0, 0
-    for name in files:
-        x = np.fromfile(a / name, dtype=np.uint8)
-        y = np.fromfile(b / name, dtype=np.uint8)
-        if x.size != y.size:
-            return {"same_layout": False}
-        start = 8 + int(x[:8].view("<u8")[0])  # header length: the data follows
-        if not np.array_equal(x[:start], y[:start]):
-            return {"same_layout": False}
-        xs, ys = x[start:].view(np.int16).astype(np.int32), y[start:].view(np.int16).astype(np.int32)
-        d = np.abs(xs - ys)
-        differ += int(np.count_nonzero(d))
-        total += d.size
-        max_ulp = max(max_ulp, int(d.max()) if d.size else 0)
-    return {"same_layout": True, "elements": total, "differing": differ, "max_ulp": max_ulp}
-
-
 def _mergekit_yaml() -> str:
     here = Path(sys.executable).parent / "mergekit-yaml"  # the same environment's script
     return str(here) if here.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
@@ -269,10 +250,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each method and tool (interleaved)")
-    ap.add_argument("--compare-engines", action="store_true",
-                    help="compare the outputs of tools mergeflow and mergeflow-torch element by element")
-    ap.add_argument("--normal-exit", action="store_true",
-                    help="also time mergeflow with MERGEFLOW_FAST_EXIT=0 (interpreter teardown)")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir)
@@ -288,13 +265,6 @@ def main(argv=None) -> int:
     print(f"# size {args.size}: {n_params / 1e9:.2f} B params, "
           f"{n_params * 2 / 1e9:.2f} GB per model (bf16); models ready in {time.perf_counter() - t0:.0f} s",
           flush=True)
-    if any(t.startswith("mergeflow") for t in args.tools.split(",")) and args.device == "cpu":
-        # the direct CPU engine compiles its kernels on first use (once per machine and
-        # source version): do that before timing anything
-        t1 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "from mergeflow.merging.direct_cpu import library; library()"],
-                       check=False)
-        print(f"# CPU kernels ready in {time.perf_counter() - t1:.1f} s", flush=True)
     floor = read_write_floor(dirs, work / "floor", args.threads, args.device)
     print(f"# read+write floor: {json.dumps(floor)}", flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -309,14 +279,12 @@ def main(argv=None) -> int:
             out = work / f"out-{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
             log = work / f"log-{tool}-{method}.txt"
-            if tool in ("mergeflow", "mergeflow-torch"):
+            if tool == "mergeflow":
                 cmd = [sys.executable, "-m", "mergeflow.merging", "--method", mf_method, "--base", str(dirs["base"])]
                 for n in ("lm", "math", "code"):
                     cmd += ["--expert", f"{n}={dirs[n]}"]
                 cmd += ["--params", json.dumps(mf_params), "--device", args.device, "--out", str(out),
-                        "--seed", "42"]
-                if tool == "mergeflow-torch":  # the torch engine (`mergeflow` = --engine auto)
-                    cmd += ["--engine", "torch"]
+                        "--seed", "42", "--threads", str(args.threads)]
             else:
                 cfg = work / f"mergekit-{method}.yml"
                 cfg.write_text(json.dumps(mergekit_config(method, dirs)))
@@ -328,53 +296,32 @@ def main(argv=None) -> int:
             res[tool] = {"wall_s": round(wall, 2), "peak_rss_gib": round(rss / 2**30, 2), "rc": rc}
             if rc != 0:
                 print(f"!! {tool} {method} failed (exit {rc}), see {log}:\n" + log.read_text()[-3000:], flush=True)
-            if tool.startswith("mergeflow") and rc == 0:
+            if tool == "mergeflow" and rc == 0:
                 meta = json.loads((out / "mergeflow_merge.json").read_text())
                 res[tool]["engine"] = meta.get("engine")
                 res[tool]["timings"] = dict(meta.get("timings") or {}, engine_s=meta["wall_time_s"])
                 # before the engine starts: interpreter, imports (torch), CLI; after: exit
                 res[tool]["outside_engine_s"] = round(wall - meta["wall_time_s"], 3)
-            if not (args.compare_engines and tool.startswith("mergeflow")):
-                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
             print(f"  {method:16s} {tool:15s} {wall:7.2f} s  peak RSS {rss / 2**30:6.2f} GiB"
                   + (f"  {res[tool]['timings']}" if "timings" in res[tool] else ""), flush=True)
-        if args.compare_engines:
-            a, b = work / f"out-mergeflow-{method}", work / f"out-mergeflow-torch-{method}"
-            if a.exists() and b.exists():
-                res["engines_compared"] = compare_outputs(a, b)
-                print(f"  {method:16s} direct vs torch engine: {res['engines_compared']}", flush=True)
-            shutil.rmtree(a, ignore_errors=True)
-            shutil.rmtree(b, ignore_errors=True)
-        if args.normal_exit and "mergeflow" in res and rep == 0:
-            out = work / "out-mergeflow-normal-exit"
-            cmd = [sys.executable, "-m", "mergeflow.merging", "--method", mf_method, "--base", str(dirs["base"])]
-            for n in ("lm", "math", "code"):
-                cmd += ["--expert", f"{n}={dirs[n]}"]
-            cmd += ["--params", json.dumps(mf_params), "--device", args.device, "--out", str(out)]
-            wall, rss, rc = run_child(cmd, dict(env, MERGEFLOW_FAST_EXIT="0"), work / "log-normal-exit.txt")
-            res["mergeflow_normal_exit"] = {"wall_s": round(wall, 2), "rc": rc}
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"  {method:16s} {'(normal exit)':10s} {wall:7.2f} s", flush=True)
         if "mergeflow" in res and "mergekit" in res:
             res["speedup"] = round(res["mergekit"]["wall_s"] / res["mergeflow"]["wall_s"], 2)
             res["rss_ratio"] = round(res["mergeflow"]["peak_rss_gib"] / max(res["mergekit"]["peak_rss_gib"], 1e-9), 2)
-        if "mergeflow-torch" in res and "mergekit" in res:
-            res["speedup_torch_engine"] = round(res["mergekit"]["wall_s"] / res["mergeflow-torch"]["wall_s"], 2)
         rows.append(res)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
     print()
-    print("| size | method | device | mergeflow s (merge phase) [engine] | mergekit s | speedup | "
-          "RSS mergeflow / mergekit GiB | torch engine s (speedup) | floor s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| size | method | device | mergeflow s (merge phase) | mergekit s | speedup | "
+          "RSS mergeflow / mergekit GiB | floor s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mf, mk, mt = r.get("mergeflow", {}), r.get("mergekit", {}), r.get("mergeflow-torch", {})
+        mf, mk = r.get("mergeflow", {}), r.get("mergekit", {})
         phase = (mf.get("timings") or {}).get("merge_s")
         print(f"| {r['size']} | {r['method']} | {r['device']} | {mf.get('wall_s', '-')} ({phase}) "
-              f"[{mf.get('engine', '-')}] | {mk.get('wall_s', '-')} | {r.get('speedup', '-')} | "
-              f"{mf.get('peak_rss_gib', '-')} / {mk.get('peak_rss_gib', '-')} | {mt.get('wall_s', '-')} "
-              f"({r.get('speedup_torch_engine', '-')}) | {floor['floor_s']} |")
+              f"| {mk.get('wall_s', '-')} | {r.get('speedup', '-')} | "
+              f"{mf.get('peak_rss_gib', '-')} / {mk.get('peak_rss_gib', '-')} | {floor['floor_s']} |")
     return 0
 
 

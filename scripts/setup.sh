@@ -26,9 +26,5 @@ echo "mergeflow setup: installing $TORCH_SPEC and the pinned stack into .venv (a
 quiet_pip "$TORCH_SPEC"
 # (torch's own pin left out: the torch just installed stays, whatever MERGEFLOW_TORCH chose)
 quiet_pip -c <(grep -v '^torch==' envs/constraints.txt) -e ".[eval,workflow,serve,dev]"
-# the direct merge engine's CPU kernels are compiled on first use: do it now, once (a
-# machine without a C compiler merges with the torch engine instead)
-.venv/bin/python -c "from mergeflow.merging.direct_cpu import library; library()" 2>/dev/null \
-  || echo "mergeflow setup: no C compiler for the CPU merge kernels; CPU merges will use the torch engine"
 echo "$want" > "$stamp"
 bash scripts/setup_test_assets.sh

@@ -1,5 +1,5 @@
-"""Agreement with mergekit 0.1.5 (PyPI) on tiny real checkpoints: task_arithmetic, ties
-and linear (our `average`), run through mergekit's own Python entry point."""
+"""Agreement with mergekit 0.1.5 (PyPI) on tiny real checkpoints: task_arithmetic, ties,
+linear (our `average`) and slerp, run through mergekit's own Python entry point."""
 
 from __future__ import annotations
 
@@ -94,4 +94,16 @@ def test_linear_matches_our_average(zoo, tmp_path):
     theirs = run_mergekit({"merge_method": "linear", "dtype": "float32",
                            "models": models_block(experts, weight=WEIGHTS)}, tmp_path / "mk")
     ours = run_ours("average", {"weights": WEIGHTS}, None, experts, tmp_path / "mf")
+    compare(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_slerp_matches_mergekit(zoo, tmp_path):
+    _, experts = zoo
+    # mergekit: t = 0 is its base_model, t = 1 the other model; ours: the first and second expert
+    theirs = run_mergekit({"merge_method": "slerp", "base_model": str(experts["lm"]), "dtype": "float32",
+                           "parameters": {"t": 0.35},
+                           "models": [{"model": str(experts["lm"])}, {"model": str(experts["math"])}]},
+                          tmp_path / "mk")
+    ours = run_ours("slerp", {"t": 0.35}, None, {"lm": experts["lm"], "math": experts["math"]}, tmp_path / "mf")
     compare(ours, theirs, atol=1e-6)

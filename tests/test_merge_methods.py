@@ -414,7 +414,7 @@ def test_rescaled_deltas_are_unbiased(kind):
     ("task_arithmetic", {"weights": {"nope": 1}}, "weights"),
     ("task_arithmetic", {"lambda": "big"}, "lambda"),
     ("m3", {"combine": "slerp"}, "combine"),
-    ("m3", {"dare": {"drop_rate": 0.3, "p": 1}}, "p"),
+    ("m3", {"dare": {"drop_rate": 0.3, "p": 1}}, "dare.p"),
 ])
 def test_bad_params_name_the_key(method, params, key):
     with pytest.raises(MergeflowError, match=repr(key)):
@@ -422,8 +422,8 @@ def test_bad_params_name_the_key(method, params, key):
 
 
 def test_unknown_method_is_named():
-    with pytest.raises(MergeflowError, match="'slerp'"):
-        methods.build("slerp", {}, ["a"], 0)
+    with pytest.raises(MergeflowError, match="'slurp'"):
+        methods.build("slurp", {}, ["a"], 0)
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -24,10 +24,10 @@ def models(tiny_model_dir, tmp_path_factory):
     return tiny_model_dir, {n: make_expert(tiny_model_dir, root / n, i + 1) for i, n in enumerate(("a", "b"))}
 
 
-def merge(models, out, *extra, engine="torch"):
+def merge(models, out, *extra):
     base, experts = models
     argv = ["merge", "--method", "task_arithmetic", "--base", str(base), "--out", str(out), "--device", "cpu",
-            "--engine", engine, *extra]
+            *extra]
     for name, path in experts.items():
         argv += ["--expert", f"{name}={path}"]
     return main(argv)
@@ -104,8 +104,7 @@ def _fake_temp(out: Path, pid: int, files=("model.safetensors", "config.json")) 
     return tmp
 
 
-@pytest.mark.parametrize("engine", ["torch", "direct"])
-def test_temporaries_of_dead_merges_are_removed_live_ones_kept(models, tmp_path, engine):
+def test_temporaries_of_dead_merges_are_removed_live_ones_kept(models, tmp_path):
     out = tmp_path / "merged"
     dead = _fake_temp(out, _dead_pid())
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live_proc, \
@@ -116,7 +115,7 @@ def test_temporaries_of_dead_merges_are_removed_live_ones_kept(models, tmp_path,
             reused = _fake_temp(out, reused_proc.pid)  # pid taken by a process younger than the temporary
             os.utime(reused, (time.time() - 3600, time.time() - 3600))
             foreign = _fake_temp(out, _dead_pid(), files=("model.safetensors", "my_notes.txt"))
-            assert merge(models, out, engine=engine) == 0
+            assert merge(models, out) == 0
             assert not dead.exists() and not reused.exists()
             assert live.is_dir() and foreign.is_dir() and (foreign / "my_notes.txt").exists()
         finally:
@@ -124,13 +123,12 @@ def test_temporaries_of_dead_merges_are_removed_live_ones_kept(models, tmp_path,
             reused_proc.kill()
 
 
-@pytest.mark.parametrize("engine", ["torch", "direct"])
 def test_full_disk_is_a_clean_error_leaving_previous_output_and_no_temporary(models, tmp_path, capsys,
-                                                                               monkeypatch, engine):
+                                                                               monkeypatch):
     from mergeflow import checkpoints
 
     out = tmp_path / "merged"
-    assert merge(models, out, engine=engine) == 0
+    assert merge(models, out) == 0
     before = tree(out)
     capsys.readouterr()
 
@@ -138,7 +136,7 @@ def test_full_disk_is_a_clean_error_leaving_previous_output_and_no_temporary(mod
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(checkpoints, "_pwrite_all", full)
-    assert merge(models, out, engine=engine) == 2
+    assert merge(models, out) == 2
     one_error_line(capsys, f"--out {out}", "no space left")
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
@@ -196,17 +194,16 @@ def small_disk(tmp_path):
     assert not busy, f"files left open on {busy}"
 
 
-@pytest.mark.parametrize("engine", ["torch", "direct"])
-def test_a_real_full_disk_keeps_the_previous_output(models, tmp_path, capsys, small_disk, engine):
+def test_a_real_full_disk_keeps_the_previous_output(models, tmp_path, capsys, small_disk):
     probe = tmp_path / "probe"
-    assert merge(models, probe, engine=engine) == 0
+    assert merge(models, probe) == 0
     size = sum(p.stat().st_size for p in probe.iterdir())
     disk = small_disk(size * 3 // 2 + 65536)  # room for one output, not for a second beside it
     out = disk / "merged"
-    assert merge(models, out, engine=engine) == 0
+    assert merge(models, out) == 0
     before = tree(out)
     capsys.readouterr()
-    assert merge(models, out, engine=engine) == 2
+    assert merge(models, out) == 2
     one_error_line(capsys, f"--out {out}", "no space left")
     assert tree(out) == before
     assert sorted(p.name for p in disk.iterdir()) == ["merged"]

@@ -100,31 +100,3 @@ def test_cpu_fast_path_equals_the_tensor_op_hash(offset):
     ref = ((bits >> 8) & 0xFFFFFF).to(torch.float32) / 2**24
     assert torch.equal(fast, ref)
     assert fast[-1].item() == py_uniform(5, "model.embed_tokens.weight", 1, "dare", offset + n - 1)
-
-
-def test_early_cuda_setup_is_reused_not_pinned_again(monkeypatch):
-    """A library caller that starts the early CUDA set-up twice gets the first one back
-    (its pinned allocation lives as long as the process) unless it needs more memory."""
-    from mergeflow.merging import cudrv
-
-    made = []
-
-    class FakeInit:
-        def __init__(self, ordinal, pinned_bytes):
-            self.ordinal, self.pinned_bytes, self.error = ordinal, pinned_bytes, None
-            made.append(self)
-
-        def result(self):
-            return self
-
-    monkeypatch.setattr(cudrv, "EarlyInit", FakeInit)
-    monkeypatch.setattr(cudrv, "_torch_has_cuda", lambda: True)
-    monkeypatch.setattr(cudrv, "_driver", lambda: object())
-    monkeypatch.setattr(cudrv, "_early", None)
-    monkeypatch.delenv("MERGEFLOW_EARLY_CUDA", raising=False)
-    first = cudrv.start_early("cuda", 1 << 20)
-    assert cudrv.start_early("auto", 1 << 19) is first  # same device, needs less: reused
-    assert cudrv.start_early("cuda:1", 1 << 19) is not first  # another device
-    bigger = cudrv.start_early("cuda:1", 1 << 22)
-    assert bigger is not made[1] and len(made) == 3
-    assert cudrv.start_early("cpu", 1 << 20) is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from mergeflow import gpus
@@ -46,12 +45,13 @@ def _params(text: str) -> dict:
 
 def add_parser(subparsers) -> None:
     from mergeflow.config import DEFAULTS
-    from mergeflow.merging.methods import OUTPUT_DTYPES, method_names  # light: no torch at import
+    from mergeflow.merging.methods import OUTPUT_DTYPES, help_text, method_names  # light: no torch at import
 
     p = subparsers.add_parser(
         "merge",
-        help="merge expert checkpoints (average, task_arithmetic, ties, dare, della*, m3)",
+        help="merge expert checkpoints (average, task_arithmetic, ties, dare, della*, m3, slerp)",
         description="Merge expert checkpoints tensor by tensor; see docs/merging.md for methods and params.",
+        epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", required=True, choices=method_names())
     p.add_argument("--base", help="base (pre-trained) model directory")
@@ -72,10 +72,6 @@ def add_parser(subparsers) -> None:
                    help="reconcile embedding/lm_head row counts (default: fail on a mismatch)")
     p.add_argument("--shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--io-threads", type=int, default=None, help="reader threads (default: min(8, CPUs); min(12, CPUs) on CUDA)")
-    p.add_argument("--engine", choices=("auto", "direct", "torch"), default="auto",
-                   help="'direct' merges without torch (GPU: CUDA driver + PTX kernels; CPU: C kernels "
-                        "compiled on first use), 'torch' with PyTorch; 'auto' (default) takes direct "
-                        "where it supports the merge and torch otherwise")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--force", action="store_true",
                    help="replace an --out that is not a previous merge output (never an input)")
@@ -90,9 +86,8 @@ def run(args) -> int:
     # workers then starve them on a busy machine. Only effective
     # before torch is first imported, which is the case for the CLI.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    gpus.prepare(args.gpus, query="none")  # the direct engine needs no torch: ask the driver
-    from mergeflow.merging import cudrv
-    from mergeflow.merging.engine import pinned_bytes, run_merge  # (no torch yet)
+    gpus.prepare(args.gpus, query="none")  # claimed now, checked through torch below
+    from mergeflow.merging.engine import run_merge  # (no torch yet)
 
     experts = {}
     for name, path in args.expert:
@@ -117,28 +112,9 @@ def run(args) -> int:
     common = dict(base=args.base, params=params, seed=args.seed, device=args.device,
                   vocab_policy=args.vocab_policy, shard_size=args.shard_size, io_threads=args.io_threads,
                   force=args.force)
-    meta = None
     if args.gpus:
-        from mergeflow.merging.direct import device_count
-
-        gpus.check_driver(args.gpus, device_count(), cudrv._driver() is not None)
-    if args.engine != "torch":
-        from mergeflow.merging import direct
-
-        try:
-            meta = direct.run_merge(args.method, experts, args.out, **common)
-        except direct.Unsupported as why:
-            if args.engine == "direct":
-                raise MergeflowError(f"--engine direct cannot run this merge: {why}") from None
-            if not why.quiet:
-                print(f"mergeflow merge: torch engine ({why})", file=sys.stderr)
-    if meta is None:
-        if args.gpus:
-            gpus.check_torch(args.gpus)  # the torch engine on a CPU build would merge on the CPU
-        # CUDA context, pinned staging memory and the RNG kernel need only the driver: set
-        # them up in a background thread while the main thread imports torch.
-        cudrv.start_early(args.device, pinned_bytes(args.io_threads))
-        meta = run_merge(args.method, experts, args.out, **common)
+        gpus.check_torch(args.gpus)  # a CPU build of torch would merge on the CPU
+    meta = run_merge(args.method, experts, args.out, **common)
     if args.metadata_out:
         from mergeflow.atomic import write_text
         from mergeflow.merging.engine import METADATA_FILE
@@ -151,10 +127,4 @@ def run(args) -> int:
     print(f"merged {len(experts)} experts with {meta['method']} into {args.out} "
           f"in {meta['wall_time_s']:.1f} s on {meta['device']}, {meta['engine']} engine "
           f"(peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB)")
-    if meta["device"].startswith("cuda") and os.environ.get("MERGEFLOW_FAST_EXIT", "1") != "0":
-        # The output is complete and closed. Tearing down CUDA and unpinning host memory
-        # would add seconds to a command that is over: leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0

@@ -61,7 +61,7 @@ class PinnedPool:
 
     def __init__(self, count: int, size: int, buffer=None):
         """`buffer`: an already pinned uint8 CPU tensor of at least count * size bytes to
-        cut the slabs from (the CLI pins one while torch is being imported)."""
+        cut the slabs from (one pinning call instead of one per slab)."""
         import queue
 
         import torch
@@ -101,12 +101,6 @@ def thread_counts(device_type: str, io_threads: int | None = None) -> tuple[int,
     io = io_threads or max(2, min(12 if device_type == "cuda" else 8, cpus))
     write = max(1, min(8, io // 2 if device_type == "cpu" else cpus // 2))
     return io, write
-
-
-def pinned_bytes(io_threads: int | None = None) -> int:
-    """Pinned staging memory a CUDA merge uses: two slabs per reader and per writer."""
-    io, write = thread_counts("cuda", io_threads)
-    return 2 * (io + write) * SLAB_BYTES
 
 
 def _resolve_device(device: str):
@@ -200,7 +194,7 @@ class MergeEngine:
         self.seed = int(seed)
         self.expert_names = list(experts)
         self.method = methods.build(method, self.params, self.expert_names, self.seed)
-        self.device = self._resolve_device(device)
+        self.device = _resolve_device(device)
         self.vocab_policy = vocab_policy
         self.out = Path(out)
         self.shard_bytes = parse_size(shard_size)
@@ -221,13 +215,8 @@ class MergeEngine:
             chunk_elements = DEFAULT_CHUNK_ELEMENTS if self.device.type == "cpu" else MAX_ELEMENTS
         self.chunk_elements = int(chunk_elements)
 
-    engine_name = "torch"
-
     def _input_paths(self) -> dict[str, str | None]:
         return {"base": self.base_path, **{f"expert {k!r}": v for k, v in self.expert_paths.items()}}
-
-    def _resolve_device(self, device: str):
-        return _resolve_device(device)
 
     # -- planning -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -450,7 +439,7 @@ class MergeEngine:
 
         n_exp = len(self.expert_names)
         total = sum((it.r1 - it.r0) * it.cols for it in items)
-        mask_rate = 1.0 - self.method.recipe.trim_density
+        mask_rate = 1.0 - self.method.trim_density
         k = int(total * mask_rate)
         if k <= 0:
             return [None] * n_exp
@@ -563,23 +552,13 @@ class MergeEngine:
             self._close()
 
     def _pin(self) -> None:
-        """Pinned slab pools: cut from the memory the CLI's early CUDA set-up pinned while
-        torch was being imported (`cudrv`), or pinned now through torch."""
+        """Pinned slab pools for the readers and the writers: one pinned allocation, cut."""
         import torch
 
-        from mergeflow.merging import cudrv
-
         n_read, n_write = 2 * self.io_threads, 2 * self.write_threads
-        ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        early = cudrv.early(ordinal)
-        buf = None
-        if early is not None:
-            self.timings.update({f"early_{k}": v for k, v in early.timings.items()})
-            if early.pinned is not None and len(early.pinned) >= (n_read + n_write) * SLAB_BYTES:
-                buf = torch.frombuffer(early.pinned, dtype=torch.uint8)
-            self.timings["early_pinned"] = float(buf is not None)
-        self._read_pool = PinnedPool(n_read, SLAB_BYTES, None if buf is None else buf[:n_read * SLAB_BYTES])
-        self._write_pool = PinnedPool(n_write, SLAB_BYTES, None if buf is None else buf[n_read * SLAB_BYTES:])
+        buf = torch.empty((n_read + n_write) * SLAB_BYTES, dtype=torch.uint8, pin_memory=True)
+        self._read_pool = PinnedPool(n_read, SLAB_BYTES, buf[:n_read * SLAB_BYTES])
+        self._write_pool = PinnedPool(n_write, SLAB_BYTES, buf[n_read * SLAB_BYTES:])
 
     def _merge_all(self, items: list[Item], writer: ShardedWriter, thresholds) -> None:
         import torch
@@ -709,7 +688,7 @@ class MergeEngine:
             "output": {"dtype": sorted({dt for _, _, dt in self.plan}), "tensors": len(self.plan),
                        "bytes": writer.total_size, "files": writer.files},
             "mergeflow_version": __version__,
-            "engine": self.engine_name,
+            "engine": "torch",
             **self._runtime_metadata(),
             "compute_dtype": "float32",
             "wall_time_s": round(time.time() - self.t0, 3),

@@ -1,43 +1,36 @@
-"""Merge methods: a registry of small compositions of `steps`.
+"""Merge methods: a registry of one small function per method, composing `steps`.
 
-Each method is a `Recipe` - which sparsifier (none, magnitude trim, DARE, MagPrune), whether
-signs are elected, how deltas are fused (sum, mean, disjoint mean, M3 mixup) and the
-scale lambda - built from the user's params after validation. `Method.merge(block)`
-runs the recipe on one block of one tensor. docs/merging.md documents every method,
-its params and mergekit / reference-code equivalents.
+A method is a function `(block, p) -> merged block` registered with `@merge_method`, which
+also declares its typed params (`Param`: name, default, range or choices, the names other
+tools use for it) and what the engine needs to know: whether it reads the base, how much of
+a tensor one call must see (`element` or `row`: any block of rows; `tensor`: the whole
+tensor), whether it draws random numbers, and whether it needs model-wide statistics
+(the model-scope TIES trim). The params block of the config schema and the CLI's help are
+generated from the same specs (`merge_params_schema`, `help_text`). docs/merging.md
+documents every method, its params and mergekit / reference-code equivalents.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergeflow.errors import MergeflowError
 from mergeflow.merging import rng, steps
+from mergeflow.merging.steps import Block  # noqa: F401  (methods.Block: what a method gets)
 
 REQUIRED = object()
 ENGINE_PARAMS = ("dtype", "donor")  # read by the engine, not by a method
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the engine param dtype
-TRIM_SCOPES = ("tensor", "row", "model")
-RESCALES = ("inverse", "l1", "none")
-COMBINES = ("average", "task_arithmetic", "ties")
-DELLA_FAMILY = ("della", "della_norank", "della_layer", "della_noelect", "dare_della", "nodrop_noelect",
-                "nodrop", "dare_noelect", "della_randrank", "della_randrank_layer")
-
-# Names people bring from other tools, with what to use instead.
-HINTS = {
-    "epsilon": "mergeflow takes window_size = 2 x upstream mergekit's epsilon",
-    "scaling_coefficient": "use 'lambda'",
-    "weight": "use 'weights' (a list in expert order or {expert: weight})",
-    "param_value_mask_rate": "use 'mask_rate' (or density = 1 - mask_rate)",
-    "normalize": "normalisation is fixed by the method (see docs/merging.md)",
-}
+GRANULARITIES = ("element", "row", "tensor")
+# Names people bring from other tools that no method takes, with what to use instead.
+HINTS = {"normalize": "normalisation is fixed by the method (see docs/merging.md)"}
 
 
 # ---------------------------------------------------------------------------------------
-# parameter checking
+# params: one typed spec per name, checked with one-line errors naming the key
 # ---------------------------------------------------------------------------------------
 
 
@@ -50,406 +43,524 @@ class ParamError(MergeflowError):
         self.key, self.detail = key, detail
 
 
-def _err(method: str, key: str, msg: str) -> ParamError:
-    return ParamError(method, key, msg)
+@dataclass(frozen=True)
+class Param:
+    """One method param. `kind`: number | choice | rescale (inverse | l1 | none, or a
+    boolean) | weights (one number, a list in expert order or {expert: weight}) | dare
+    ({drop_rate, rescale}). `hints`: other tools' names for it -> advice."""
 
+    name: str
+    kind: str = "number"
+    default: Any = REQUIRED
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple = ()
+    help: str = ""
+    hints: dict = field(default_factory=dict)
 
-def _number(method, key, v, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _err(method, key, f"expected a finite number, got {v!r}")
-    v = float(v)
-    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise _err(method, key, f"{v} is outside {lb}{lo}, {hi}{rb}")
-    return v
+    def schema(self) -> dict:
+        """This param's JSON schema (the config's merge_params block)."""
+        if self.kind == "number":
+            # closed bounds: an open end is left to `check`, whose error is one line naming the key
+            s: dict = {"type": "number"}
+            if self.lo > -math.inf:
+                s["minimum"] = self.lo
+            if self.hi < math.inf:
+                s["maximum"] = self.hi
+            return s
+        if self.kind == "choice":
+            return {"enum": list(self.choices)}
+        if self.kind == "rescale":
+            return {"oneOf": [{"type": "boolean"}, {"enum": list(RESCALES)}]}
+        if self.kind == "weights":
+            return {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}},
+                              {"type": "object", "additionalProperties": {"type": "number"}}]}
+        if self.kind == "dare":
+            return {"type": "object", "additionalProperties": False, "required": ["drop_rate"],
+                    "properties": {p.name: p.schema() for p in DARE_PARAMS}}
+        raise AssertionError(self.kind)
 
+    def range_text(self) -> str:
+        if self.kind == "number" and (self.lo > -math.inf or self.hi < math.inf):
+            return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.kind == "choice":
+            return "|".join(map(str, self.choices))
+        return {"rescale": "inverse|l1|none", "weights": "w | [w, ...] | {expert: w}",
+                "dare": "{drop_rate, rescale}"}.get(self.kind, "")
 
-def _choice(method, key, v, options):
-    if v not in options:
-        raise _err(method, key, f"{v!r} is not one of {', '.join(map(str, options))}")
-    return v
-
-
-def _rescale(method, key, v):
-    if v is True:
-        return "inverse"
-    if v is False or v is None:
-        return "none"
-    return _choice(method, key, v, RESCALES)
+    def check(self, method: str, v, experts: list[str], key: str | None = None):
+        """The value in canonical form, or a ParamError naming `key` (default: the name)."""
+        key = key or self.name
+        if self.kind == "number":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ParamError(method, key, f"expected a finite number, got {v!r}")
+            v = float(v)
+            if v < self.lo or v > self.hi or (self.lo_open and v == self.lo) or (self.hi_open and v == self.hi):
+                raise ParamError(method, key, f"{v} is outside {self.range_text()}")
+            return v
+        if self.kind == "choice":
+            if v not in self.choices:
+                raise ParamError(method, key, f"{v!r} is not one of {', '.join(map(str, self.choices))}")
+            return v
+        if self.kind == "rescale":
+            if v is True:
+                return "inverse"
+            if v is False or v is None:
+                return "none"
+            return replace(self, kind="choice", choices=RESCALES).check(method, v, experts, key)
+        if self.kind == "weights":
+            return _weights(method, key, v, experts)
+        if self.kind == "dare":
+            if not isinstance(v, dict):
+                raise ParamError(method, key, f"expected {{drop_rate: P, rescale: inverse|l1|none}}, got {v!r}")
+            return _resolve(method, v, DARE_PARAMS, experts, prefix=f"{key}.")
+        raise AssertionError(self.kind)
 
 
 def _weights(method, key, v, experts: list[str]) -> list[float]:
+    num = Param(key)
     if v is None:
         return [1.0] * len(experts)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return [_number(method, key, v)] * len(experts)
+        return [num.check(method, v, experts)] * len(experts)
     if isinstance(v, list):
         if len(v) != len(experts):
-            raise _err(method, key, f"{len(v)} weights for {len(experts)} experts ({', '.join(experts)})")
-        return [_number(method, f"{key}[{i}]", x) for i, x in enumerate(v)]
+            raise ParamError(method, key, f"{len(v)} weights for {len(experts)} experts ({', '.join(experts)})")
+        return [num.check(method, x, experts, f"{key}[{i}]") for i, x in enumerate(v)]
     if isinstance(v, dict):
         unknown = [k for k in v if k not in experts]
         if unknown:
-            raise _err(method, key, f"no expert named {unknown[0]!r} (experts: {', '.join(experts)})")
-        return [_number(method, f"{key}.{e}", v.get(e, 1.0)) for e in experts]
-    raise _err(method, key, f"expected a number, a list or {{expert: weight}}, got {v!r}")
+            raise ParamError(method, key, f"no expert named {unknown[0]!r} (experts: {', '.join(experts)})")
+        return [num.check(method, v.get(e, 1.0), experts, f"{key}.{e}") for e in experts]
+    raise ParamError(method, key, f"expected a number, a list or {{expert: weight}}, got {v!r}")
 
 
-def _take(method: str, params: dict, spec: dict[str, Any]) -> dict:
-    """Resolve `params` against `spec` {key: default or REQUIRED}; reject unknown keys."""
-    for key in params:
-        if key not in spec:
-            hint = HINTS.get(key)
-            if key == "density" and method in DELLA_FAMILY:
-                hint = "DELLA-family methods take drop_rate (= 1 - density)"
-            raise _err(method, key, "unknown parameter" + (f" ({hint})" if hint else
-                                                             f"; accepted: {', '.join(sorted(spec))}"))
+def _resolve(method: str, given: dict, spec: tuple[Param, ...], experts: list[str], hints: dict | None = None,
+             prefix: str = "") -> dict:
+    """`given` checked against `spec`: unknown keys (with a hint where another tool's name
+    is known), missing required ones and bad values fail naming the key."""
+    names = {p.name: p for p in spec}
+    for key in given:
+        if key not in names:
+            hint = {**HINTS, **{h: a for p in spec for h, a in p.hints.items()}, **(hints or {})}.get(key)
+            raise ParamError(method, prefix + key, "unknown parameter" + (
+                f" ({hint})" if hint else f"; accepted: {', '.join(sorted(names))}"))
     out = {}
-    for key, default in spec.items():
-        if key in params:
-            out[key] = params[key]
-        elif default is REQUIRED:
-            raise _err(method, key, "is required")
-        else:
-            out[key] = default
+    for p in spec:
+        v = given.get(p.name, p.default)
+        if v is REQUIRED:
+            raise ParamError(method, prefix + p.name, "is required")
+        # None where the default is None means "not given"; defaults get the canonical form too
+        out[p.name] = None if v is None and p.default is None and p.kind != "weights" else \
+            p.check(method, v, experts, prefix + p.name)
     return out
 
 
-def _density(method: str, p: dict) -> float:
-    """TIES keep fraction from `density` or `mask_rate` (= 1 - density), not both."""
-    if p.get("mask_rate") is not None:
-        if p.get("density") is not None:
-            raise _err(method, "mask_rate", "give either density or mask_rate (= 1 - density), not both")
-        return 1.0 - _number(method, "mask_rate", p["mask_rate"], 0.0, 1.0, hi_open=True)
-    if p.get("density") is None:
-        raise _err(method, "density", "is required (or mask_rate = 1 - density)")
-    return _number(method, "density", p["density"], 0.0, 1.0, lo_open=True)
+RESCALES = ("inverse", "l1", "none")
+COMBINES = ("average", "task_arithmetic", "ties")
+TRIM_SCOPES = ("tensor", "row", "model")
 
-
-def _drop(method, key, v):
-    return _number(method, key, v, 0.0, 1.0, hi_open=True)
+LAMBDA = Param("lambda", default=1.0, help="scale of the fused task vector",
+               hints={"scaling_coefficient": "use 'lambda'"})
+WEIGHTS = Param("weights", "weights", default=None, help="per-expert weights (default 1 each)",
+                hints={"weight": "use 'weights' (a list in expert order or {expert: weight})"})
+_DENSITY_HINT = {"param_value_mask_rate": "use 'mask_rate' (or density = 1 - mask_rate)"}
+DENSITY = Param("density", default=None, lo=0.0, hi=1.0, lo_open=True,
+                help="TIES trim: fraction of each expert's deltas kept by magnitude", hints=_DENSITY_HINT)
+MASK_RATE = Param("mask_rate", default=None, lo=0.0, hi=1.0, hi_open=True,
+                  help="TIES trim as MergeLM names it: 1 - density", hints=_DENSITY_HINT)
+TRIM_SCOPE = Param("trim_scope", "choice", default="tensor", choices=TRIM_SCOPES,
+                   help="what the TIES trim ranks over: each tensor, each row, or the whole model (MergeLM)")
+DROP_RATE = Param("drop_rate", default=REQUIRED, lo=0.0, hi=1.0, hi_open=True,
+                  help="probability p of dropping a delta (DARE, DELLA's mean drop rate)")
+RESCALE = Param("rescale", "rescale", default="inverse",
+                help="survivors: inverse = divide by the keep probability, l1 = restore the L1 norm, none")
+DARE_PARAMS = (DROP_RATE, RESCALE)
+COMBINE = Param("combine", "choice", default="task_arithmetic", choices=COMBINES,
+                help="how the (sparsified) deltas are fused: weighted mean, sum, or TIES election")
+WINDOW = Param("window_size", default=0.14, lo=0.0, hi=2.0,
+               help="DELLA: keep probabilities span (1 - p) +/- window_size / 2 by magnitude rank",
+               hints={"epsilon": "mergeflow takes window_size = 2 x upstream mergekit's epsilon"})
+ALPHA = Param("alpha", default=0.5, help="M3: Dirichlet / Beta concentration of the mixing weights")
+DARE = Param("dare", "dare", default=None, help="M3: DARE before mixing, {drop_rate, rescale}")
+T = Param("t", default=REQUIRED, lo=0.0, hi=1.0, help="SLERP: 0 = the first expert, 1 = the second")
 
 
 # ---------------------------------------------------------------------------------------
-# recipes
+# the registry
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Recipe:
-    """What a method does, step by step (see module docstring)."""
-
-    sparsify: str | None = None  # None | "dare" | "magprune"
-    drop_rate: float = 0.0
-    rescale: str = "none"
-    window_size: float = 0.0
-    prune_scope: str = "row"  # magprune ranking scope: row | tensor
-    prune_score: str = "rank"  # magprune: rank | magnitude | random
-    trim_density: float = 1.0  # TIES magnitude trim after sparsify (1 = none)
-    trim_scope: str = "tensor"
-    elect: bool = False
-    fuse: str = "sum"  # sum | mean | disjoint | mixup_sum | mixup_disjoint | average
-    lam: float = 1.0
-    weights: list[float] = field(default_factory=list)
-    mixup: list[float] | None = None
-    uses_base: bool = True
+def _const(value):
+    return value if callable(value) else (lambda p: value)
 
 
-@dataclass
-class Block:
-    """One block of rows of one tensor, as the engine hands it to a method.
-
-    `experts` is [N, rows, cols] float32, the expert weights or (`is_delta`) the task
-    vectors, consumed in place; `base` is [rows, cols] float32 or None. `row0` is the
-    block's first row in the whole tensor.
-    """
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its function, params and what it asks of the engine. The
+    `uses_base`, `granularity`, `random` and `model_stats` entries are values or functions
+    of the resolved params."""
 
     name: str
-    base: Any
-    experts: Any
-    row0: int
-    seed: int
-    thresholds: list | None = None  # model-scope trim thresholds per expert
-    zero_sign: int = 1  # elected sign where the weighted deltas sum to 0 (model scope: majority)
-    tables: dict | None = None  # cache of MagPrune keep tables
-    is_delta: bool = False  # `experts` already holds task vectors (expert - base)
-
-    @property
-    def offset(self) -> int:
-        return self.row0 * self.experts.shape[-1]
-
-    def key(self, expert: int, purpose: str):
-        return rng.stream_key(self.seed, self.name, expert, purpose)
+    fn: Callable
+    params: tuple[Param, ...]
+    uses_base: Callable[[dict], bool]
+    granularity: Callable[[dict], str]
+    random: Callable[[dict], bool]
+    model_stats: Callable[[dict], bool]  # model-wide trim thresholds (and majority sign) first
+    check: Callable[[str, dict, list, int], dict] | None  # cross-param rules, derived values
+    pretrim: Callable | None  # (block, p) -> deltas the model-wide trim ranks
+    elects: Callable[[dict], bool]
+    summary: str
+    hints: dict
 
 
-class Method:
-    """A validated method: name, resolved params (for metadata) and its recipe."""
-
-    def __init__(self, name: str, params: dict, recipe: Recipe, resolved: dict):
-        self.name = name
-        self.params = resolved
-        self.recipe = recipe
-
-    # -- properties the engine plans with ---------------------------------------------
-    @property
-    def uses_base(self) -> bool:
-        return self.recipe.uses_base
-
-    @property
-    def global_trim(self) -> bool:
-        r = self.recipe
-        return r.trim_density < 1 and r.trim_scope == "model"
-
-    @property
-    def tensor_wide(self) -> bool:
-        """True when a tensor cannot be split into row blocks (tensor-level statistics)."""
-        r = self.recipe
-        return (
-            (r.trim_density < 1 and r.trim_scope == "tensor")
-            or (r.sparsify is not None and r.rescale == "l1")
-            or (r.sparsify == "magprune" and r.prune_scope == "tensor")
-        )
-
-    # -- the recipe ---------------------------------------------------------------------
-    def sparsified_deltas(self, b: Block):
-        """Task vectors of the block after DARE / MagPrune (before any TIES trim)."""
-        r = self.recipe
-        d = b.experts
-        if not b.is_delta:
-            d.sub_(b.base)
-            b.is_delta = True
-        for t in range(d.shape[0]):
-            if r.sparsify == "dare":
-                steps.bernoulli_drop_(d[t], r.drop_rate, r.rescale, b.key(t, "dare"), b.offset)
-            elif r.sparsify == "magprune":
-                steps.magprune_(d[t], r.drop_rate, r.window_size, r.rescale, b.key(t, "magprune"),
-                                b.offset, r.prune_scope, r.prune_score, b.tables,
-                                rank_key=b.key(t, "rank") if r.prune_score == "random" else None)
-        return d
-
-    def trimmed_deltas(self, b: Block):
-        """Task vectors of the block after DARE / MagPrune and the TIES trim."""
-        r = self.recipe
-        d = self.sparsified_deltas(b)
-        if r.trim_density < 1:
-            if r.trim_scope == "model":
-                steps.threshold_trim_(d, b.thresholds)
-            else:
-                steps.magnitude_trim_(d, r.trim_density, r.trim_scope)
-        return d
-
-    @property
-    def majority_sign(self) -> bool:
-        """Model-scope TIES elects MergeLM's model-wide majority sign where deltas cancel."""
-        return self.global_trim and self.recipe.fuse in ("disjoint", "mixup_disjoint")
-
-    def sign_balance(self, b: Block) -> int:
-        """#(elected +) - #(elected -) over the block, election as in `merge` (consumes it)."""
-        d = self.trimmed_deltas(b)
-        for t, w in enumerate(self.recipe.weights):
-            if w != 1.0:
-                d[t].mul_(w)
-        return steps.sign_balance(d)
-
-    def merge(self, b: Block):
-        r = self.recipe
-        if not r.uses_base:  # plain average (M3 or not) of the expert weights
-            if r.mixup is not None:
-                return steps.weighted_sum(b.experts, r.mixup)
-            return steps.weighted_mean(b.experts, r.weights)
-        d = self.trimmed_deltas(b)
-        if r.fuse == "sum":
-            tau = steps.weighted_sum(d, r.weights)
-        elif r.fuse == "mean":
-            tau = steps.weighted_mean(d, r.weights)
-        elif r.fuse == "mixup_sum":
-            tau = steps.weighted_sum(d, r.mixup)
-        elif r.fuse == "disjoint":
-            tau = steps.disjoint_fuse_(d, r.weights, zero_sign=b.zero_sign)
-        elif r.fuse == "mixup_disjoint":
-            tau = steps.disjoint_fuse_(d, r.weights, fuse_weights=r.mixup, zero_sign=b.zero_sign)
-        else:
-            raise AssertionError(r.fuse)
-        return steps.scale_add(b.base, tau, r.lam)
+REGISTRY: dict[str, MethodSpec] = {}
 
 
-# ---------------------------------------------------------------------------------------
-# registry: name -> builder(params, experts, seed) -> (Recipe, resolved params)
-# ---------------------------------------------------------------------------------------
+def merge_method(name: str, params: tuple[Param, ...] = (), *, uses_base=True, granularity="element",
+                 random=False, model_stats=False, check=None, pretrim=None, elects=False,
+                 hints: dict | None = None):
+    """Register `fn(block, p) -> merged block` as method `name` (see the module docstring)."""
 
-Builder = Callable[[dict, list, int], tuple]
-REGISTRY: dict[str, Builder] = {}
-
-
-def register(name: str):
     def deco(fn):
-        REGISTRY[name] = fn
+        if name in REGISTRY:
+            raise AssertionError(f"merge method {name!r} registered twice")
+        REGISTRY[name] = MethodSpec(name, fn, tuple(params), _const(uses_base), _const(granularity),
+                                    _const(random), _const(model_stats), check, pretrim, _const(elects),
+                                    " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()),
+                                    dict(hints or {}))
         return fn
 
     return deco
 
 
-def _trim_part(m: str, p: dict, default_density=REQUIRED) -> dict:
-    """TIES trim params -> recipe fields (density 1 = no trim)."""
-    if p.get("density") is None and p.get("mask_rate") is None and default_density is not REQUIRED:
-        density = default_density
-    else:
-        density = _density(m, p)
-    return {"trim_density": density, "trim_scope": _choice(m, "trim_scope", p["trim_scope"], TRIM_SCOPES)}
+def with_defaults(params: tuple[Param, ...], **defaults) -> tuple[Param, ...]:
+    """The same params with other defaults (DELLA's lambda 1.1, drop rate 0.3, ...)."""
+    return tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params)
 
 
-@register("average")
-def _average(params, experts, seed):
-    p = _take("average", params, {"weights": None})
-    w = _weights("average", "weights", p["weights"], experts)
-    if abs(sum(w)) < 1e-8:
-        raise _err("average", "weights", "weights sum to zero")
-    return Recipe(fuse="average", weights=w, uses_base=False), {**p, "weights": w}
+# ---------------------------------------------------------------------------------------
+# building blocks the methods share (each a named composition of steps)
+# ---------------------------------------------------------------------------------------
 
 
-@register("task_arithmetic")
-def _task_arithmetic(params, experts, seed):
-    m = "task_arithmetic"
-    p = _take(m, params, {"lambda": 1.0, "weights": None})
-    w = _weights(m, "weights", p["weights"], experts)
-    lam = _number(m, "lambda", p["lambda"])
-    return Recipe(fuse="sum", lam=lam, weights=w), {"lambda": lam, "weights": w}
+def _dare(b: Block, d, drop_rate: float, rescale: str):
+    for t in range(d.shape[0]):
+        steps.bernoulli_drop_(d[t], drop_rate, rescale, b.key(t, "dare"), b.offset)
+    return d
 
 
-def _ties_builder(name, elect):
-    """TIES: magnitude top-k trim, then sign election and disjoint mean (or, without
-    election, the weighted mean of the trimmed deltas: the fork's ties_noelect), times lambda."""
-
-    def build(params, experts, seed):
-        m = name
-        p = _take(m, params, {"lambda": 1.0, "weights": None, "density": None, "mask_rate": None,
-                              "trim_scope": "tensor"})
-        w = _weights(m, "weights", p["weights"], experts)
-        lam = _number(m, "lambda", p["lambda"])
-        trim = _trim_part(m, p)
-        resolved = {"lambda": lam, "weights": w, "density": trim["trim_density"], "trim_scope": trim["trim_scope"]}
-        return Recipe(elect=elect, fuse="disjoint" if elect else "mean", lam=lam, weights=w, **trim), resolved
-
-    REGISTRY[name] = build
+def _magprune(b: Block, d, p: dict, scope: str = "row", score: str = "rank"):
+    for t in range(d.shape[0]):
+        steps.magprune_(d[t], p["drop_rate"], p["window_size"], p["rescale"], b.key(t, "magprune"), b.offset,
+                        scope, score, b.tables, rank_key=b.key(t, "rank") if score == "random" else None)
+    return d
 
 
-_ties_builder("ties", elect=True)
+def _trim(b: Block, d, p: dict):
+    """The TIES magnitude trim at p's density and scope (model: the engine's thresholds)."""
+    if p["density"] < 1:
+        if p["trim_scope"] == "model":
+            steps.threshold_trim_(d, b.thresholds)
+        else:
+            steps.magnitude_trim_(d, p["density"], p["trim_scope"])
+    return d
 
 
-@register("dare")
-def _dare(params, experts, seed):
-    m = "dare"
-    p = _take(m, params, {"drop_rate": REQUIRED, "rescale": "inverse", "combine": "task_arithmetic",
-                          "lambda": 1.0, "weights": None, "density": None, "mask_rate": None,
-                          "trim_scope": "tensor"})
-    combine = _choice(m, "combine", p["combine"], COMBINES)
-    w = _weights(m, "weights", p["weights"], experts)
-    lam = _number(m, "lambda", p["lambda"])
-    drop = _drop(m, "drop_rate", p["drop_rate"])
-    rescale = _rescale(m, "rescale", p["rescale"])
-    resolved = {"drop_rate": drop, "rescale": rescale, "combine": combine, "lambda": lam, "weights": w}
-    recipe = Recipe(sparsify="dare", drop_rate=drop, rescale=rescale, lam=lam, weights=w)
-    if combine == "ties":
-        trim = _trim_part(m, p, default_density=1.0)
-        resolved.update(density=trim["trim_density"], trim_scope=trim["trim_scope"])
-        recipe.trim_density, recipe.trim_scope = trim["trim_density"], trim["trim_scope"]
-        recipe.elect, recipe.fuse = True, "disjoint"
-    else:
-        for key in ("density", "mask_rate"):
-            if p[key] is not None:
-                raise _err(m, key, "only applies with combine: ties")
-        recipe.fuse = "mean" if combine == "average" else "sum"
-    return recipe, resolved
+def _disjoint(b: Block, d, p: dict, mixup=None):
+    return steps.scale_add(b.base, steps.disjoint_fuse_(d, p["weights"], fuse_weights=mixup,
+                                                        zero_sign=b.zero_sign), p["lambda"])
 
 
-def _della_builder(name, sparsify, elect, prune_scope="row", prune_score="rank"):
-    def build(params, experts, seed):
-        m = name
-        spec = {"lambda": 1.1, "weights": None}
-        if sparsify is not None:
-            spec.update(drop_rate=0.3, rescale=True)
-        if sparsify == "magprune":
-            spec.update(window_size=0.14)
-        p = _take(m, params, spec)
-        w = _weights(m, "weights", p["weights"], experts)
-        lam = _number(m, "lambda", p["lambda"])
-        recipe = Recipe(lam=lam, weights=w, elect=elect, fuse="disjoint" if elect else "mean")
-        resolved = {"lambda": lam, "weights": w}
-        if sparsify is not None:
-            drop = _drop(m, "drop_rate", p["drop_rate"])
-            rescale = _rescale(m, "rescale", p["rescale"])
-            recipe.sparsify, recipe.drop_rate, recipe.rescale = sparsify, drop, rescale
-            resolved.update(drop_rate=drop, rescale=rescale)
-        if sparsify == "magprune":
-            ws = _number(m, "window_size", p["window_size"], 0.0, 2.0)
-            lo, hi = (1 - drop) - ws / 2, (1 - drop) + ws / 2
-            if lo <= 0 or hi > 1:
-                raise _err(m, "window_size", f"keep probabilities (1 - drop_rate) +/- window_size/2 = "
-                                             f"[{lo:.4g}, {hi:.4g}] must lie in (0, 1]")
-            recipe.window_size, recipe.prune_scope, recipe.prune_score = ws, prune_scope, prune_score
-            resolved.update(window_size=ws)
-        return recipe, resolved
-
-    REGISTRY[name] = build
+def _mean(b: Block, d, p: dict):
+    return steps.scale_add(b.base, steps.weighted_mean(d, p["weights"]), p["lambda"])
 
 
-_della_builder("della", "magprune", elect=True)
-_della_builder("della_norank", "magprune", elect=True, prune_score="magnitude")
-_della_builder("della_layer", "magprune", elect=True, prune_scope="tensor")
-_della_builder("della_noelect", "magprune", elect=False)
-_della_builder("dare_della", "dare", elect=True)
-_della_builder("nodrop_noelect", None, elect=False)
-# The DELLA paper's own baselines and ablations (Tables 1, 4 and 6; docs/della.md):
-_della_builder("nodrop", None, elect=True)  # Table 1 "TA" (DELLA p = 0): elect + fuse + lambda, no drop
-_della_builder("dare_noelect", "dare", elect=False)  # Table 4 "DARE"
-_della_builder("della_randrank", "magprune", elect=True, prune_score="random")  # Table 6 random rank, per row
-_della_builder("della_randrank_layer", "magprune", elect=True, prune_scope="tensor", prune_score="random")
+def _sum(b: Block, d, p: dict, weights=None):
+    return steps.scale_add(b.base, steps.weighted_sum(d, weights or p["weights"]), p["lambda"])
 
 
-_ties_builder("ties_noelect", elect=False)  # Table 4 "TIES"
+def _density(method: str, p: dict, experts, seed, default=REQUIRED) -> dict:
+    """TIES keep fraction from `density` or `mask_rate` (= 1 - density), not both."""
+    if p["mask_rate"] is not None:
+        if p["density"] is not None:
+            raise ParamError(method, "mask_rate", "give either density or mask_rate (= 1 - density), not both")
+        p["density"] = 1.0 - p["mask_rate"]
+    elif p["density"] is None:
+        if default is REQUIRED:
+            raise ParamError(method, "density", "is required (or mask_rate = 1 - density)")
+        p["density"] = default
+    del p["mask_rate"]
+    return p
 
 
-@register("m3")
-def _m3(params, experts, seed):
-    m = "m3"
-    p = _take(m, params, {"alpha": 0.5, "combine": "task_arithmetic", "lambda": 1.0, "dare": None,
-                          "density": None, "mask_rate": None, "trim_scope": "tensor"})
+def _ties_only(method: str, p: dict) -> None:
+    for key in ("density", "mask_rate"):
+        if p[key] is not None:
+            raise ParamError(method, key, "only applies with combine: ties")
+
+
+def _trim_granularity(p: dict) -> str:
+    """A tensor- or row-scope trim ranks whole tensors or rows; a model-scope one compares
+    with thresholds the engine computed first."""
+    scope = p.get("trim_scope")
+    return scope if p.get("density", 1) < 1 and scope in ("tensor", "row") else "element"
+
+
+def _model_trim(p: dict) -> bool:
+    return p.get("density", 1) < 1 and p.get("trim_scope") == "model"
+
+
+def _l1(granularity: str, rescale: str) -> str:
+    """An L1 rescale needs the whole tensor's norm."""
+    return "tensor" if rescale == "l1" else granularity
+
+
+# ---------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------
+
+
+def _nonzero_sum(m: str, p: dict, experts, seed) -> dict:
+    if abs(sum(p["weights"])) < 1e-8:
+        raise ParamError(m, "weights", "weights sum to zero")
+    return p
+
+
+@merge_method("average", (WEIGHTS,), uses_base=False, check=_nonzero_sum)
+def average(b: Block, p: dict):
+    """Weighted mean of the expert weights (no base): sum_t w_t theta_t / sum_t w_t."""
+    return steps.weighted_mean(b.experts, p["weights"])
+
+
+@merge_method("task_arithmetic", (LAMBDA, WEIGHTS))
+def task_arithmetic(b: Block, p: dict):
+    """Task Arithmetic: theta_b + lambda sum_t w_t delta_t."""
+    return _sum(b, b.deltas(), p)
+
+
+TIES_PARAMS = (LAMBDA, WEIGHTS, DENSITY, MASK_RATE, TRIM_SCOPE)
+
+
+@merge_method("ties", TIES_PARAMS, granularity=_trim_granularity, model_stats=_model_trim, elects=True,
+              check=_density, pretrim=lambda b, p: b.deltas())
+def ties(b: Block, p: dict):
+    """TIES: magnitude trim to `density`, sign election, disjoint mean, times lambda."""
+    return _disjoint(b, _trim(b, b.deltas(), p), p)
+
+
+@merge_method("ties_noelect", TIES_PARAMS, granularity=_trim_granularity, model_stats=_model_trim,
+              check=_density, pretrim=lambda b, p: b.deltas())
+def ties_noelect(b: Block, p: dict):
+    """TIES without election (DELLA Table 4 "TIES"): trim, weighted mean of the trimmed deltas, lambda."""
+    return _mean(b, _trim(b, b.deltas(), p), p)
+
+
+def _dare_check(m: str, p: dict, experts, seed) -> dict:
+    if p["combine"] == "ties":
+        return _density(m, p, experts, seed, default=1.0)
+    _ties_only(m, p)
+    del p["density"], p["mask_rate"], p["trim_scope"]
+    return p
+
+
+@merge_method("dare", (*DARE_PARAMS, COMBINE, LAMBDA, WEIGHTS, DENSITY, MASK_RATE, TRIM_SCOPE), random=True,
+              granularity=lambda p: _l1(_trim_granularity(p) if p["combine"] == "ties" else "element",
+                                        p["rescale"]),
+              model_stats=_model_trim, elects=lambda p: p["combine"] == "ties", check=_dare_check,
+              pretrim=lambda b, p: _dare(b, b.deltas(), p["drop_rate"], p["rescale"]))
+def dare(b: Block, p: dict):
+    """DARE: drop each delta with probability p (rescale survivors), then combine them by
+    weighted mean, sum (task arithmetic) or TIES (trim at `density`, elect, disjoint mean)."""
+    d = _dare(b, b.deltas(), p["drop_rate"], p["rescale"])
+    if p["combine"] == "ties":
+        return _disjoint(b, _trim(b, d, p), p)
+    return (_mean if p["combine"] == "average" else _sum)(b, d, p)
+
+
+# DELLA and its paper's baselines and ablations (Tables 1, 4 and 6; docs/della.md).
+def _window_check(m: str, p: dict, experts, seed) -> dict:
+    lo, hi = (1 - p["drop_rate"]) - p["window_size"] / 2, (1 - p["drop_rate"]) + p["window_size"] / 2
+    if lo <= 0 or hi > 1:
+        raise ParamError(m, "window_size", f"keep probabilities (1 - drop_rate) +/- window_size/2 = "
+                                           f"[{lo:.4g}, {hi:.4g}] must lie in (0, 1]")
+    return p
+
+
+_DELLA_HINTS = {"density": "DELLA-family methods take drop_rate (= 1 - density)"}
+NODROP_PARAMS = with_defaults((LAMBDA, WEIGHTS), **{"lambda": 1.1})
+DARE_DELLA_PARAMS = with_defaults((LAMBDA, WEIGHTS, DROP_RATE, RESCALE), **{"lambda": 1.1, "drop_rate": 0.3,
+                                                                            "rescale": "inverse"})
+DELLA_PARAMS = (*DARE_DELLA_PARAMS, WINDOW)
+
+
+def _della(name: str, *, scope="row", score="rank", elect=True):
+    """Register one MagPrune method (DELLA or an ablation)."""
+    return merge_method(name, DELLA_PARAMS, random=True, elects=elect, hints=_DELLA_HINTS, check=_window_check,
+                        granularity=lambda p: _l1("row" if scope == "row" else "tensor", p["rescale"]))
+
+
+@_della("della")
+def della(b: Block, p: dict):
+    """DELLA: MagPrune (keep probability by magnitude rank within each row), elect, disjoint mean, lambda."""
+    return _disjoint(b, _magprune(b, b.deltas(), p), p)
+
+
+@_della("della_norank", score="magnitude")
+def della_norank(b: Block, p: dict):
+    """DELLA ablation: keep probability from min-max normalised magnitude instead of the rank."""
+    return _disjoint(b, _magprune(b, b.deltas(), p, score="magnitude"), p)
+
+
+@_della("della_layer", scope="tensor")
+def della_layer(b: Block, p: dict):
+    """DELLA ablation: ranks over the whole tensor instead of each row."""
+    return _disjoint(b, _magprune(b, b.deltas(), p, scope="tensor"), p)
+
+
+@_della("della_noelect", elect=False)
+def della_noelect(b: Block, p: dict):
+    """DELLA without election: MagPrune, weighted mean, lambda."""
+    return _mean(b, _magprune(b, b.deltas(), p), p)
+
+
+@_della("della_randrank", score="random")
+def della_randrank(b: Block, p: dict):
+    """DELLA Table 6: the keep schedule over a keyed random permutation of each row, not the magnitude rank."""
+    return _disjoint(b, _magprune(b, b.deltas(), p, score="random"), p)
+
+
+@_della("della_randrank_layer", scope="tensor", score="random")
+def della_randrank_layer(b: Block, p: dict):
+    """DELLA Table 6: random ranking over the whole tensor."""
+    return _disjoint(b, _magprune(b, b.deltas(), p, scope="tensor", score="random"), p)
+
+
+@merge_method("dare_della", DARE_DELLA_PARAMS, random=True, elects=True, hints=_DELLA_HINTS,
+              granularity=lambda p: _l1("element", p["rescale"]))
+def dare_della(b: Block, p: dict):
+    """DELLA Table 4 "DARE + EF": DARE drop, elect, disjoint mean, lambda."""
+    return _disjoint(b, _dare(b, b.deltas(), p["drop_rate"], p["rescale"]), p)
+
+
+@merge_method("dare_noelect", DARE_DELLA_PARAMS, random=True, hints=_DELLA_HINTS,
+              granularity=lambda p: _l1("element", p["rescale"]))
+def dare_noelect(b: Block, p: dict):
+    """DELLA Table 4 "DARE": DARE drop, weighted mean, lambda."""
+    return _mean(b, _dare(b, b.deltas(), p["drop_rate"], p["rescale"]), p)
+
+
+@merge_method("nodrop", NODROP_PARAMS, elects=True, hints=_DELLA_HINTS)
+def nodrop(b: Block, p: dict):
+    """DELLA Table 1 "TA" (DELLA at p = 0): elect, disjoint mean, lambda; nothing dropped."""
+    return _disjoint(b, b.deltas(), p)
+
+
+@merge_method("nodrop_noelect", NODROP_PARAMS, hints=_DELLA_HINTS)
+def nodrop_noelect(b: Block, p: dict):
+    """Weighted mean of the deltas times lambda (DELLA Table 4's plain baseline)."""
+    return _mean(b, b.deltas(), p)
+
+
+def _m3_check(m: str, p: dict, experts, seed) -> dict:
     if len(experts) < 2:
-        raise _err(m, "experts", f"M3 mixes at least two experts, got {len(experts)}")
-    combine = _choice(m, "combine", p["combine"], COMBINES)
-    alpha = _number(m, "alpha", p["alpha"])
-    lam = _number(m, "lambda", p["lambda"])
-    mixup = rng.mixup_weights(seed, alpha, len(experts))
-    recipe = Recipe(lam=lam, weights=[1.0] * len(experts), mixup=mixup)
-    resolved: dict = {"alpha": alpha, "combine": combine, "lambda": lam, "mixup_weights": mixup}
-    if p["dare"] is not None:
-        if not isinstance(p["dare"], dict):
-            raise _err(m, "dare", f"expected {{drop_rate: P, rescale: inverse|l1|none}}, got {p['dare']!r}")
-        dp = _take(m, p["dare"], {"drop_rate": REQUIRED, "rescale": "inverse"})
-        recipe.sparsify = "dare"
-        recipe.drop_rate = _drop(m, "dare.drop_rate", dp["drop_rate"])
-        recipe.rescale = _rescale(m, "dare.rescale", dp["rescale"])
-        resolved["dare"] = {"drop_rate": recipe.drop_rate, "rescale": recipe.rescale}
-    if combine == "ties":
-        trim = _trim_part(m, p)
-        recipe.trim_density, recipe.trim_scope = trim["trim_density"], trim["trim_scope"]
-        recipe.elect, recipe.fuse = True, "mixup_disjoint"
-        resolved.update(density=recipe.trim_density, trim_scope=recipe.trim_scope)
+        raise ParamError(m, "experts", f"M3 mixes at least two experts, got {len(experts)}")
+    if p["combine"] == "ties":
+        _density(m, p, experts, seed)
     else:
-        for key in ("density", "mask_rate"):
-            if p[key] is not None:
-                raise _err(m, key, "only applies with combine: ties")
-        if combine == "average":
-            if p["lambda"] != 1.0:
-                raise _err(m, "lambda", "does not apply with combine: average")
-            # Without DARE the base is not needed: sum_t m_t theta_t.
-            recipe.uses_base = recipe.sparsify is not None
-        recipe.fuse = "mixup_sum"
-    return recipe, resolved
+        _ties_only(m, p)
+        del p["density"], p["mask_rate"], p["trim_scope"]
+        if p["combine"] == "average" and p["lambda"] != 1.0:
+            raise ParamError(m, "lambda", "does not apply with combine: average")
+    out = {k: p[k] for k in ("alpha", "combine", "lambda")}
+    out["mixup_weights"] = rng.mixup_weights(seed, p["alpha"], len(experts))
+    out.update((k, p[k]) for k in ("dare", "density", "trim_scope") if p.get(k) is not None)
+    return out
 
 
-def check_params(name: str, params: dict | None, experts: list[str], seed: int) -> tuple[Recipe, dict]:
-    """Validate method `name`'s params for these experts: (recipe, resolved params), or a
+def _m3_deltas(b: Block, p: dict):
+    d = b.deltas()
+    return _dare(b, d, p["dare"]["drop_rate"], p["dare"]["rescale"]) if "dare" in p else d
+
+
+@merge_method("m3", (ALPHA, COMBINE, LAMBDA, DARE, DENSITY, MASK_RATE, TRIM_SCOPE), check=_m3_check,
+              uses_base=lambda p: p["combine"] != "average" or "dare" in p, random=True,
+              granularity=lambda p: _l1(_trim_granularity(p) if p["combine"] == "ties" else "element",
+                                        p.get("dare", {}).get("rescale")),
+              model_stats=_model_trim, elects=lambda p: p["combine"] == "ties", pretrim=_m3_deltas)
+def m3(b: Block, p: dict):
+    """M3 (Mixup Model Merge): mixing weights m ~ Dir(alpha) (Beta for two experts) replace
+    the experts' equal weights: sum_t m_t theta_t (average), theta_b + lambda sum_t m_t delta_t
+    (task_arithmetic), or TIES with m mixing the agreeing deltas; DARE first if `dare` is given."""
+    m = p["mixup_weights"]
+    if p["combine"] == "average" and "dare" not in p:  # no base needed: sum_t m_t theta_t
+        return steps.weighted_sum(b.experts, m)
+    d = _m3_deltas(b, p)
+    if p["combine"] == "ties":
+        return _disjoint(b, _trim(b, d, p), dict(p, weights=[1.0] * len(m)), mixup=m)
+    return _sum(b, d, p, weights=m)
+
+
+def _slerp_check(m: str, p: dict, experts, seed) -> dict:
+    if len(experts) != 2:
+        raise ParamError(m, "experts", f"SLERP interpolates exactly two experts, got {len(experts)}")
+    return p
+
+
+@merge_method("slerp", (T,), uses_base=False, granularity="tensor", check=_slerp_check)
+def slerp(b: Block, p: dict):
+    """SLERP between two experts, per tensor (t = 0: the first, 1: the second); linear where
+    they are near parallel (|cos| > 0.9995), as mergekit."""
+    return steps.slerp(b.experts[0], b.experts[1], p["t"])
+
+
+# ---------------------------------------------------------------------------------------
+# building a method; schema and help from the specs
+# ---------------------------------------------------------------------------------------
+
+
+class Method:
+    """A method with resolved params: what the engine plans with and `merge(block)`."""
+
+    def __init__(self, spec: MethodSpec, params: dict):
+        self.spec, self.name, self.params = spec, spec.name, params
+        self.uses_base = bool(spec.uses_base(params))
+        self.granularity = spec.granularity(params)
+        assert self.granularity in GRANULARITIES, (spec.name, self.granularity)
+        self.random = bool(spec.random(params))
+        self.global_trim = bool(spec.model_stats(params))
+        self.majority_sign = self.global_trim and bool(spec.elects(params))
+
+    @property
+    def tensor_wide(self) -> bool:
+        """True when a tensor cannot be split into row blocks."""
+        return self.granularity == "tensor"
+
+    @property
+    def trim_density(self) -> float:
+        return self.params["density"]
+
+    def merge(self, b: Block):
+        return self.spec.fn(b, self.params)
+
+    def sparsified_deltas(self, b: Block):
+        """The deltas the model-wide trim ranks (after any DARE, before the trim)."""
+        return self.spec.pretrim(b, self.params)
+
+    def sign_balance(self, b: Block) -> int:
+        """#(elected +) - #(elected -) over the block, election as in `merge` (consumes it)."""
+        d = steps.threshold_trim_(self.sparsified_deltas(b), b.thresholds)
+        for t, w in enumerate(self.params.get("weights", ())):
+            if w != 1.0:
+                d[t].mul_(w)
+        return steps.sign_balance(d)
+
+
+def check_params(name: str, params: dict | None, experts: list[str], seed: int) -> dict:
+    """Validate method `name`'s params for these experts: the resolved params, or a
     ParamError naming the key. The one check both the engine (`build`) and the workflow's
     start-up (`mergeflow.config`) run, so a config that starts cannot fail in its merge."""
     if name not in REGISTRY:
@@ -459,15 +570,54 @@ def check_params(name: str, params: dict | None, experts: list[str], seed: int) 
     twice = sorted({e for e in experts if list(experts).count(e) > 1})
     if twice:
         raise ParamError(name, "experts", f"{twice[0]!r} is listed twice")
-    params = {k: v for k, v in (params or {}).items() if k not in ENGINE_PARAMS}
-    return REGISTRY[name](params, list(experts), seed)
+    spec = REGISTRY[name]
+    given = {k: v for k, v in (params or {}).items() if k not in ENGINE_PARAMS}
+    p = _resolve(name, given, spec.params, list(experts), spec.hints)
+    return spec.check(name, p, list(experts), seed) if spec.check else p
 
 
 def build(name: str, params: dict | None, experts: list[str], seed: int) -> Method:
     """Validate `params` for method `name` and return the Method."""
-    recipe, resolved = check_params(name, params, experts, seed)
-    return Method(name, {k: v for k, v in (params or {}).items() if k not in ENGINE_PARAMS}, recipe, resolved)
+    return Method(REGISTRY[name] if name in REGISTRY else None, check_params(name, params, experts, seed))
 
 
 def method_names() -> list[str]:
     return sorted(REGISTRY)
+
+
+def all_params() -> dict[str, Param]:
+    """Every param name of the registry; a name means the same (kind, range) in every method."""
+    out: dict[str, Param] = {}
+    for spec in REGISTRY.values():
+        for p in spec.params:
+            if p.name in out and out[p.name].schema() != p.schema():
+                raise AssertionError(f"param {p.name!r}: {spec.name} gives it another type or range")
+            out.setdefault(p.name, p)
+    return out
+
+
+def merge_params_schema() -> dict:
+    """The config schema's `$defs.merge_params` (tests/test_merge_registry.py: equal to the file's)."""
+    return {"description": "Hyperparameters under the papers' names, generated from the method registry "
+                           "(mergeflow.merging.methods; docs/merging.md lists the mergekit equivalents).",
+            "type": "object", "additionalProperties": False,
+            "properties": {name: p.schema() for name, p in sorted(all_params().items())}}
+
+
+def grid_params() -> list[str]:
+    """Params a config's `grid` may sweep: the scalar ones."""
+    return sorted(n for n, p in all_params().items() if p.kind in ("number", "choice", "rescale"))
+
+
+def help_text() -> str:
+    """`mergeflow merge --help`'s list of methods and their params."""
+    lines = ["methods (params: default, range; see docs/merging.md):"]
+    for name in method_names():
+        spec = REGISTRY[name]
+        lines.append(f"  {name}: {spec.summary}")
+        for p in spec.params:
+            default = "required" if p.default is REQUIRED else "default 1 each" if p.kind == "weights" else \
+                "not set" if p.default is None else f"default {p.default!r}"
+            rng_ = p.range_text()
+            lines.append(f"      {p.name} ({default}{', ' + rng_ if rng_ else ''})")
+    return "\n".join(lines)

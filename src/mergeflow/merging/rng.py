@@ -164,20 +164,15 @@ _GPU: dict = {}
 
 
 def _gpu_uniform(device):
-    """The fused CUDA kernel for `uniform` on `device`: the driver-loaded PTX kernel
-    (`cudrv`), else Triton, else None (tensor ops). MERGEFLOW_GPU_RNG=ptx|triton|torch
-    picks one (tests); MERGEFLOW_TRITON=0 still disables Triton."""
-    import torch
+    """The fused Triton kernel for `uniform` on `device`, or None (tensor ops):
+    MERGEFLOW_GPU_RNG=torch (tests compare the two) or no Triton."""
+    import os
 
-    from mergeflow.merging import cudrv
+    import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _GPU:
-        choice = cudrv.gpu_rng_choice()
-        kernel = cudrv.uniform_kernel(index) if choice == "ptx" else None
-        if kernel is None and choice in ("ptx", "triton"):
-            kernel = _triton_uniform()
-        _GPU[index] = kernel
+        _GPU[index] = _triton_uniform() if os.environ.get("MERGEFLOW_GPU_RNG", "triton") != "torch" else None
     return _GPU[index]
 
 
@@ -185,16 +180,12 @@ _TRITON = None
 
 
 def _triton_uniform():
-    """The same hash as a fused Triton kernel (CUDA only), or None when Triton is absent
-    or MERGEFLOW_TRITON=0. Bit-identical to the tensor-op version (integer arithmetic)."""
+    """The same hash as a fused Triton kernel (CUDA only), or None when Triton is absent.
+    Bit-identical to the tensor-op version (integer arithmetic)."""
     global _TRITON
     if _TRITON is not None:
         return _TRITON or None
-    import os
-
     _TRITON = False
-    if os.environ.get("MERGEFLOW_TRITON", "1") == "0":
-        return None
     try:
         import torch
         import triton

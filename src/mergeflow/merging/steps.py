@@ -10,7 +10,44 @@ whole tensor would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from mergeflow.merging import rng
+
+
+@dataclass
+class Block:
+    """One block of rows of one tensor, as the engine hands it to a method.
+
+    `experts` is [N, rows, cols] float32, the expert weights or (`is_delta`) the task
+    vectors, consumed in place; `base` is [rows, cols] float32 or None. `row0` is the
+    block's first row in the whole tensor.
+    """
+
+    name: str
+    base: Any
+    experts: Any
+    row0: int
+    seed: int
+    thresholds: list | None = None  # model-scope trim thresholds per expert
+    zero_sign: int = 1  # elected sign where the weighted deltas sum to 0 (model scope: majority)
+    tables: dict | None = None  # cache of MagPrune keep tables
+    is_delta: bool = False  # `experts` already holds task vectors (expert - base)
+
+    @property
+    def offset(self) -> int:
+        return self.row0 * self.experts.shape[-1]
+
+    def key(self, expert: int, purpose: str):
+        return rng.stream_key(self.seed, self.name, expert, purpose)
+
+    def deltas(self):
+        """The task vectors [N, rows, cols] (expert - base, computed in place once)."""
+        if not self.is_delta:
+            self.experts.sub_(self.base)
+            self.is_delta = True
+        return self.experts
 
 # ---------------------------------------------------------------------------------------
 # sparsify
@@ -429,3 +466,24 @@ def scale_add(base, tau, lam: float):
     if lam != 1.0:
         tau.mul_(lam)
     return tau.add_(base)
+
+
+def slerp(v0, v1, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """Spherical interpolation from v0 (t = 0) to v1 (t = 1), the tensors seen as vectors.
+
+    As mergekit: the angle from the cosine of the normalised vectors (norms below `eps`
+    count as 1); where |cos| > `dot_threshold` (near parallel or antiparallel) plain
+    linear interpolation, which is what SLERP tends to there and avoids dividing by
+    sin(theta) ~ 0. Scalars in float64 on the host (one tensor's two norms and a dot).
+    """
+    import math
+
+    n0, n1 = float(v0.norm()), float(v1.norm())
+    n0, n1 = (n0 if n0 > eps else 1.0), (n1 if n1 > eps else 1.0)
+    dot = max(-1.0, min(1.0, float((v0 / n0).mul_(v1 / n1).sum(dtype=v0.dtype))))
+    if abs(dot) > dot_threshold:
+        c0, c1 = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        c0, c1 = math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return (v0 * f32(c0)).add_(v1 * f32(c1))

@@ -1,0 +1,215 @@
+"""The method registry: every registered method against a formula written out here, its
+declarations (base, granularity, randomness) against its behaviour, the config schema and
+the CLI help against the param specs, and a new method added with one function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mergeflow.merging import methods, rng
+from test_merge_methods import ATOL, N, NAME, deltas32, inputs, ref_dare, ref_disjoint, ref_magprune, ref_trim
+
+ROOT = Path(__file__).resolve().parents[1]
+W = [1.0, 0.6, 1.4]
+
+
+def _wmean(dh, w):
+    w = np.asarray(w, dtype=np.float64)[:, None, None]
+    return (w * dh.astype(np.float64)).sum(0) / w.sum()
+
+
+def _wsum(dh, w):
+    return (np.asarray(w, dtype=np.float64)[:, None, None] * dh.astype(np.float64)).sum(0)
+
+
+def _magpruned(d, seed, scope="row", score="rank", p=0.3, ws=0.14):
+    return np.stack([ref_magprune(d[t], p, ws, seed, NAME, t, scope, score) for t in range(N)])
+
+
+def _dared(d, seed, p):
+    return np.stack([ref_dare(d[t], p, seed, NAME, t) for t in range(N)])
+
+
+def _randrank(d, seed, scope):
+    from test_merge_methods import uniforms
+
+    out = []
+    for t in range(N):
+        x = d[t].reshape(1, -1) if scope == "tensor" else d[t]
+        v, u = uniforms(seed, NAME, t, "rank", x.shape), uniforms(seed, NAME, t, "magprune", x.shape)
+        rows = np.zeros_like(x)
+        for i, row in enumerate(x):
+            r = np.empty(len(row))
+            r[np.argsort(v[i], kind="stable")] = np.arange(len(row))
+            k = np.float32(0.7 - 0.07 + 0.14 * r / (len(row) - 1))
+            rows[i] = np.where(u[i] < k, row / k, np.float32(0))
+        out.append(rows.reshape(d[t].shape))
+    return np.stack(out)
+
+
+def _m3_ref(base, ex, seed, d):
+    m = rng.mixup_weights(seed, 0.5, N)
+    return base + 0.8 * _wsum(d, m)
+
+
+def _slerp_ref(a, b, t):
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    cos = np.clip(a64 @ b64 / np.linalg.norm(a64) / np.linalg.norm(b64), -1, 1)
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    th = np.arccos(cos)
+    return (np.sin((1 - t) * th) * a + np.sin(t * th) * b) / np.sin(th)
+
+
+# method -> (params, reference(base, experts, seed, float32 deltas) -> merged tensor)
+REFERENCE = {
+    "average": ({"weights": W}, lambda base, ex, s, d: _wmean(ex, W)),
+    "task_arithmetic": ({"lambda": 0.7, "weights": W}, lambda base, ex, s, d: base + 0.7 * _wsum(d, W)),
+    "ties": ({"density": 0.3, "weights": W, "lambda": 1.3},
+             lambda base, ex, s, d: base + 1.3 * ref_disjoint(np.stack([ref_trim(x, 0.3, "tensor") for x in d]), W)),
+    "ties_noelect": ({"density": 0.4, "weights": W},
+                     lambda base, ex, s, d: base + _wmean(np.stack([ref_trim(x, 0.4, "tensor") for x in d]), W)),
+    "dare": ({"drop_rate": 0.4, "lambda": 0.9, "weights": W},
+             lambda base, ex, s, d: base + 0.9 * _wsum(_dared(d, s, 0.4), W)),
+    "della": ({"weights": W}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(_magpruned(d, s), W)),
+    "della_norank": ({}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(_magpruned(d, s, score="magnitude"),
+                                                                          [1] * N)),
+    "della_layer": ({}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(_magpruned(d, s, "tensor"), [1] * N)),
+    "della_noelect": ({"weights": W}, lambda base, ex, s, d: base + 1.1 * _wmean(_magpruned(d, s), W)),
+    "della_randrank": ({}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(_randrank(d, s, "row"), [1] * N)),
+    "della_randrank_layer": ({}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(_randrank(d, s, "tensor"),
+                                                                                  [1] * N)),
+    "dare_della": ({"drop_rate": 0.5}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(_dared(d, s, 0.5), [1] * N)),
+    "dare_noelect": ({"drop_rate": 0.5, "weights": W},
+                     lambda base, ex, s, d: base + 1.1 * _wmean(_dared(d, s, 0.5), W)),
+    "nodrop": ({"weights": W}, lambda base, ex, s, d: base + 1.1 * ref_disjoint(d, W)),
+    "nodrop_noelect": ({"weights": W}, lambda base, ex, s, d: base + 1.1 * _wmean(d, W)),
+    "m3": ({"alpha": 0.5, "lambda": 0.8}, _m3_ref),
+    "slerp": ({"t": 0.3}, lambda base, ex, s, d: _slerp_ref(ex[0], ex[1], 0.3)),
+}
+
+
+def _run(method, params, base, ex, seed=5, row0=0, experts=None):
+    names = experts or [f"e{i}" for i in range(len(ex))]
+    m = methods.build(method, params, names, seed)
+    b = methods.Block(NAME, None if base is None or not m.uses_base else torch.tensor(base),
+                      torch.tensor(ex.copy()), row0, seed, tables={})
+    return m.merge(b).numpy(), m
+
+
+def _inputs_for(method, seed=3):
+    base, ex = inputs(seed, rows=8, cols=41)
+    return (base, ex[:2]) if method == "slerp" else (base, ex)
+
+
+def test_every_registered_method_has_a_reference():
+    assert sorted(REFERENCE) == methods.method_names()
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCE))
+def test_every_method_matches_its_reference_formula(method):
+    params, ref = REFERENCE[method]
+    base, ex = _inputs_for(method)
+    got, m = _run(method, params, base, ex)
+    want = ref(base, ex, 5, deltas32(base, ex))
+    assert got.shape == base.shape
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert not np.allclose(got, base, atol=1e-7)  # it merged something
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCE))
+def test_declarations_match_behaviour(method):
+    """Row blocks merge like the whole tensor unless the method says `tensor`; a method
+    not declared random ignores the seed; one that does not use the base never sees it."""
+    params, _ = REFERENCE[method]
+    base, ex = _inputs_for(method)
+    whole, m = _run(method, params, base, ex)
+    if m.granularity != "tensor":
+        parts = [_run(method, params, base[r:r + 3], ex[:, r:r + 3], row0=r)[0] for r in range(0, 8, 3)]
+        assert np.array_equal(whole, np.concatenate(parts))
+    other_seed, _ = _run(method, params, base, ex, seed=6)
+    assert np.array_equal(whole, other_seed) == (not m.random)
+    if not m.uses_base:
+        assert np.array_equal(whole, _run(method, params, None, ex)[0])
+
+
+def test_the_config_schema_is_generated_from_the_param_specs():
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert schema["$defs"]["merge_params"] == methods.merge_params_schema()
+    merge = schema["properties"]["merges"]["items"]["properties"]
+    assert merge["method"]["enum"] == methods.method_names()
+    assert merge["grid"]["propertyNames"]["enum"] == methods.grid_params()
+
+
+def test_cli_help_lists_every_method_and_param(capsys):
+    from mergeflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = capsys.readouterr().out
+    for name, spec in methods.REGISTRY.items():
+        block = out.split(f"\n  {name}: ", 1)[1].split("\n  ", 1)[0] if f"\n  {name}: " in out else ""
+        assert block, f"{name} is not in mergeflow merge --help"
+        for p in spec.params:
+            assert f"      {p.name} (" in out.split(f"\n  {name}: ", 1)[1], (name, p.name)
+
+
+def test_other_tools_names_get_a_hint():
+    with pytest.raises(methods.ParamError, match="window_size = 2 x upstream mergekit's epsilon"):
+        methods.build("della", {"epsilon": 0.07}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="take drop_rate"):
+        methods.build("della", {"density": 0.7}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="exactly two experts"):
+        methods.build("slerp", {"t": 0.5}, ["a", "b", "c"], 0)
+
+
+def test_slerp_matches_mergekits_function_also_near_parallel_and_at_zero():
+    mk = pytest.importorskip("mergekit.merge_methods.slerp")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 33, generator=g)
+    cases = {"generic": torch.randn(7, 33, generator=g), "parallel": a * 2.5 + 1e-6,
+             "antiparallel": -a, "zero": torch.zeros(7, 33)}
+    for label, b in cases.items():
+        for t in (0.0, 0.3, 0.5, 1.0):
+            ours = methods.build("slerp", {"t": t}, ["a", "b"], 0).merge(
+                methods.Block(NAME, None, torch.stack([a, b]), 0, 0))
+            theirs = mk.slerp(torch.tensor([t]), a.reshape(1, -1), b.reshape(1, -1)).reshape(a.shape)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=f"{label} t={t}")
+
+
+def test_a_new_method_is_one_function(tiny_model_dir, tmp_path, monkeypatch):
+    """Registered here and nowhere else, a method runs through the engine end to end."""
+    from safetensors.torch import load_file, save_file
+
+    from mergeflow.merging.engine import run_merge
+
+    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
+
+    @methods.merge_method("elementwise_max", (methods.LAMBDA,), random=False)
+    def elementwise_max(b, p):
+        """theta_b + lambda max_t delta_t (a toy)."""
+        return b.base + p["lambda"] * b.deltas().amax(dim=0)
+
+    sd = load_file(tiny_model_dir / "model.safetensors")
+    experts = {}
+    for i in range(2):
+        d = tmp_path / f"e{i}"
+        d.mkdir()
+        save_file({k: v + 0.01 * (i + 1) * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+                   for k, v in sd.items()}, d / "model.safetensors")
+        experts[f"e{i}"] = str(d)
+    meta = run_merge("elementwise_max", experts, str(tmp_path / "out"), base=str(tiny_model_dir),
+                     params={"lambda": 0.5, "dtype": "float32"}, device="cpu", progress=False, chunk_elements=64)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    e = [load_file(Path(p) / "model.safetensors") for p in experts.values()]
+    for k, v in sd.items():
+        want = v.float() + 0.5 * torch.maximum(e[0][k].float() - v.float(), e[1][k].float() - v.float())
+        torch.testing.assert_close(out[k], want, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "out" / "mergeflow_merge.json").read_text())["params"] == {"lambda": 0.5}
+    assert meta["method"] == "elementwise_max"

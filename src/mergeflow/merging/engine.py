@@ -38,7 +38,7 @@ from mergeflow.checkpoints import (
     vocab_rows,
 )
 from mergeflow.errors import MergeflowError
-from mergeflow.merging import methods
+from mergeflow.merging import methods, steps
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +472,55 @@ class MergeEngine:
             out.append(float(bits.view(torch.float32)))
         return out
 
+    def _tensor_topk(self, items: list[Item]) -> dict:
+        """Tensor-scope TIES trim of the tensors merged in blocks (on the CPU, those over
+        `chunk_elements`: a whole one would hold all its experts' float32 deltas at once):
+        per tensor and expert, the k-th largest |delta| and how many of the values equal
+        to it the trim keeps, by the two streaming radix-select passes of
+        `_global_thresholds`, per tensor. The trim then keeps the same elements block by
+        block (`steps.streamed_topk_trim_`) as over the whole tensor."""
+        import torch
+
+        streamed = [it for it in items if not it.whole]
+        if not streamed:
+            return {}
+        n_exp = len(self.expert_names)
+        k = {it.name: steps.keep_count(self.method.trim_density, it.rows * it.cols) for it in streamed}
+
+        def histograms(select):
+            """(tensor, [expert, 65536] histogram of select(name, t, |delta| bits)), tensor by tensor."""
+            cur, hist = None, None
+            for item, block in self._blocks(streamed):
+                if item.name != cur:
+                    if cur is not None:
+                        yield cur, hist
+                    cur, hist = item.name, torch.zeros((n_exp, 1 << 16), dtype=torch.int64, device=self.device)
+                d = self.method.sparsified_deltas(block)
+                for t in range(n_exp):
+                    sel = select(cur, t, d[t].abs().view(torch.int32).view(-1))
+                    if sel.numel():
+                        hist[t] += torch.bincount(sel, minlength=1 << 16)
+            if cur is not None:
+                yield cur, hist
+
+        def pick(hist_t, k_t):
+            """(bin of the k-th largest, count in the bins above it) from the top."""
+            top = hist_t.flip(0).cumsum(0)
+            j = int(torch.searchsorted(top, torch.tensor(k_t, device=top.device)))
+            return (1 << 16) - 1 - j, (int(top[j - 1]) if j > 0 else 0)
+
+        high = {name: [pick(h[t], k[name]) for t in range(n_exp)]
+                for name, h in histograms(lambda name, t, bits: bits >> 16)}
+        out = {}
+        for name, h in histograms(lambda name, t, bits: bits[(bits >> 16) == high[name][t][0]] & 0xFFFF):
+            out[name] = []
+            for t in range(n_exp):
+                hi, above = high[name][t]
+                lo, between = pick(h[t], k[name] - above)
+                value = float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32))
+                out[name].append((value, k[name] - above - between))  # ties at the value that are kept
+        return out
+
     def _majority_sign(self, items: list[Item], thresholds: list) -> int:
         """MergeLM's model-wide majority sign: sign(sum of elected signs over the whole model),
         elected where the trimmed deltas cancel exactly (a third pass over the inputs)."""
@@ -504,6 +553,10 @@ class MergeEngine:
             thresholds = self._global_thresholds(items) if self.method.global_trim else None
             if thresholds is not None:
                 self.timings["prepass_s"] = time.time() - t
+            t = time.time()
+            self._topk = self._tensor_topk(items) if self.method.tensor_topk else {}
+            if self._topk:
+                self.timings["topk_prepass_s"] = time.time() - t
             self.zero_sign = 1
             if self.method.majority_sign:
                 t = time.time()
@@ -595,9 +648,14 @@ class MergeEngine:
                 with lock:
                     bar.update(n)
 
+        topk: dict = {}
         with ThreadPoolExecutor(self.write_threads, thread_name_prefix="mergeflow-write") as wpool:
             for item, block in self._blocks(items):
                 block.thresholds, block.zero_sign = thresholds, self.zero_sign
+                if item.name in self._topk:  # the tensor's trim state, carried from block to block
+                    if item.r0 == 0:
+                        topk = {item.name: [list(st) for st in self._topk[item.name]]}
+                    block.topk = topk[item.name]
                 res = self.method.merge(block)
                 del block
                 # NaN/Inf in any input reaches the output (masks multiply, never select),

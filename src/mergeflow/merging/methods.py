@@ -210,6 +210,7 @@ class MethodSpec:
     granularity: Callable[[dict], str]
     random: Callable[[dict], bool]
     model_stats: Callable[[dict], bool]  # model-wide trim thresholds (and majority sign) first
+    tensor_topk: Callable[[dict], bool]  # exact top-k of each tensor's `pretrim` deltas (TIES trim)
     check: Callable[[str, dict, list, int], dict] | None  # cross-param rules, derived values
     pretrim: Callable | None  # (block, p) -> deltas the model-wide trim ranks
     elects: Callable[[dict], bool]
@@ -221,7 +222,7 @@ REGISTRY: dict[str, MethodSpec] = {}
 
 
 def merge_method(name: str, params: tuple[Param, ...] = (), *, uses_base=True, granularity="element",
-                 random=False, model_stats=False, check=None, pretrim=None, elects=False,
+                 random=False, model_stats=False, tensor_topk=False, check=None, pretrim=None, elects=False,
                  hints: dict | None = None):
     """Register `fn(block, p) -> merged block` as method `name` (see the module docstring)."""
 
@@ -229,7 +230,8 @@ def merge_method(name: str, params: tuple[Param, ...] = (), *, uses_base=True, g
         if name in REGISTRY:
             raise AssertionError(f"merge method {name!r} registered twice")
         REGISTRY[name] = MethodSpec(name, fn, tuple(params), _const(uses_base), _const(granularity),
-                                    _const(random), _const(model_stats), check, pretrim, _const(elects),
+                                    _const(random), _const(model_stats), _const(tensor_topk), check, pretrim,
+                                    _const(elects),
                                     " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()),
                                     dict(hints or {}))
         return fn
@@ -261,10 +263,13 @@ def _magprune(b: Block, d, p: dict, scope: str = "row", score: str = "rank"):
 
 
 def _trim(b: Block, d, p: dict):
-    """The TIES magnitude trim at p's density and scope (model: the engine's thresholds)."""
+    """The TIES magnitude trim at p's density and scope (model: the engine's thresholds;
+    tensor, for a tensor merged in blocks: the engine's per-tensor thresholds)."""
     if p["density"] < 1:
         if p["trim_scope"] == "model":
             steps.threshold_trim_(d, b.thresholds)
+        elif b.topk is not None:
+            steps.streamed_topk_trim_(d, b.topk)
         else:
             steps.magnitude_trim_(d, p["density"], p["trim_scope"])
     return d
@@ -304,14 +309,17 @@ def _ties_only(method: str, p: dict) -> None:
 
 
 def _trim_granularity(p: dict) -> str:
-    """A tensor- or row-scope trim ranks whole tensors or rows; a model-scope one compares
-    with thresholds the engine computed first."""
-    scope = p.get("trim_scope")
-    return scope if p.get("density", 1) < 1 and scope in ("tensor", "row") else "element"
+    """A row-scope trim ranks whole rows; tensor- and model-scope ones compare with
+    thresholds the engine computed first (`tensor_topk`, `model_stats`)."""
+    return "row" if p.get("density", 1) < 1 and p.get("trim_scope") == "row" else "element"
 
 
 def _model_trim(p: dict) -> bool:
     return p.get("density", 1) < 1 and p.get("trim_scope") == "model"
+
+
+def _tensor_trim(p: dict) -> bool:
+    return p.get("density", 1) < 1 and p.get("trim_scope") == "tensor"
 
 
 def _l1(granularity: str, rescale: str) -> str:
@@ -345,15 +353,15 @@ def task_arithmetic(b: Block, p: dict):
 TIES_PARAMS = (LAMBDA, WEIGHTS, DENSITY, MASK_RATE, TRIM_SCOPE)
 
 
-@merge_method("ties", TIES_PARAMS, granularity=_trim_granularity, model_stats=_model_trim, elects=True,
-              check=_density, pretrim=lambda b, p: b.deltas())
+@merge_method("ties", TIES_PARAMS, granularity=_trim_granularity, model_stats=_model_trim,
+              tensor_topk=_tensor_trim, elects=True, check=_density, pretrim=lambda b, p: b.deltas())
 def ties(b: Block, p: dict):
     """TIES: magnitude trim to `density`, sign election, disjoint mean, times lambda."""
     return _disjoint(b, _trim(b, b.deltas(), p), p)
 
 
 @merge_method("ties_noelect", TIES_PARAMS, granularity=_trim_granularity, model_stats=_model_trim,
-              check=_density, pretrim=lambda b, p: b.deltas())
+              tensor_topk=_tensor_trim, check=_density, pretrim=lambda b, p: b.deltas())
 def ties_noelect(b: Block, p: dict):
     """TIES without election (DELLA Table 4 "TIES"): trim, weighted mean of the trimmed deltas, lambda."""
     return _mean(b, _trim(b, b.deltas(), p), p)
@@ -370,7 +378,8 @@ def _dare_check(m: str, p: dict, experts, seed) -> dict:
 @merge_method("dare", (*DARE_PARAMS, COMBINE, LAMBDA, WEIGHTS, DENSITY, MASK_RATE, TRIM_SCOPE), random=True,
               granularity=lambda p: _l1(_trim_granularity(p) if p["combine"] == "ties" else "element",
                                         p["rescale"]),
-              model_stats=_model_trim, elects=lambda p: p["combine"] == "ties", check=_dare_check,
+              model_stats=_model_trim, tensor_topk=_tensor_trim, elects=lambda p: p["combine"] == "ties",
+              check=_dare_check,
               pretrim=lambda b, p: _dare(b, b.deltas(), p["drop_rate"], p["rescale"]))
 def dare(b: Block, p: dict):
     """DARE: drop each delta with probability p (rescale survivors), then combine them by
@@ -490,7 +499,8 @@ def _m3_deltas(b: Block, p: dict):
               uses_base=lambda p: p["combine"] != "average" or "dare" in p, random=True,
               granularity=lambda p: _l1(_trim_granularity(p) if p["combine"] == "ties" else "element",
                                         p.get("dare", {}).get("rescale")),
-              model_stats=_model_trim, elects=lambda p: p["combine"] == "ties", pretrim=_m3_deltas)
+              model_stats=_model_trim, tensor_topk=_tensor_trim, elects=lambda p: p["combine"] == "ties",
+              pretrim=_m3_deltas)
 def m3(b: Block, p: dict):
     """M3 (Mixup Model Merge): mixing weights m ~ Dir(alpha) (Beta for two experts) replace
     the experts' equal weights: sum_t m_t theta_t (average), theta_b + lambda sum_t m_t delta_t
@@ -532,6 +542,7 @@ class Method:
         assert self.granularity in GRANULARITIES, (spec.name, self.granularity)
         self.random = bool(spec.random(params))
         self.global_trim = bool(spec.model_stats(params))
+        self.tensor_topk = bool(spec.tensor_topk(params))
         self.majority_sign = self.global_trim and bool(spec.elects(params))
 
     @property

@@ -31,6 +31,7 @@ class Block:
     row0: int
     seed: int
     thresholds: list | None = None  # model-scope trim thresholds per expert
+    topk: list | None = None  # a tensor-scope trim streamed over blocks: [threshold, ties left] per expert
     zero_sign: int = 1  # elected sign where the weighted deltas sum to 0 (model scope: majority)
     tables: dict | None = None  # cache of MagPrune keep tables
     is_delta: bool = False  # `experts` already holds task vectors (expert - base)
@@ -206,6 +207,28 @@ def magnitude_trim_(deltas, density: float, scope: str):
             scores = scores.view(1, -1)
         k = keep_count(density, scores.shape[1])
         d.mul_(topk_mask(scores, k).view(d.shape))
+    return deltas
+
+
+def streamed_topk_trim_(deltas, state):
+    """The tensor-scope TIES trim of one block of a tensor merged block by block, in row
+    order: keep |delta| > the tensor's k-th largest, and of the values equal to it the
+    first ones in flat order while ties are left (`state`: [threshold, ties left] per
+    expert, from the engine's pre-pass; updated). The same elements as `magnitude_trim_`
+    over the whole tensor."""
+    import torch
+
+    for d, st in zip(deltas, state):
+        a = d.abs()
+        keep = a > st[0]
+        if st[1] > 0:
+            eq = a == st[0]
+            n_eq = int(torch.count_nonzero(eq))
+            if n_eq > st[1]:
+                _keep_first_(eq.view(-1), st[1])
+            st[1] = max(0, st[1] - n_eq)
+            keep.logical_or_(eq)
+        d.mul_(keep)
     return deltas
 
 

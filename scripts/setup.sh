@@ -14,6 +14,7 @@ stamp=.venv/.mergeflow-installed
 want="$(cat pyproject.toml envs/constraints.txt | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   bash scripts/setup_test_assets.sh  # olah, real GSM8K rows, the Llama-2 tokenizer (once)
+  bash scripts/setup_vllm.sh  # vLLM's CPU build in .venv-vllm (once; optional)
   exit 0
 fi
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "mergeflow needs Python >= 3.11"'
@@ -28,3 +29,4 @@ quiet_pip "$TORCH_SPEC"
 quiet_pip -c <(grep -v '^torch==' envs/constraints.txt) -e ".[eval,workflow,serve,dev]"
 echo "$want" > "$stamp"
 bash scripts/setup_test_assets.sh
+bash scripts/setup_vllm.sh

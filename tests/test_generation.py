@@ -331,8 +331,11 @@ def _fake_vllm(calls, version="0.11.0"):
 def test_vllm_backend_argument_mapping(monkeypatch, tiny_model_dir):
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    import torch
+
     from mergeflow.generation.base import load_backend, resolve_backend
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU mapping (the CPU one: below)
     assert resolve_backend("vllm") == "vllm"
     backend = load_backend(tiny_model_dir, Decoding("vllm", "bfloat16", 17, ("USER:",), 42, "0.11.0", 2, 512, 0.5))
     assert calls["llm"] == {"model": str(tiny_model_dir), "tensor_parallel_size": 2, "seed": 42, "dtype": "bfloat16",
@@ -365,21 +368,24 @@ def test_vllm_real_generation(tiny_model_dir):
     assert backend.generate(PROMPTS) == first  # greedy is repeatable
 
 
-def test_vllm_memory_share_default_fits_a_cpu(monkeypatch, tiny_model_dir):
-    """Without a GPU vLLM's KV cache is a share of host RAM: its 0.92 default cannot work there."""
+def test_vllm_memory_default_fits_a_cpu(monkeypatch, tiny_model_dir):
+    """Without a GPU vLLM's KV cache is in host RAM: its 0.92 default share cannot work there."""
     import torch
 
-    from mergeflow.generation.vllm import CPU_MEMORY_SHARE, VLLMBackend, memory_share
+    from mergeflow.generation.vllm import CPU_KV_CACHE_BYTES, VLLMBackend, memory_args
 
-    assert memory_share(None, cuda=True) is None  # vLLM's own default on a GPU
-    assert memory_share(None, cuda=False) == CPU_MEMORY_SHARE < 0.5
-    assert memory_share(0.7, cuda=False) == 0.7
+    assert memory_args(None, cuda=True, environ={}) == {}  # vLLM's own default on a GPU
+    assert memory_args(None, cuda=False, environ={}) == {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    assert memory_args(None, cuda=False, environ={"VLLM_CPU_KVCACHE_SPACE": "2"}) == {}  # vLLM reads it
+    assert memory_args(0.15, cuda=False, environ={"VLLM_CPU_KVCACHE_SPACE": "2"}) == {"gpu_memory_utilization": 0.15}
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     VLLMBackend(tiny_model_dir, Decoding("vllm", "float32", 8, (), 0))
-    assert calls["llm"]["gpu_memory_utilization"] == CPU_MEMORY_SHARE
+    assert calls["llm"]["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES and "gpu_memory_utilization" not in calls["llm"]
+    assert calls["llm"]["enforce_eager"] is True  # no minute-long inductor compile on a CPU
     import os
 
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"

@@ -80,6 +80,25 @@ except MergeflowError as err:
 _BACKENDS = {mfconfig.generation_settings(CFG, b)["backend"] for b in CFG["evaluate"]["benchmarks"]}
 USES_VLLM = "vllm" in _BACKENDS or ("auto" in _BACKENDS and CFG["resources"]["generate_gpus"] > 0)
 GENERATE_ENV = "../../envs/vllm.yaml" if USES_VLLM else "../../envs/generate.yaml"
+
+
+def _generate_python():
+    """The Python of the generate jobs. Under --sdm conda: the rule's env (GENERATE_ENV). Else,
+    when generation uses vLLM: vLLM's own virtualenv, as envs/vllm.yaml is on a cluster:
+    MERGEFLOW_VLLM_PYTHON if set, else .venv-vllm/bin/python (scripts/setup_vllm.sh) when it
+    exists; otherwise, and for hf, the Python that runs Snakemake (PATH, above)."""
+    if not USES_VLLM or _conda_deployment():
+        return ""
+    named = os.environ.get("MERGEFLOW_VLLM_PYTHON")
+    if named:
+        if not os.access(named, os.X_OK):
+            raise WorkflowError(f"MERGEFLOW_VLLM_PYTHON={named}: no such executable (vLLM's Python for generate jobs)")
+        return named
+    return ".venv-vllm/bin/python" if os.access(".venv-vllm/bin/python", os.X_OK) else ""
+
+
+# the wrapper workflow/scripts/mergeflow runs MERGEFLOW_PYTHON when set (generate rule)
+GENERATE_PYTHON = _generate_python()
 # On GPUs vLLM keeps a CPU busy per process (front end, engine core, one worker per GPU).
 GENERATE_THREADS = max(2, CFG["resources"]["generate_gpus"] + 1) if CFG["resources"]["generate_gpus"] else 1
 MODELS = CFG["models"]

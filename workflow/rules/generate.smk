@@ -11,6 +11,7 @@ rule generate:
     params:
         settings=generation_settings,
         cache="results/cache/generations/{model}/{benchmark}.jsonl",
+        python=GENERATE_PYTHON,  # vLLM's virtualenv, or "" (the job's python): common.smk
     log:
         "results/logs/generate/{model}/{benchmark}.log",
     group:
@@ -23,6 +24,7 @@ rule generate:
         gpu=CFG["resources"]["generate_gpus"],
         mem_mb=CFG["resources"]["generate_mem_mb"],
     shell:
+        "MERGEFLOW_PYTHON={params.python:q} "
         "workflow/scripts/mergeflow generate --model {input.model} --benchmark {wildcards.benchmark} "
         "--data {input.data} --settings {params.settings:q} --cache {params.cache} "
         "--out {output} --gpus {resources.gpu} > {log} 2>&1"

@@ -4,11 +4,27 @@ Call shape per vLLM's documented offline API: `LLM(model=..., tensor_parallel_si
 seed=..., dtype=..., gpu_memory_utilization=...)`, `SamplingParams(temperature=0, top_p=1, max_tokens=..., stop=...,
 seed=...)`, `llm.generate(prompts, sampling_params)` -> RequestOutputs whose
 `.outputs[0].text` excludes the prompt and the stop string.
+
+Import-safe: nothing here starts an engine at import. vLLM starts its engine core (and on
+the CPU a worker) as child processes with spawn, which re-import the parent's `__main__`:
+a script that builds `VLLMBackend` must guard its entry point (`if __name__ == "__main__":`),
+as `mergeflow.__main__` does.
+
+On the CPU (vLLM's CPU build, `scripts/setup_vllm.sh`) the KV cache lives in host RAM:
+- `gpu_memory_utilization` (the generation setting) is then the share of host RAM that the
+  worker reserves (weights + KV cache); vLLM's GPU default 0.92 can never be had, since the
+  RAM also holds everything else. When it is set, it is used as given (0.15 worked here).
+- otherwise `VLLM_CPU_KVCACHE_SPACE` (GiB, vLLM's own variable), when set, sizes the KV cache;
+- otherwise the KV cache gets CPU_KV_CACHE_BYTES.
+The CPU build also compiles the model with inductor at start-up (about a minute on two
+cores); CPU engines run eagerly instead (CPU_ENFORCE_EAGER), which gives the same greedy
+outputs.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from mergeflow.generation.base import Decoding
@@ -25,17 +41,31 @@ def tensor_parallel_size(visible_gpus: int, attention_heads: int | None) -> int:
     return n
 
 
-# Without a GPU vLLM sizes its KV cache as a share of host RAM, which also holds the
-# weights: its GPU default (0.92) cannot be allocated there.
-CPU_MEMORY_SHARE = 0.3
+# KV cache of a CPU engine when neither the setting nor VLLM_CPU_KVCACHE_SPACE sizes it:
+# 1 GiB holds about 500k tokens of the demo models, and a 4k-token sequence of a 7B model.
+CPU_KV_CACHE_BYTES = 1 << 30
+# Eager on the CPU: inductor's start-up compile costs a minute on small CPUs (see above).
+CPU_ENFORCE_EAGER = True
 
 
-def memory_share(requested: float | None, cuda: bool) -> float | None:
-    """`gpu_memory_utilization` to pass: the setting, else vLLM's default on a GPU (None)
-    and CPU_MEMORY_SHARE of host RAM without one."""
+def memory_args(requested: float | None, cuda: bool, environ: Mapping[str, str] = os.environ) -> dict:
+    """The engine arguments that size vLLM's memory: the setting `gpu_memory_utilization`
+    when given; on a GPU nothing else (vLLM's default); on the CPU VLLM_CPU_KVCACHE_SPACE
+    when set (vLLM reads it), else a KV cache of CPU_KV_CACHE_BYTES."""
     if requested is not None:
-        return requested
-    return None if cuda else CPU_MEMORY_SHARE
+        return {"gpu_memory_utilization": requested}
+    if cuda or environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+
+
+def engine_args(model_dir: Path, decoding: Decoding, cuda: bool, environ: Mapping[str, str] = os.environ) -> dict:
+    """Keyword arguments of `vllm.LLM` for `decoding` (the one place they are chosen)."""
+    args = {"model": str(model_dir), "tensor_parallel_size": decoding.tensor_parallel_size, "seed": decoding.seed,
+            "dtype": decoding.dtype, **memory_args(decoding.gpu_memory_utilization, cuda, environ)}
+    if not cuda and CPU_ENFORCE_EAGER:
+        args["enforce_eager"] = True
+    return args
 
 
 class VLLMBackend:
@@ -48,12 +78,7 @@ class VLLMBackend:
         import vllm
 
         self.decoding = decoding
-        engine_args = {}
-        share = memory_share(decoding.gpu_memory_utilization, torch.cuda.is_available())
-        if share is not None:
-            engine_args["gpu_memory_utilization"] = share
-        self.llm = vllm.LLM(model=str(model_dir), tensor_parallel_size=decoding.tensor_parallel_size,
-                            seed=decoding.seed, dtype=decoding.dtype, **engine_args)
+        self.llm = vllm.LLM(**engine_args(model_dir, decoding, torch.cuda.is_available()))
         self.params = vllm.SamplingParams(
             temperature=0.0,
             top_p=1.0,

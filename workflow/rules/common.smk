@@ -97,7 +97,7 @@ def _generate_python():
     return ".venv-vllm/bin/python" if os.access(".venv-vllm/bin/python", os.X_OK) else ""
 
 
-# the wrapper workflow/scripts/mergeflow runs MERGEFLOW_PYTHON when set (generate rule)
+# the generate rule hands it to its wrapper (scripts/mergeflow) as MERGEFLOW_PYTHON
 GENERATE_PYTHON = _generate_python()
 # On GPUs vLLM keeps a CPU busy per process (front end, engine core, one worker per GPU).
 GENERATE_THREADS = max(2, CFG["resources"]["generate_gpus"] + 1) if CFG["resources"]["generate_gpus"] else 1

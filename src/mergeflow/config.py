@@ -365,10 +365,10 @@ def aggregate_settings(config: dict) -> dict:
         "judge": {"paper": (config.get("judge") or {}).get("paper")},
         # the pinned Hub revisions of models and data, for scores.csv's provenance columns
         "revisions": {
-            "models": {name: src["revision"] for name, src in (config.get("models") or {}).items()
-                       if isinstance(src, dict) and src.get("revision")},
-            "benchmarks": {name: src["revision"] for name, src in (config.get("benchmarks") or {}).items()
-                           if isinstance(src, dict) and src.get("revision")},
+            part: {name: src["revision"] for name, src in (config.get(part) or {}).items()
+                   if isinstance(src, dict) and src.get("revision")}
+            or (config.get("revisions") or {}).get(part, {})  # a slice already has them
+            for part in ("models", "benchmarks")
         },
     }
 

@@ -32,6 +32,8 @@ MODEL_FILES = [
     "vocab.json",
     "merges.txt",
 ]
+# huggingface_hub's default revision, named: some Hub servers (olah) answer repo info only at a revision
+DEFAULT_REVISION = "main"
 FETCH_RECORD = "mergeflow_fetch.json"  # in a fetched model dir: source, requested revision, commit
 
 
@@ -83,7 +85,7 @@ def fetch_model(source: str, revision: str | None, out: Path | None) -> Path:
     with _hub_errors(source, "model", "a local model directory: --source /path/to/model", revision=revision):
         from huggingface_hub import HfApi, snapshot_download
 
-        info = HfApi().model_info(source, revision=revision)
+        info = HfApi().model_info(source, revision=revision or DEFAULT_REVISION)
         commit = _check_commit(source, revision, info.sha)
         files = [s.rfilename for s in info.siblings or []]
         # Prefer safetensors; fall back to pickled .bin shards where a repo has only those.
@@ -147,7 +149,8 @@ def fetch_data(
         with _hub_errors(source, "dataset", "a local file: --source FILE.jsonl", revision=revision):
             from huggingface_hub import HfApi
 
-            commit = _check_commit(source, revision, HfApi().dataset_info(source, revision=revision).sha)
+            commit = _check_commit(source, revision,
+                                   HfApi().dataset_info(source, revision=revision or DEFAULT_REVISION).sha)
         log.info("%s at %s is commit %s", source, revision or "main", commit)
         rows = [bench.validate(row, f"{source}[{i}]") for i, row in enumerate(rows)]
     else:
@@ -239,6 +242,11 @@ class _hub_errors:
             msg = f"{what} {at}: split {self.split!r} not found (--split): {detail}"
         elif isinstance(exc, hf_errors.GatedRepoError):
             msg = f"{what} is gated on the Hugging Face Hub: accept its licence there and set HF_TOKEN"
+        elif (self.revision and (status := _http_status(exc) or self._revision_status())
+              and (default := self._default_commit()) is not None):
+            # olah answers 500 for a commit it does not have, and `datasets` hides the reply's status
+            msg = (f"{what}: the Hub could not serve revision {self.revision} (HTTP {status}); "
+                   f"the repository exists, its default branch at commit {default}: check the revision")
         else:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
             msg = (f"the Hugging Face Hub is unreachable{offline}: cannot fetch {what} "
@@ -248,12 +256,36 @@ class _hub_errors:
 
     def _default_commit(self) -> str | None:
         """The commit of the repository's default branch, or None if it cannot be had."""
-        try:
-            from huggingface_hub import HfApi
+        from huggingface_hub import HfApi
 
-            return HfApi().repo_info(self.repo_id, repo_type=self.kind).sha
-        except Exception:  # noqa: BLE001 (any failure means: no such repository for us)
+        found = []
+        _hub_status(lambda: found.append(
+            HfApi().repo_info(self.repo_id, repo_type=self.kind, revision=DEFAULT_REVISION).sha))
+        return found[0] if found else None
+
+    def _revision_status(self) -> int | None:
+        """The HTTP status the Hub answers for this revision of the repository (None: it serves it)."""
+        from huggingface_hub import HfApi
+
+        return _hub_status(lambda: HfApi().repo_info(self.repo_id, repo_type=self.kind, revision=self.revision))
+
+
+def _hub_status(call) -> int | None:
+    """The HTTP status of a failed Hub call (None: it worked, or no reply came, e.g. offline)."""
+    for attempt in range(2):  # a server may drop the kept-alive connection after an error reply
+        try:
+            call()
             return None
+        except Exception as err:  # noqa: BLE001 (any reply or none)
+            if _http_status(err) or attempt:
+                return _http_status(err)
+    return None
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a Hub reply that failed (None: no reply, e.g. offline)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) and status >= 400 else None
 
 
 def _check_commit(source: str, revision: str | None, commit: str | None) -> str:

@@ -39,11 +39,14 @@ def main() -> None:
     seconds = time.monotonic() - started
     hashes = {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
               for p in sorted(args.out.glob("models/*/model.safetensors"))}
+    # the inputs of training: were they the same, when the models differ?
+    inputs = {str(p.relative_to(args.out)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+              for p in [*sorted(args.out.glob("data/*.jsonl")), args.out / "models/base/tokenizer.json"]}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(json.dumps({"torch": torch.__version__, "cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(),
                       "MKL_CBWR": os.environ.get("MKL_CBWR"), "threads": args.threads, "few_steps": args.few_steps,
-                      "seconds": round(seconds, 1), "sha256": hashes}))
+                      "seconds": round(seconds, 1), "sha256": hashes, "inputs": inputs}))
 
 
 if __name__ == "__main__":

@@ -174,5 +174,16 @@ def test_models_load_and_math_has_one_extra_row(demo_dir):
         sd = models[name].state_dict()
         assert sd.keys() == base_sd.keys()
         assert any(not torch.equal(sd[k], base_sd[k]) for k in sd)
-    manifest = json.loads((demo_dir / "demo.json").read_text())
-    assert manifest["models"]["math"]["vocab_rows"] == rows["math"]
+    assert json.loads((demo_dir / "training" / "math.json").read_text())["vocab_rows"] == rows["math"]
+
+
+def test_a_finetune_needs_the_base_step_and_its_seed(demo_dir, tmp_path):
+    """`mergeflow demo --model NAME` trains from OUT's base: without it, or with another
+    seed, one line and exit status 2, and nothing of OUT is touched."""
+    cmd = [sys.executable, "-m", "mergeflow", "demo", "--model", "lm"]
+    res = subprocess.run([*cmd, "--out", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "build the base first" in res.stderr, res.stderr
+    before = _digest(demo_dir)
+    res = subprocess.run([*cmd, "--out", str(demo_dir), "--seed", "5"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "holds the zoo of seed 0" in res.stderr, res.stderr
+    assert _digest(demo_dir) == before

@@ -328,6 +328,6 @@ def test_profile_gives_paper_runs_gpus_and_the_demo_none():
     demo = job_resources(dry_run(ROOT, "--workflow-profile", PROFILE, "--configfile", "config/config.yaml"))
     for rule in ("merge", "generate"):
         assert {res.get("gpu") for res in demo[rule]} == {"0"}, (rule, demo[rule][0])
-    assert {res.get("runtime") for res in demo["demo_assets"]} == {"30"}
-    for rule in ("demo_assets", "merge", "generate", "score", "judge_gsm8k"):  # defaults reach every job
+    assert {res.get("runtime") for res in demo["demo_base"] + demo["demo_finetune"]} == {"30"}
+    for rule in ("demo_base", "demo_finetune", "merge", "generate", "score", "judge_gsm8k"):  # defaults reach every job
         assert all(res.get("runtime") and res.get("mem_mb") for res in demo[rule]), rule

@@ -32,7 +32,7 @@ def test_dry_run_lists_every_stage():
     res = snakemake("-n", "--cores", "2", "--quiet", "rules")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    for rule in ("demo_assets", "fetch_data", "merge", "generate", "likelihood", "score", "judge_gsm8k", "aggregate",
+    for rule in ("demo_base", "demo_finetune", "fetch_data", "merge", "generate", "likelihood", "score", "judge_gsm8k", "aggregate",
                  "robustness_demo_data", "robustness_livebench", "robustness_attack"):
         assert re.search(rf"^{rule}\s+\d+", out, re.M), f"rule {rule} missing from the dry run:\n{out}"
 
@@ -203,4 +203,4 @@ def test_paper_config_dry_runs_offline(paper):
     if paper == "m3":  # BERTAttack's masked LM and sentence encoder are fetched like checkpoints
         assert re.search(r"^robustness_fetch_attack_model\s+2$", out, re.MULTILINE), out  # mlm + encoder
         assert re.search(r"^robustness_attack\s+\d+", out, re.MULTILINE), "robustness_attack missing for m3"
-    assert "demo_assets" not in out  # the demo config is replaced, not extended
+    assert "demo_base" not in out  # the demo config is replaced, not extended

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mergeflow.demo.models import MODELS  # light: dataclasses only
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,6 +19,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("resources/demo"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of data, tokenizer and training")
     p.add_argument("--small", action="store_true", help="a minimal zoo in seconds (for tests)")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="build one step only: `base` (data, tokenizer, base, demo.json), or one fine-tuned model "
+                        "from OUT's base (the fine-tunes are independent: run them side by side); default: all")
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="demo_command", metavar="DEMO_COMMAND")  # optional: none builds the zoo
     labels = sub.add_parser(
@@ -35,8 +40,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergeflow.demo import cpu
-    from mergeflow.demo.build import build_demo
+    from mergeflow.demo import build, cpu
     from mergeflow.demo.models import FULL, SMALL
     from mergeflow.errors import MergeflowError
 
@@ -44,9 +48,19 @@ def run(args: argparse.Namespace) -> int:
         raise MergeflowError(f"--seed must be >= 0, got {args.seed}")
     if not cpu.pinned():  # the same bytes on every CPU need kernels chosen before torch starts
         return cpu.rerun_pinned(["demo", "--out", str(args.out), "--seed", str(args.seed)]
-                                + (["--small"] if args.small else []))
-    manifest = build_demo(args.out, args.seed, SMALL if args.small else FULL)
+                                + (["--small"] if args.small else []) + (["--model", args.model] if args.model else []))
+    spec = SMALL if args.small else FULL
+    if args.model is None:
+        manifest = build.build_demo(args.out, args.seed, spec)
+    elif args.model == "base":
+        build.build_base(args.out, args.seed, spec)
+        manifest = build.manifest_of(args.out)
+    else:  # the seed and sizes are the base step's (OUT/demo.json)
+        build.build_finetuned(args.out, args.model, seed=args.seed)
+        manifest = build.manifest_of(args.out)
     for name, info in manifest["models"].items():
+        if args.model not in (None, name):
+            continue
         print(f"{name}: {info['steps']} steps, loss {info['first_loss']} -> {info['last_loss']}, "
               f"{info['vocab_rows']} vocab rows")
     return 0

@@ -33,7 +33,10 @@ class ZooSpec:
     finetune_optimizer: str = "sgd"
     lr_finetune: float = 0.05
     lr_judge: float = 2e-3
-    threads: int = 2  # torch threads while training; fixed, whatever the CPUs: the bits depend on it
+    # torch threads while training; fixed, whatever the CPUs: the bits depend on it. The
+    # fine-tunes take one each, so that they train side by side (Snakemake's demo rules).
+    threads: int = 2
+    finetune_threads: int = 1
 
 
 FULL = ZooSpec()
@@ -45,7 +48,8 @@ SMALL = ZooSpec(
 )
 
 EXPERTS = ("lm", "math", "code")
-MODELS = ("base", *EXPERTS, "judge")
+FINETUNED = (*EXPERTS, "judge")  # trained from the base, independently of one another
+MODELS = ("base", *FINETUNED)
 # Which families each expert is fine-tuned on (data file names).
 EXPERT_FAMILIES = {"lm": ("alpaca_eval",), "math": ("gsm8k", "math"), "code": ("mbpp",)}
 

@@ -34,6 +34,34 @@ def _fit(examples: list[Example], max_length: int) -> list[Example]:
     return out
 
 
+def portable_adamw(params, *, lr: float, betas: tuple[float, float], eps: float = 1e-8):
+    """torch.optim.AdamW's update (no weight decay) with sqrt(v) computed as v * rsqrt(v):
+    ATen's sqrt goes through MKL's vector maths, whose bits differ between Intel and AMD
+    CPUs even under MKL_CBWR=COMPATIBLE; rsqrt, a product and a division are IEEE-exact."""
+    import torch
+
+    class PortableAdamW(torch.optim.Optimizer):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state["step"] += 1
+                    m, v = state["exp_avg"], state["exp_avg_sq"]
+                    m.lerp_(p.grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    v_hat = v / (1 - beta2 ** state["step"])
+                    root = torch.where(v_hat > 0, v_hat * v_hat.rsqrt(), 0.0)
+                    p.addcdiv_(m, root.add_(group["eps"]), value=-group["lr"] / (1 - beta1 ** state["step"]))
+
+    return PortableAdamW(params, dict(lr=lr, betas=betas, eps=eps))
+
+
 def train(model, groups: list[list[Example]], *, steps: int, batch_size: int, lr: float, seed: int,
           pad_id: int, optimizer: str = "adamw", weights: list[float] | None = None) -> list[float]:
     """AdamW (or SGD with Nesterov momentum) with linear warm-up/decay; loss on response tokens
@@ -52,7 +80,7 @@ def train(model, groups: list[list[Example]], *, steps: int, batch_size: int, lr
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        opt = portable_adamw(model.parameters(), lr=lr, betas=(0.9, 0.98))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))

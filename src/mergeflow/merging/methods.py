@@ -200,8 +200,8 @@ def _const(value):
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: its function, params and what it asks of the engine. The
-    `uses_base`, `granularity`, `random` and `model_stats` entries are values or functions
-    of the resolved params."""
+    `uses_base`, `granularity`, `random`, `model_stats`, `tensor_topk` and `elects` entries
+    are values or functions of the resolved params."""
 
     name: str
     fn: Callable
@@ -212,8 +212,8 @@ class MethodSpec:
     model_stats: Callable[[dict], bool]  # model-wide trim thresholds (and majority sign) first
     tensor_topk: Callable[[dict], bool]  # exact top-k of each tensor's `pretrim` deltas (TIES trim)
     check: Callable[[str, dict, list, int], dict] | None  # cross-param rules, derived values
-    pretrim: Callable | None  # (block, p) -> deltas the model-wide trim ranks
-    elects: Callable[[dict], bool]
+    pretrim: Callable | None  # (block, p) -> the deltas a model- or tensor-scope trim ranks
+    elects: Callable[[dict], bool]  # sign election (a model-scope trim then needs the majority sign)
     summary: str
     hints: dict
 

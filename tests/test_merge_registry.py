@@ -142,7 +142,11 @@ def test_declarations_match_behaviour(method):
 
 def test_the_config_schema_is_generated_from_the_param_specs():
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    assert schema["$defs"]["merge_params"] == methods.merge_params_schema()
+    want = methods.merge_params_schema()
+    rows = "\n".join(f"      {k}: {yaml.safe_dump(v, default_flow_style=True, width=10**4).strip()}"
+                     for k, v in want["properties"].items())
+    assert schema["$defs"]["merge_params"] == want, \
+        f"config.schema.yaml's $defs.merge_params differs from the registry's; its properties are:\n{rows}"
     merge = schema["properties"]["merges"]["items"]["properties"]
     assert merge["method"]["enum"] == methods.method_names()
     assert merge["grid"]["propertyNames"]["enum"] == methods.grid_params()

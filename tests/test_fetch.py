@@ -125,6 +125,16 @@ def _entry_not_found(url: str):
     raise AssertionError("hf_raise_for_status accepted a 404")
 
 
+def _revision_exists(monkeypatch):
+    """The Hub resolves the dataset's revision (fetch asks for its commit before loading)."""
+    import types
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, revision=None, **kw: types.SimpleNamespace(sha=f"commit-of-{revision}"))
+
+
 def test_missing_file_in_existing_repo_is_named(monkeypatch, tmp_path, capsys):
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
@@ -139,6 +149,7 @@ def test_missing_file_in_existing_repo_is_named(monkeypatch, tmp_path, capsys):
         raise err
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    _revision_exists(monkeypatch)
     rc = main(["fetch", "data", "--benchmark", "alpaca_eval", "--subset", "alpaca_eval_gpt5", "--revision", "abc123",
                "--out", str(tmp_path / "a.jsonl")])
     msg = capsys.readouterr().err
@@ -174,6 +185,7 @@ def test_wrong_dataset_config_is_named(monkeypatch, tmp_path, capsys):
         raise AssertionError("the builder accepted an unknown config")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    _revision_exists(monkeypatch)
     rc = main(["fetch", "data", "--benchmark", "mbpp", "--subset", "sanitised", "--revision", "r1",
                "--out", str(tmp_path / "m.jsonl")])
     msg = capsys.readouterr().err

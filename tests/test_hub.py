@@ -189,7 +189,7 @@ def test_fetch_each_benchmark_in_its_hub_layout(hub, tmp_path):
     (["model", "--source", f"{ORG}/no-such-model", "--revision", "main"],
      f"model {ORG}/no-such-model not found on the Hugging Face Hub"),
     (["data", "--benchmark", "gsm8k", "--revision", "1" * 40],
-     f"dataset openai/gsm8k (main): the Hub could not serve revision {'1' * 40} (HTTP 500); the repository exists"),
+     f"dataset openai/gsm8k: the Hub could not serve revision {'1' * 40} (HTTP 500); the repository exists"),
     (["data", "--benchmark", "gsm8k", "--source", f"{ORG}/no-such-data", "--revision", "main"],
      f"dataset {ORG}/no-such-data not found on the Hugging Face Hub"),
 ])

@@ -143,15 +143,17 @@ def fetch_data(
         else:
             subsets = subset.split(",") if subset else [None]
         _warn_unpinned(source, revision)
-        rows = []
-        for sub in subsets:
-            rows.extend(_read_hub(bench, source, sub, split, revision))
-        with _hub_errors(source, "dataset", "a local file: --source FILE.jsonl", revision=revision):
+        how = f"a local file: mergeflow fetch data --benchmark {benchmark} --source FILE.jsonl"
+        with _hub_errors(source, "dataset", how, revision=revision):
             from huggingface_hub import HfApi
 
             commit = _check_commit(source, revision,
                                    HfApi().dataset_info(source, revision=revision or DEFAULT_REVISION).sha)
         log.info("%s at %s is commit %s", source, revision or "main", commit)
+        rows = []
+        for sub in subsets:
+            # at the commit: `datasets` falls back to whatever it cached when the Hub fails a revision
+            rows.extend(_read_hub(bench, source, sub, split, revision, commit))
         rows = [bench.validate(row, f"{source}[{i}]") for i, row in enumerate(rows)]
     else:
         raise MergeflowError(f"--source {source!r}: no such local file, and not a Hub dataset id (owner/name)")
@@ -171,7 +173,7 @@ def _read_local(bench, path: Path) -> list[dict]:
     return [bench.validate(row, where) for row, where in read_rows(path)]
 
 
-def _read_hub(bench, source: str, subset: str | None, split: str, revision: str | None) -> list[dict]:
+def _read_hub(bench, source: str, subset: str | None, split: str, revision: str | None, commit: str) -> list[dict]:
     how = f"a local file: mergeflow fetch data --benchmark {bench.name} --source FILE.jsonl"
     name = f"{source}" + (f" ({subset})" if subset else "")
     direct = bench.hub is not None and bench.hub.file and source == bench.hub.dataset
@@ -182,11 +184,11 @@ def _read_hub(bench, source: str, subset: str | None, split: str, revision: str 
             # No loader for this dataset in current `datasets`: read the subset's file directly.
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(source, filename, repo_type="dataset", revision=revision)
+            path = hf_hub_download(source, filename, repo_type="dataset", revision=commit)
             return json.loads(Path(path).read_text(encoding="utf-8"))
         import datasets
 
-        return list(datasets.load_dataset(source, subset, split=split, revision=revision))
+        return list(datasets.load_dataset(source, subset, split=split, revision=commit))
 
 
 def run_data(args: argparse.Namespace) -> int:

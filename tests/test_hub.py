@@ -99,11 +99,9 @@ def build_mirrors(root: Path, tmp_factory) -> dict:
                   "alpaca_eval")
     shas[alpaca.repo_id] = alpaca.commits
 
-    demo = tmp_factory.mktemp("robustness-demo")
-    res = subprocess.run([sys.executable, "-m", "mergeflow", "robustness", "demo-data", "--out", str(demo)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    coding = [json.loads(line) for line in (demo / "livebench_coding.jsonl").read_text().splitlines()]
+    from mergeflow.robustness.demo import livebench_rows
+
+    coding = livebench_rows("coding")  # LiveBench's coding schema (what the demo writes)
     live = HubRepo(mirrors, "dataset", "livebench/coding")
     live.commit({"README.md": "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
                               "    path: data/test-*\n---\n",

@@ -60,7 +60,7 @@ def prompts(n: int) -> list[str]:
 
 
 def worker(args) -> None:
-    """One backend in this process; prints one JSON line."""
+    """One backend in this process; writes its figures to --result (vLLM logs to stdout)."""
     t0 = time.perf_counter()
     import torch
 
@@ -84,23 +84,25 @@ def worker(args) -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     n_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs)
-    print(json.dumps({"backend": args.worker, "version": backend_mod.__version__, "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "import_s": t_import, "startup_s": t_start,
-                      "generate_s": t_gen, "prompts": len(todo), "tokens": n_tokens, "outputs": outputs}))
-    sys.stdout.flush()
-    os._exit(0)  # vLLM's engine processes are torn down by the OS, not timed
+    Path(args.result).write_text(json.dumps({
+        "backend": args.worker, "version": backend_mod.__version__, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "import_s": t_import, "startup_s": t_start, "generate_s": t_gen,
+        "prompts": len(todo), "tokens": n_tokens, "outputs": outputs}))
+    # a plain return: vLLM's exit handlers stop its engine processes (which hold our pipes)
 
 
 def run_worker(python: str, backend: str, args) -> dict:
+    result = args.work / f"{backend}.json"
+    result.unlink(missing_ok=True)
     cmd = [python, __file__, "--worker", backend, "--model", str(args.model), "--prompts", str(args.prompts),
-           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--result", str(result)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    if res.returncode != 0:
+    if res.returncode != 0 or not result.exists():
         sys.exit(f"generation_bench: the {backend} worker failed ({python}):\n{res.stderr[-3000:]}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(result.read_text())
     out["process_s"] = wall
     return out
 
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--vllm-python", default=os.environ.get("MERGEFLOW_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python"))
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         sys.path.insert(0, str(ROOT / "src"))
@@ -128,6 +131,7 @@ def main() -> None:
     if not Path(args.vllm_python).exists():
         print(f"generation_bench: --vllm-python {args.vllm_python}: not found (scripts/setup_vllm.sh)", file=sys.stderr)
         sys.exit(2)
+    args.work.mkdir(parents=True, exist_ok=True)
     if args.model is None:
         args.model = build_model(args.work, args.hidden, args.layers, args.heads, seed=0)
     elif not (args.model / "config.json").is_file():

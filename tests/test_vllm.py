@@ -176,6 +176,21 @@ def test_vllm_resumes_after_a_kill_with_only_the_missing_prompts(runs):
     assert keys[: len(killed)] == [r["key"] for r in runs["killed_rows"]]
 
 
+@pytest.mark.slow
+def test_vllm_venv_has_what_the_generate_path_imports():
+    """.venv-vllm holds vLLM's dependencies and mergeflow without its own: every third-party
+    module that `mergeflow generate` can reach (test_workflow's import walk) must be there."""
+    python = vllm_python()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_workflow import third_party_imports
+
+    modules = sorted(third_party_imports("mergeflow.generation") | {"vllm"})
+    res = subprocess.run([str(python), "-c", "import importlib.util, sys\n"
+                          "missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]\n"
+                          "print(missing)", *modules], capture_output=True, text=True, env=vllm_env(), timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", (modules, res.stdout, res.stderr[-2000:])
+
+
 # --- the set-up: optional, one line when vLLM cannot install --------------------------------------------
 
 

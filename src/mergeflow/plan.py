@@ -190,7 +190,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             merge_gpu_s += params / rates["merge"]["params_per_s"] * cfg["resources"]["merge_gpus"]
 
     # judging
-    judge = _judge_plan(cfg, models, root, rates)
+    judge = _judge_plan(cfg, models, root, rates, specs)
 
     return {
         "config": cfg.get("protocol", {}).get("name"),
@@ -225,12 +225,12 @@ def _judge_prices(cfg: dict, kind: str) -> dict:
     return {**(cfg["judge"]["endpoint"].get("prices") or {}), **((cfg["judge"].get(kind) or {}).get("prices") or {})}
 
 
-def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict) -> dict:
+def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict, specs: dict) -> dict:
     tokens = rates["judge_tokens"]
     out = {}
     launch = cfg["judge"]["endpoint"].get("launch")
     if cfg["evaluate"]["gsm8k_judge"]:
-        models_g = [m for m in models if "gsm8k" in mfconfig.benchmarks_of(cfg, m)]
+        models_g = [m for m in models if "gsm8k" in mfconfig.benchmarks_of(cfg, m, specs)]
         if models_g:
             n = doc_count(cfg, "gsm8k", root)
             prompt_file = root / cfg["judge"]["gsm8k"]["prompt"]
@@ -240,7 +240,7 @@ def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict) -> dict:
             per_in = template_tokens + tokens["gsm8k_judge"]["question_and_reference"] + max_new
             out["gsm8k_judge"] = _cost(len(models_g) * n, per_in, tokens["gsm8k_judge"]["output"],
                                        _judge_prices(cfg, "gsm8k"), launch, len(models_g), n)
-    models_a = [m for m in models if "alpaca_eval" in mfconfig.benchmarks_of(cfg, m)]
+    models_a = [m for m in models if "alpaca_eval" in mfconfig.benchmarks_of(cfg, m, specs)]
     if models_a:
         n = doc_count(cfg, "alpaca_eval", root)
         annotator = str(cfg["judge"]["alpaca_eval"].get("annotator", ""))

@@ -36,6 +36,27 @@ def test_sorted_columns_and_trims_match_on_cpu_and_cuda():
         assert torch.equal(steps.topk_mask(flat, k * 50), steps.topk_mask(flat.cuda(), k * 50).cpu())
 
 
+def test_fixed_order_reductions_match_on_cpu_and_cuda():
+    """The L1 norm, SLERP's sums and the sign election: fixed orders, the same float32 bits."""
+    g = torch.Generator().manual_seed(3)
+    for n in (5, 8, 1381, 888 * 37, 300_001, (1 << 19) * 32 + 77, 40_000_000):
+        x = torch.rand(n, generator=g) * torch.exp2(torch.randint(-20, 5, (n,), generator=g).float())
+        assert steps.cascade_sum(x) == steps.cascade_sum(x.cuda()), n
+    st = torch.randn(7, 64, 1000, generator=g)
+    assert torch.equal(steps.sum_experts(st), steps.sum_experts(st.cuda()).cpu())
+
+
+def test_slerp_merges_match_on_cpu_and_cuda(zoo, tmp_path):
+    _, experts = zoo
+    two = {k: experts[k] for k in ("lm", "math")}
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        run_merge("slerp", two, str(tmp_path / dev), params={"t": 0.3}, device=dev, progress=False)
+        outs[dev] = load_file(tmp_path / dev / "model.safetensors")
+    assert sorted(outs["cpu"]) == sorted(outs["cuda"])
+    assert all(torch.equal(t, outs["cuda"][k]) for k, t in outs["cpu"].items())
+
+
 @pytest.fixture(scope="module")
 def zoo(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_zoo")
@@ -77,6 +98,9 @@ def zoo(tiny_model_dir, tmp_path_factory):
     ("dare_della", {}),
     ("nodrop_noelect", {}),
     ("dare", {"drop_rate": 0.5, "rescale": "l1"}),
+    ("della", {"rescale": "l1"}),
+    ("dare", {"drop_rate": 0.5, "rescale": "l1", "dtype": "float32"}),
+    ("ties", {"density": 0.3, "dtype": "float32"}),
 ])
 def test_cpu_and_cuda_merges_are_identical(zoo, tmp_path, method, params):
     base, experts = zoo

@@ -357,7 +357,10 @@ class MergeEngine:
             if t.device.type == "cuda":  # allocated on a reader's stream: keep it until we are done
                 t.record_stream(torch.cuda.current_stream(dev))
             if item.fit:  # vocabulary policy: float32 first, so a padded mean row is exact
-                t = fit_rows(t.to(torch.float32).view(t.shape[0], -1), item.rows)
+                t = t.to(torch.float32).view(t.shape[0], -1)
+                if t.shape[0] < item.rows:  # the mean row on the CPU: a CUDA reduction orders it otherwise
+                    t = fit_rows(t.cpu(), item.rows).to(dev)
+                t = fit_rows(t, item.rows)
             raw[label] = t.view(rows, item.cols)
         n = len(self.expert_names)
         stack = torch.empty((n, rows, item.cols), dtype=torch.float32, device=dev)

@@ -51,6 +51,87 @@ class Block:
         return self.experts
 
 # ---------------------------------------------------------------------------------------
+# reductions: the same bits on every device
+# ---------------------------------------------------------------------------------------
+
+CASCADE_LANES = 8  # float32 lanes of the AVX2 kernel whose order the recorded release bytes have
+
+
+def _ceil_log2(x: int) -> int:
+    return 1 if x <= 2 else (x - 1).bit_length()
+
+
+def _running_sum(t):
+    """0 + t[0] + t[1] + ... along dim 0, one element-wise add at a time (a fixed order)."""
+    import torch
+
+    acc = torch.zeros(t.shape[1:], dtype=t.dtype, device=t.device)
+    for j in range(t.shape[0]):
+        acc.add_(t[j])
+    return acc
+
+
+def _cascade_rows(rows):
+    """torch's CPU `multi_row_sum` over dim 0 of `rows` [R, L]: running sums of chunks of
+    2^p rows, of chunks of those, ... (4 levels), each level a fixed order."""
+    r, lanes = rows.shape
+    step = 1 << max(4, _ceil_log2(r) // 4)
+    c0 = r // step
+    chunk = _running_sum(rows[:c0 * step].view(c0, step, lanes).transpose(0, 1)) if c0 else rows.new_zeros(0, lanes)
+    acc0 = _running_sum(rows[c0 * step:])
+    g1 = c0 // step
+    s1 = _running_sum(chunk[:g1 * step].view(g1, step, lanes).transpose(0, 1)) if g1 else rows.new_zeros(0, lanes)
+    acc1 = _running_sum(chunk[g1 * step:])
+    g2 = g1 // step
+    s2 = _running_sum(s1[:g2 * step].view(g2, step, lanes).transpose(0, 1)) if g2 else rows.new_zeros(0, lanes)
+    acc2 = _running_sum(s1[g2 * step:])
+    acc3 = _running_sum(s2)
+    return acc0.add_(acc1).add_(acc2).add_(acc3)
+
+
+def cascade_sum(x, lanes: int = CASCADE_LANES) -> float:
+    """Sum of the float32 tensor `x`, rounded as torch's single-threaded CPU `sum` rounds it
+    (AVX2 build): the order of its cascade, replayed with element-wise adds.
+
+    A reduction kernel's order depends on the device, the vector width and the thread
+    count (float32 addition is not associative), so `x.sum()` is not the same number on a
+    GPU; element-wise adds are. Equal to `x.sum()` on one AVX2 CPU thread, which made the
+    recorded release bytes (tests/data/merge_bits_sha256.json).
+    """
+    import torch
+
+    flat = x.reshape(-1)
+    n = flat.numel()
+    w = lanes if n >= lanes else 1  # shorter: the scalar kernel
+    nvec = n // w
+    nilp = nvec // 4
+    part = _cascade_rows(flat[:nilp * 4 * w].view(nilp, 4 * w)).view(4, w)
+    p0 = part[0]
+    for i in range(nilp * 4, nvec):  # vectors left over from the 4-way interleave
+        p0.add_(flat[i * w:(i + 1) * w])
+    p0.add_(part[1]).add_(part[2]).add_(part[3])
+    host = torch.cat([flat[nvec * w:], p0]).cpu()  # the scalar tail, then the lanes
+    total = torch.zeros((), dtype=torch.float32)
+    for v in host:
+        total.add_(v)
+    return float(total)
+
+
+def l1_norm(x) -> float:
+    """sum |x| (float32, `cascade_sum`): the same number on every device."""
+    return cascade_sum(x.abs())
+
+
+def sum_experts(stack):
+    """stack[0] + stack[1] + ... over dim 0 of [N, ...], in that order on every device
+    (= torch's CPU sum over dim 0 for N <= 4; a CUDA reduction may pair them otherwise)."""
+    out = stack[0].clone()
+    for s in stack[1:]:
+        out.add_(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # sparsify
 # ---------------------------------------------------------------------------------------
 
@@ -242,7 +323,7 @@ def threshold_trim_(deltas, thresholds):
 
 def rescale_l1_(masked, original_l1: float, eps: float = 1e-7):
     """Scale `masked` so its L1 norm matches the unmasked tensor's (upstream mergekit)."""
-    after = float(masked.abs().sum())
+    after = l1_norm(masked)
     if original_l1 < eps or after < eps:
         return masked
     return masked.mul_(original_l1 / after)
@@ -253,7 +334,7 @@ def bernoulli_drop_(delta, drop_rate: float, rescale: str, key, offset: int):
     if drop_rate <= 0:
         return delta
     keep = f32(1.0 - drop_rate)
-    l1 = float(delta.abs().sum()) if rescale == "l1" else None
+    l1 = l1_norm(delta) if rescale == "l1" else None
     u = rng.uniform(key, offset, delta.shape, delta.device)
     mask = u < keep
     del u
@@ -377,7 +458,7 @@ def magprune_(delta, drop_rate: float, window_size: float, rescale: str, key, of
     else:
         raise ValueError(score)
     del scores
-    l1 = float(delta.abs().sum()) if rescale == "l1" else None
+    l1 = l1_norm(delta) if rescale == "l1" else None
     u = rng.uniform(key, offset, flat.shape, flat.device)
     keep = u < probs
     del u
@@ -397,7 +478,7 @@ def magprune_(delta, drop_rate: float, window_size: float, rescale: str, key, of
 def elected_sign(weighted, zero_sign: int = 1):
     """TIES sum election: +1 where sum_t w_t delta_t > 0, -1 where < 0, `zero_sign` where
     the sum is 0 (+1 as mergekit; model scope passes MergeLM's model-wide majority sign)."""
-    total = weighted.sum(dim=0)
+    total = sum_experts(weighted)
     if zero_sign == 1:
         return total.ge_(0).mul_(2).sub_(1)
     return total.sign_().masked_fill_(total == 0, zero_sign)
@@ -405,7 +486,7 @@ def elected_sign(weighted, zero_sign: int = 1):
 
 def sign_balance(weighted) -> int:
     """#(sum_t w_t delta_t > 0) - #(< 0): its sign over the whole model is MergeLM's majority sign."""
-    total = weighted.sum(dim=0)
+    total = sum_experts(weighted)
     return int((total > 0).sum()) - int((total < 0).sum())
 
 
@@ -497,13 +578,14 @@ def slerp(v0, v1, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
     As mergekit: the angle from the cosine of the normalised vectors (norms below `eps`
     count as 1); where |cos| > `dot_threshold` (near parallel or antiparallel) plain
     linear interpolation, which is what SLERP tends to there and avoids dividing by
-    sin(theta) ~ 0. Scalars in float64 on the host (one tensor's two norms and a dot).
+    sin(theta) ~ 0. Scalars in float64 on the host from `cascade_sum`s (two norms and a dot),
+    so CPU and GPU get the same coefficients.
     """
     import math
 
-    n0, n1 = float(v0.norm()), float(v1.norm())
+    n0, n1 = math.sqrt(cascade_sum(v0 * v0)), math.sqrt(cascade_sum(v1 * v1))
     n0, n1 = (n0 if n0 > eps else 1.0), (n1 if n1 > eps else 1.0)
-    dot = max(-1.0, min(1.0, float((v0 / n0).mul_(v1 / n1).sum(dtype=v0.dtype))))
+    dot = max(-1.0, min(1.0, cascade_sum(div_exact_(v0.clone(), n0).mul_(div_exact_(v1.clone(), n1)))))
     if abs(dot) > dot_threshold:
         c0, c1 = 1.0 - t, t
     else:

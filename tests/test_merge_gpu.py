@@ -101,6 +101,8 @@ def zoo(tiny_model_dir, tmp_path_factory):
     ("della", {"rescale": "l1"}),
     ("dare", {"drop_rate": 0.5, "rescale": "l1", "dtype": "float32"}),
     ("ties", {"density": 0.3, "dtype": "float32"}),
+    ("task_arithmetic", {"weights": [0.3, 0.7, 0.45], "dtype": "float32"}),  # a + w * b: FMA on both
+    ("m3", {"combine": "ties", "density": 0.5, "dtype": "float32"}),
 ])
 def test_cpu_and_cuda_merges_are_identical(zoo, tmp_path, method, params):
     base, experts = zoo

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama checkpoint with a locally trained tokenizer.
+"""Shared fixtures: a tiny Llama checkpoint with a locally trained tokenizer, and Snakemake
+dry runs of whole configs run once per session.
 
 Built from transformers/tokenizers directly (not from mergeflow.demo) so that tests of
 every stage share one independent, seconds-cheap model.
@@ -7,9 +8,13 @@ every stage share one independent, seconds-cheap model.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from dry_run_jobs import dry_run_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -82,3 +87,39 @@ def judge_server(tiny_model_dir):
 
     with local_server(tiny_model_dir, device="cpu") as base_url:
         yield base_url, served_model_name(tiny_model_dir)
+
+
+# --- Snakemake dry runs of whole configs, shared by the tests that read them ------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DryRuns:
+    """`snakemake -n -p --forceall --cores 64` of a config, each (config, profile) run once per
+    session and only when a test asks: the paper configs schedule thousands of jobs, and
+    several tests read the same plan (job counts, shell commands, resources, threads).
+
+    --forceall: every job of the DAG, whatever results/ already holds; --cores 64: a dry run
+    otherwise caps each job's threads at its cores. configfile None: no --configfile, so the
+    default profile (profiles/default) names the demo."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str | None, str | None], subprocess.CompletedProcess] = {}
+
+    def __call__(self, configfile: str | None = None, profile: str | None = None) -> subprocess.CompletedProcess:
+        key = (configfile, profile)
+        if key not in self._runs:
+            args = [sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "64"]
+            args += ["--workflow-profile", profile] if profile else []
+            args += ["--configfile", configfile] if configfile else []
+            self._runs[key] = subprocess.run(args, cwd=ROOT, env=dry_run_env(), capture_output=True, text=True,
+                                             timeout=900)
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def snakemake_dry_run() -> DryRuns:
+    """snakemake_dry_run(configfile=None, profile=None) -> the CompletedProcess of its dry run
+    (stdout: the job blocks and the job stats table), cached for the session."""
+    return DryRuns()
+

@@ -6,7 +6,8 @@ RUNS.json lists runs, each {"configfiles": [...], "config": {...}} (the latter a
 --config would give it); OUT.json gets, per run, {job: {"rule", "command", "resources"}}
 (a job is its rule and outputs; config file names read <configfile> in commands), or
 {"error": last lines of the log} for a config the workflow refuses. One process keeps
-Snakemake imported: a dry run of the demo then takes about a second.
+Snakemake imported: a dry run of the demo then takes about a second. job_counts reads
+the job stats table of a printed dry run (the session's shared ones: conftest.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def parse(log: str) -> dict[str, dict]:
                 if line.startswith("Shell command: "):
                     current = None
     return jobs
+
+
+def dry_run_env() -> dict[str, str]:
+    """The environment of a dry run: the slurm executor plugin runs `scontrol show config` when
+    Snakemake imports it, which waits ~10 s where SLURM is installed but no controller runs;
+    an empty SLURM_CONF makes it fail at once (a dry run never asks the controller)."""
+    return {**os.environ, "SLURM_CONF": "/dev/null"}
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """rule -> jobs, from the first `Job stats` table of a dry run's printed output."""
+    table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", output, re.S)
+    assert table, output[-3000:]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+)$", table.group(1), re.M)}
 
 
 def dry_run(api, configfiles: list[Path], overrides: dict) -> dict:

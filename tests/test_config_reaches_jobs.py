@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dry_run_jobs import dry_run_env
 from mergeflow import config as mfconfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +266,7 @@ def dry_runs(configs: list[dict], tmp_path: Path, overrides: list[dict] | None =
         spec, out = tmp_path / f"runs{i}.json", tmp_path / f"jobs{i}.json"
         spec.write_text(json.dumps(chunk))
         procs.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "dry_run_jobs.py"), str(spec), str(out)],
-                                       cwd=ROOT), chunk, out))
+                                       cwd=ROOT, env=dry_run_env()), chunk, out))
     found = {}
     for proc, chunk, out in procs:
         assert proc.wait(timeout=1200) == 0

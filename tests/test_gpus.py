@@ -188,10 +188,9 @@ def test_machine_gpus_are_read_from_nvidia_smi(tmp_path, monkeypatch):
 # --- the rules pass each job's GPU count -----------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [[], ["--configfile", "config/della.yaml"]], ids=["demo", "della"])
-def test_every_gpu_rule_passes_its_gpu_resource_as_gpus(config):
-    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", *config], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("config", [None, "config/della.yaml"], ids=["demo", "della"])
+def test_every_gpu_rule_passes_its_gpu_resource_as_gpus(config, snakemake_dry_run):
+    done = snakemake_dry_run(config)  # -n -p --forceall, shared by the session's tests
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     checked = set()
     for block in re.split(r"\n(?=\s*\[|\s*rule |\s*localrule )", done.stdout):  # (indented in group jobs)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dry_run_jobs import job_counts
 from mergeflow import config as mfconfig
 from mergeflow.plan import build_plan, load_rates
 
@@ -80,23 +81,20 @@ def test_unknown_checkpoint_size_names_the_model(tmp_path):
         build_plan(mfconfig.prepare(cfg), root=tmp_path, rates=load_rates(), concurrent=1)
 
 
-def _dry_run_jobs(configfile: str) -> dict[str, int]:
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--quiet", "rules", "--configfile",
-                          configfile], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
-    table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", out, re.S)
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+)$", table.group(1), re.M)}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["config", "della", "m3"])
-def test_configs_plan_and_match_the_dry_run(name):
+def test_configs_plan_and_match_the_dry_run(name, snakemake_dry_run):
     res = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
-    jobs = _dry_run_jobs(f"config/{name}.yaml")
+    # the session's dry run; the demo's is the one without --configfile (profiles/default names it)
+    done = snakemake_dry_run(None if name == "config" else f"config/{name}.yaml")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert re.search(rf"^\s*Config file\(s\): \[PosixPath\('{re.escape(str(ROOT))}/config/{name}\.yaml'\)\]$", out, re.M), \
+        out[:3000]
+    jobs = job_counts(out)
     assert plan["merges"] == jobs["merge"]
     assert plan["generate_jobs"] == jobs["generate"]
     assert plan["likelihood_jobs"] == jobs.get("likelihood", 0)

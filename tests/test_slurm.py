@@ -286,6 +286,14 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
 # --- the profile itself (no cluster needed) ----------------------------------------------
 
 
+def profile_dry_run(snakemake_dry_run, configfile: str) -> str:
+    """The session's dry run (-n --forceall) of a config through the profile: its whole output."""
+    done = snakemake_dry_run(configfile, PROFILE)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    return out
+
+
 def job_resources(dry_run_output: str) -> dict[str, list[dict[str, str]]]:
     """rule -> the resources of each of its jobs, from a dry run's job blocks."""
     found: dict[str, list[dict[str, str]]] = {}
@@ -310,8 +318,8 @@ def test_snakemake_reads_profile_yaml_and_config_yaml_is_a_link_to_it():
 
 
 @pytest.mark.slow
-def test_profile_gives_paper_runs_gpus_and_the_demo_none():
-    della = job_resources(dry_run(ROOT, "--workflow-profile", PROFILE, "--configfile", "config/della.yaml"))
+def test_profile_gives_paper_runs_gpus_and_the_demo_none(snakemake_dry_run):
+    della = job_resources(profile_dry_run(snakemake_dry_run, "config/della.yaml"))
     # config/della.yaml asks 1 GPU and 64 GB for merge and generate; the profile adds runtimes
     expected = {
         "merge": {"gpu": "1", "mem_mb": "64000", "runtime": "240"},
@@ -325,7 +333,7 @@ def test_profile_gives_paper_runs_gpus_and_the_demo_none():
             assert {k: res.get(k) for k in want} == want, (rule, res)
     # (a dry run does not tell local rules apart: the SLURM test checks they were not submitted)
 
-    demo = job_resources(dry_run(ROOT, "--workflow-profile", PROFILE, "--configfile", "config/config.yaml"))
+    demo = job_resources(profile_dry_run(snakemake_dry_run, "config/config.yaml"))
     for rule in ("merge", "generate"):
         assert {res.get("gpu") for res in demo[rule]} == {"0"}, (rule, demo[rule][0])
     assert {res.get("runtime") for res in demo["demo_base"] + demo["demo_finetune"]} == {"30"}

@@ -37,7 +37,7 @@ def test_cascade_sum_replays_torchs_single_threaded_cpu_sum(one_thread):
     # every branch: scalar kernel (< 8), lane and interleave tails, 1-3 cascade levels, and
     # a level step of 32 (more than 2^19 interleaved rows)
     sizes = [*range(0, 70), 127, 128, 129, 888, 6905, 16 * 32 * 16 + 7, 16 * 32 * 256 + 37,
-             16 * 32 * 4096 + 5, 300_001, (1 << 19) * 32 * 16 + 1234]
+             16 * 32 * 4096 + 5, 300_001, (1 << 19) * 32 + 1234]
     for n in sizes:
         x = torch.rand(n, generator=g) * torch.exp2(torch.randint(-20, 5, (n,), generator=g).float())
         assert steps.cascade_sum(x, lanes=LANES) == float(x.sum()), n

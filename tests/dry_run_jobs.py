@@ -51,9 +51,10 @@ def parse(log: str) -> dict[str, dict]:
 
 
 def dry_run_env() -> dict[str, str]:
-    """The environment of a dry run: the slurm executor plugin runs `scontrol show config` when
-    Snakemake imports it, which waits ~10 s where SLURM is installed but no controller runs;
-    an empty SLURM_CONF makes it fail at once (a dry run never asks the controller)."""
+    """The environment of a Snakemake dry run or lint: the slurm executor plugin runs
+    `scontrol show config` when Snakemake imports it, which waits ~10 s where SLURM is
+    installed but no controller runs; an empty SLURM_CONF makes it fail at once (neither a
+    dry run nor lint asks the controller)."""
     return {**os.environ, "SLURM_CONF": "/dev/null"}
 
 

@@ -17,6 +17,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from dry_run_jobs import dry_run_env
+
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = sorted((ROOT / "envs").glob("*.yaml"))
 # conda packages that are tools, not Python distributions: no PyPI pin to agree with
@@ -156,7 +158,7 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
     # (--cores: a dry run otherwise caps each job's threads at 1 core)
     return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "64",
                            "--workflow-profile", "workflow/profiles/slurm", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=dry_run_env(), capture_output=True, text=True, timeout=600)
 
 
 def job_blocks(output: str) -> dict[str, list[dict[str, str]]]:

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dry_run_jobs import job_counts
+from dry_run_jobs import dry_run_env, job_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def snakemake(*args, cwd=ROOT, check=False):
-    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=check)
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=dry_run_env(), capture_output=True, text=True, timeout=300,
+                          check=check)
 
 
 @pytest.mark.slow

@@ -26,6 +26,17 @@ def test_uniforms_are_bit_identical_on_cpu_and_cuda(monkeypatch, backend, offset
     assert torch.equal(cpu, gpu.cpu())
 
 
+def test_kernel_warmed_in_a_thread_while_the_main_thread_draws(monkeypatch):
+    monkeypatch.setattr(rng, "_GPU", {})
+    monkeypatch.setattr(rng, "_TRITON", None)
+    key = rng.stream_key(3, "lm_head.weight", 1, "dare")
+    warm = rng.warm_gpu(torch.device("cuda"))
+    gpu = rng.uniform(key, 5, (70_000,), "cuda")  # waits for the kernel the thread loads
+    warm.join(timeout=120)
+    assert not warm.is_alive() and rng._gpu_uniform(torch.device("cuda")) is not None
+    assert torch.equal(gpu.cpu(), rng.uniform(key, 5, (70_000,)))
+
+
 def test_sorted_columns_and_trims_match_on_cpu_and_cuda():
     g = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 40, (64, 5000), generator=g).float() * 1e-3)  # many ties

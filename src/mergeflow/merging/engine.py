@@ -38,7 +38,7 @@ from mergeflow.checkpoints import (
     vocab_rows,
 )
 from mergeflow.errors import MergeflowError
-from mergeflow.merging import methods, steps
+from mergeflow.merging import methods, rng, steps
 
 log = logging.getLogger(__name__)
 
@@ -539,6 +539,8 @@ class MergeEngine:
 
         self.timings: dict[str, float] = {}
         if self.device.type == "cuda":
+            if self.method.random:  # Triton's import and kernel load overlap the pinning and first reads
+                self._warm = rng.warm_gpu(self.device)
             t = time.time()
             self._pin()
             self.timings["pin_s"] = time.time() - t
@@ -767,6 +769,8 @@ class MergeEngine:
     def _close(self) -> None:
         for r in self.readers.values():
             r.close()
+        if getattr(self, "_warm", None) is not None:  # never leave it running into interpreter exit
+            self._warm.join()
 
 
 def run_merge(method: str, experts: dict[str, str], out: str, base: str | None = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # as signed int32: torch multiplies int32 by int32 scalars
@@ -161,6 +162,7 @@ def mixup_weights(seed: int, alpha: float, n: int) -> list[float]:
 
 
 _GPU: dict = {}
+_GPU_LOCK = threading.Lock()  # one thread imports and loads the kernel; the others wait for it
 
 
 def _gpu_uniform(device):
@@ -172,8 +174,28 @@ def _gpu_uniform(device):
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _GPU:
-        _GPU[index] = _triton_uniform() if os.environ.get("MERGEFLOW_GPU_RNG", "triton") != "torch" else None
+        with _GPU_LOCK:
+            if index not in _GPU:
+                _GPU[index] = _triton_uniform() if os.environ.get("MERGEFLOW_GPU_RNG", "triton") != "torch" else None
     return _GPU[index]
+
+
+def warm_gpu(device) -> threading.Thread:
+    """Import Triton and load the kernel on `device` (one launch) in a background thread,
+    so a random method's first draw does not wait for them; the draws are the same."""
+    import torch
+
+    def warm():
+        try:
+            with torch.cuda.device(device):
+                uniform((0, 0), 0, (1 << 16,), device)
+                torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - the merge's own first draw retries and reports
+            pass
+
+    t = threading.Thread(target=warm, name="mergeflow-rng-warm", daemon=True)
+    t.start()
+    return t
 
 
 _TRITON = None

@@ -125,8 +125,10 @@ def l1_norm(x) -> float:
 def sum_experts(stack):
     """stack[0] + stack[1] + ... over dim 0 of [N, ...], in that order on every device
     (= torch's CPU sum over dim 0 for N <= 4; a CUDA reduction may pair them otherwise)."""
-    out = stack[0].clone()
-    for s in stack[1:]:
+    if len(stack) == 1:
+        return stack[0].clone()
+    out = stack[0] + stack[1]
+    for s in stack[2:]:
         out.add_(s)
     return out
 

@@ -73,19 +73,24 @@ def _running_sum(t):
 
 def _cascade_rows(rows):
     """torch's CPU `multi_row_sum` over dim 0 of `rows` [R, L]: running sums of chunks of
-    2^p rows, of chunks of those, ... (4 levels), each level a fixed order."""
+    2^p rows, of chunks of those, ... (4 levels), each level a fixed order. The two big
+    levels run on `rows`' device, the few rows left on the CPU (a GPU would spend a kernel
+    launch per add); returns a CPU tensor [L]."""
     r, lanes = rows.shape
     step = 1 << max(4, _ceil_log2(r) // 4)
+
+    def groups(t, g):  # running sums of `g` complete groups of `step` rows
+        return _running_sum(t[:g * step].view(g, step, lanes).transpose(0, 1)) if g else t.new_zeros(0, lanes)
+
     c0 = r // step
-    chunk = _running_sum(rows[:c0 * step].view(c0, step, lanes).transpose(0, 1)) if c0 else rows.new_zeros(0, lanes)
-    acc0 = _running_sum(rows[c0 * step:])
+    chunk = groups(rows, c0)
     g1 = c0 // step
-    s1 = _running_sum(chunk[:g1 * step].view(g1, step, lanes).transpose(0, 1)) if g1 else rows.new_zeros(0, lanes)
-    acc1 = _running_sum(chunk[g1 * step:])
+    s1 = groups(chunk, g1).cpu()
+    acc0 = _running_sum(rows[c0 * step:].cpu())
+    acc1 = _running_sum(chunk[g1 * step:].cpu())
     g2 = g1 // step
-    s2 = _running_sum(s1[:g2 * step].view(g2, step, lanes).transpose(0, 1)) if g2 else rows.new_zeros(0, lanes)
     acc2 = _running_sum(s1[g2 * step:])
-    acc3 = _running_sum(s2)
+    acc3 = _running_sum(groups(s1, g2))
     return acc0.add_(acc1).add_(acc2).add_(acc3)
 
 
@@ -106,13 +111,13 @@ def cascade_sum(x, lanes: int = CASCADE_LANES) -> float:
     nvec = n // w
     nilp = nvec // 4
     part = _cascade_rows(flat[:nilp * 4 * w].view(nilp, 4 * w)).view(4, w)
+    rest = flat[nilp * 4 * w:].cpu()  # < 4 vectors left over from the 4-way interleave, then < w scalars
     p0 = part[0]
-    for i in range(nilp * 4, nvec):  # vectors left over from the 4-way interleave
-        p0.add_(flat[i * w:(i + 1) * w])
+    for i in range(nvec - nilp * 4):
+        p0.add_(rest[i * w:(i + 1) * w])
     p0.add_(part[1]).add_(part[2]).add_(part[3])
-    host = torch.cat([flat[nvec * w:], p0]).cpu()  # the scalar tail, then the lanes
     total = torch.zeros((), dtype=torch.float32)
-    for v in host:
+    for v in torch.cat([rest[(nvec - nilp * 4) * w:], p0]):  # the scalar tail, then the lanes
         total.add_(v)
     return float(total)
 

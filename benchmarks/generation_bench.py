@@ -4,9 +4,10 @@ Each backend runs in its own environment, as the workflow runs it: hf with this 
 project's .venv), vLLM with vLLM's (.venv-vllm, scripts/setup_vllm.sh, or --vllm-python),
 each as a child process running this file with --worker. Per backend: the import, the
 engine start-up (building the backend: model load, and for vLLM its engine processes and
-KV cache), the generation of every prompt (hf: padded batches of --batch-size; vLLM: one
-call, its scheduler batches), prompts/s and generated tokens/s (the outputs re-tokenized
-with the model's tokenizer), and how many outputs equal hf's.
+KV cache), the generation of every prompt (the backend's own generate call, as mergeflow's
+backends make it; hf: padded batches of --batch-size; vLLM: one call, its scheduler
+batches), prompts/s, generated tokens/s (token ids, up to and with EOS), and how many
+prompts got the same token ids as hf.
 
     .venv/bin/python benchmarks/generation_bench.py                  # a random Llama (below)
     .venv/bin/python benchmarks/generation_bench.py --model DIR --prompts 64 --max-new-tokens 128
@@ -74,16 +75,23 @@ def worker(args) -> None:
     backend = load_backend(Path(args.model), decoding)
     t_start = time.perf_counter() - t1
     todo = prompts(args.prompts)
+    # The backends' own generate calls, as mergeflow.generation.{hf,vllm} make them, keeping
+    # the token ids: re-tokenizing a random model's text does not give them back.
     t2 = time.perf_counter()
     if args.worker == "vllm":
-        outputs = backend.generate(todo)
+        tokens = [list(o.outputs[0].token_ids) for o in backend.llm.generate(todo, backend.params, use_tqdm=False)]
     else:
-        outputs = [o for i in range(0, len(todo), args.batch_size) for o in backend.generate(todo[i:i + args.batch_size])]
+        tokens = []
+        for i in range(0, len(todo), args.batch_size):
+            enc = backend.tokenizer(todo[i:i + args.batch_size], return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                out = backend.model.generate(**enc, generation_config=backend.generation_config)
+            eos = backend.generation_config.eos_token_id
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():  # up to and with the first EOS
+                tokens.append(row[: row.index(eos) + 1] if eos in row else row)
     t_gen = time.perf_counter() - t2
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    n_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    n_tokens = sum(map(len, tokens))
+    outputs = tokens
     Path(args.result).write_text(json.dumps({
         "backend": args.worker, "version": backend_mod.__version__, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "import_s": t_import, "startup_s": t_start, "generate_s": t_gen,

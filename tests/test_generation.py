@@ -139,6 +139,10 @@ def test_settings_validation():
         GenerationSettings.from_dict({**ok, "backend": "tgi"})
     with pytest.raises(MergeflowError, match="stop"):
         GenerationSettings.from_dict({**ok, "stop": "USER:"})
+    assert s.hf_decoding == "auto"
+    assert GenerationSettings.from_dict({**ok, "hf_decoding": "static"}).hf_decoding == "static"
+    with pytest.raises(MergeflowError, match="'hf_decoding' is 'cuda_graphs'; allowed: auto, plain, static, compiled"):
+        GenerationSettings.from_dict({**ok, "hf_decoding": "cuda_graphs"})
 
 
 # ---------------------------------------------------------------- hf backend on a tiny model
@@ -200,6 +204,84 @@ def test_hf_stop_strings_cut(tiny_model_dir, hf_backend):
     assert stop not in got
 
 
+# ---------------------------------------------------------------- hf decoding set-ups (issue 21)
+def test_hf_decoding_resolves_per_device(monkeypatch, tiny_model_dir):
+    """auto: compiled (static cache + torch.compile) on CUDA, plain on the CPU; n/a for vLLM."""
+    import dataclasses
+
+    import torch
+
+    from mergeflow.generation.base import resolve_decoding
+
+    settings = GenerationSettings.from_dict(
+        {"template": ALPACA, "instruction": "{question}", "max_new_tokens": 6, "backend": "hf", "dtype": "float32"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_decoding(settings, tiny_model_dir).hf_decoding == "plain"
+    for explicit in ("plain", "static", "compiled"):
+        d = resolve_decoding(dataclasses.replace(settings, hf_decoding=explicit), tiny_model_dir)
+        assert d.hf_decoding == explicit and d.setup()["hf_decoding"] == explicit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_decoding(settings, tiny_model_dir).hf_decoding == "compiled"
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm({}))
+    assert resolve_decoding(dataclasses.replace(settings, backend="vllm"), tiny_model_dir).hf_decoding == "n/a"
+
+
+def test_hf_decoding_generation_arguments():
+    from mergeflow.generation.hf import generation_kwargs, load_kwargs
+
+    assert generation_kwargs("plain", "cuda") == {} and load_kwargs("plain") == {}
+    assert generation_kwargs("static", "cpu") == {"cache_implementation": "static", "disable_compile": True}
+    compiled = generation_kwargs("compiled", "cuda")
+    assert compiled["cache_implementation"] == "static" and compiled["compile_config"].mode == "reduce-overhead"
+    assert not compiled["compile_config"]._compile_all_devices
+    assert generation_kwargs("compiled", "cpu")["compile_config"]._compile_all_devices
+    assert load_kwargs("compiled") == {"attn_implementation": "sdpa"}
+    with pytest.raises(MergeflowError, match="'auto' unknown"):
+        generation_kwargs("auto", "cpu")  # resolved before it reaches the backend
+
+
+STATIC_PROMPTS = PROMPTS + ["The answer is: 42. Let's think step by step. 0 1 2 3 4 5 6 7 8 9 + - * / = ( )"]
+
+
+def test_hf_static_cache_equals_plain(tiny_model_dir, hf_backend):
+    """The static KV cache gives plain generate's greedy tokens: left-padded batches of prompts
+    of different lengths, calls whose prompts are longer than the first call's (a bigger cache),
+    a batch of one, and stop strings."""
+    from mergeflow.generation.hf import HFBackend
+
+    static = HFBackend(tiny_model_dir, Decoding("hf", "float32", 24, (), 0, hf_decoding="static"))
+    assert static.generation_config.cache_implementation == "static"
+    plain = hf_backend.generate(STATIC_PROMPTS)
+    assert static.generate(PROMPTS[1:]) == plain[1:4]  # shorter prompts first: the cache grows
+    assert static.generate(STATIC_PROMPTS) == plain
+    assert [static.generate([p])[0] for p in STATIC_PROMPTS] == plain
+    stop = "2"
+    with_stop = HFBackend(tiny_model_dir, Decoding("hf", "float32", 24, (stop,), 0, hf_decoding="static"))
+    plain_stop = HFBackend(tiny_model_dir, Decoding("hf", "float32", 24, (stop,), 0))
+    assert with_stop.generate(STATIC_PROMPTS) == plain_stop.generate(STATIC_PROMPTS)
+
+
+@pytest.mark.slow
+def test_hf_compiled_equals_plain_on_cpu(tiny_model_dir, hf_backend):
+    """torch.compile of the static-cache step (forced on the CPU; about a minute on 2 cores):
+    the same tokens as plain, one compiled graph for every call, a short last batch filled up."""
+    import torch
+
+    from mergeflow.generation.hf import HFBackend
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = HFBackend(tiny_model_dir, Decoding("hf", "float32", 24, (), 0, batch_size=3, hf_decoding="compiled"))
+    plain = hf_backend.generate(STATIC_PROMPTS)
+    sizes = []
+    generate = compiled.model.generate
+    compiled.model.generate = lambda **kw: sizes.append(kw["input_ids"].shape[0]) or generate(**kw)
+    assert compiled.generate(STATIC_PROMPTS[4:] + STATIC_PROMPTS[:2]) == plain[4:] + plain[:2]
+    assert compiled.generate(STATIC_PROMPTS[2:4]) == plain[2:4]  # filled up to 3 prompts
+    assert sizes == [3, 3]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 # ---------------------------------------------------------------- resumable cache
 def _gsm8k_file(tmp_path, n):
     path = tmp_path / "gsm8k.jsonl"
@@ -252,7 +334,8 @@ def test_killed_run_resumes_with_only_remaining_prompts(tmp_path, tiny_model_dir
                                backend_factory=Counting, progress=False)
     assert len(calls) == 3  # only the remaining prompts
     assert [r["doc_id"] for r in records] == [bench.doc_id(d) for d in docs]
-    assert all(set(r) == {"doc_id", "prompt", "output", "completion"} for r in records)
+    assert all(set(r) == {"doc_id", "prompt", "output", "completion", "setup"} for r in records)
+    assert all(r["setup"] == decoding.setup() for r in records)  # cached outputs too
 
     # The same outputs as an uninterrupted run; a third run generates nothing.
     calls.clear()
@@ -294,6 +377,8 @@ def test_generate_cli(tmp_path, tiny_model_dir):
     assert [r["doc_id"] for r in rows] == ["11", "12"]
     assert rows[0]["prompt"].startswith(templates.ALPACA_CODE.split("{instruction}")[0] + "Create a Python script")
     assert all(r["completion"] == code_della(r["output"]) for r in rows)
+    # auto on this CPU-only machine: plain generate, recorded beside every output
+    assert all(r["setup"]["hf_decoding"] == "plain" and r["setup"]["batch_size"] == 2 for r in rows)
     assert len(cache.read_text().splitlines()) == 2
     bad_settings = json.dumps({**settings, "instruction": "{prompt}"})
     bad = parser.parse_args([bad_settings if a == argv[argv.index("--settings") + 1] else a for a in argv])
@@ -494,6 +579,8 @@ def test_cache_key_covers_the_generation_setup(monkeypatch, tiny_model_dir):
     }
     for name, d in variants.items():
         assert key(d) != key(hf), name
+    assert key(dataclasses.replace(hf, hf_decoding="compiled")) != key(hf)  # hf decoding set-up
+    assert key(resolve_decoding(dataclasses.replace(settings, hf_decoding="static"), tiny_model_dir)) != key(hf)
     # What changes only memory use, not outputs, keeps the key.
     assert key(dataclasses.replace(hf, gpu_memory_utilization=0.5)) == key(hf)
     assert key(resolve_decoding(settings, tiny_model_dir)) == key(hf)

@@ -27,6 +27,8 @@ class Decoding:
     batch_size: int = 1  # prompts per backend call (hf: padding depends on the batch)
     # Memory for vLLM's KV cache changes its speed, not its outputs.
     gpu_memory_utilization: float | None = field(default=None, metadata={"cache_key": False})
+    # hf: "plain" generate, "static" KV cache, or "compiled" (static cache + torch.compile); "n/a" for vllm.
+    hf_decoding: str = "plain"
 
     def setup(self) -> dict:
         """The fields that identify an output (the cache key's decoding part)."""
@@ -70,6 +72,18 @@ def resolve_dtype(dtype: str, backend: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def resolve_hf_decoding(value: str, backend: str) -> str:
+    """`auto`: static cache + torch.compile (CUDA graphs) on a GPU, where plain `generate` is
+    launch-bound; plain `generate` on the CPU, where compiling costs more than it saves."""
+    if backend != "hf":
+        return "n/a"
+    if value != "auto":
+        return value
+    import torch
+
+    return "compiled" if torch.cuda.is_available() else "plain"
+
+
 def resolve_decoding(settings, model_dir: Path) -> Decoding:
     """The full generation set-up of `settings` for `model_dir` on this machine."""
     backend = resolve_backend(settings.backend)
@@ -92,6 +106,7 @@ def resolve_decoding(settings, model_dir: Path) -> Decoding:
         tensor_parallel_size=tp,
         batch_size=settings.prompts_per_call(backend),
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        hf_decoding=resolve_hf_decoding(settings.hf_decoding, backend),
     )
 
 

@@ -27,7 +27,9 @@ def generate_records(
     on_batch_done: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """One record per doc: doc_id, prompt, output (cut at stops), completion (post-processed).
+    """One record per doc: doc_id, prompt, output (cut at stops), completion (post-processed),
+    and setup (`decoding.setup()`: the generation set-up that made the output; a cached
+    output was made under the same set-up, since the set-up is part of its key).
 
     Prompts already in `cache` are not generated again; the backend is built only if some
     prompt is missing. The backend gets `decoding.batch_size` prompts per call (hf: one padded
@@ -48,8 +50,9 @@ def generate_records(
     # Longest prompts first: similar lengths share a batch (less padding), memory errors show early.
     pending = sorted(todo.items(), key=lambda kv: -len(kv[1]))
 
+    setup = decoding.setup()
     if pending:
-        per_call, setup = decoding.batch_size, decoding.setup()
+        per_call = decoding.batch_size
         log.info("generation set-up: %s", setup)
         backend = backend_factory(model_dir, decoding)
         bar = tqdm(
@@ -79,6 +82,7 @@ def generate_records(
                 "prompt": prompt,
                 "output": output,
                 "completion": postprocess(settings.postprocess, output),
+                "setup": setup,
             }
         )
     return records

@@ -9,6 +9,8 @@ from mergeflow.errors import MergeflowError
 BACKENDS = ("auto", "hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POSTPROCESS = ("none", "code", "code_mergelm")
+# How the hf backend decodes (generation/hf.py says more); auto: compiled on CUDA, plain on CPU.
+HF_DECODINGS = ("auto", "plain", "static", "compiled")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class GenerationSettings:
     # vLLM batches a whole call itself; a call's outputs are cached before the next (resume unit).
     vllm_chunk_size: int = 512
     gpu_memory_utilization: float | None = None  # vLLM's share of GPU memory (host RAM on CPU)
+    hf_decoding: str = "auto"  # hf only: plain generate, static KV cache, or static cache + torch.compile
 
     @classmethod
     def from_dict(cls, raw: dict) -> GenerationSettings:
@@ -52,7 +55,8 @@ class GenerationSettings:
         stop = raw.get("stop") or []
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise MergeflowError(f"generation setting 'stop' must be a list of non-empty strings, got {stop!r}")
-        for key, allowed in (("backend", BACKENDS), ("dtype", DTYPES), ("postprocess", POSTPROCESS)):
+        for key, allowed in (("backend", BACKENDS), ("dtype", DTYPES), ("postprocess", POSTPROCESS),
+                             ("hf_decoding", HF_DECODINGS)):
             if key in raw and raw[key] not in allowed:
                 raise MergeflowError(f"generation setting {key!r} is {raw[key]!r}; allowed: {', '.join(allowed)}")
         return cls(**{**raw, "stop": tuple(stop)})

@@ -69,8 +69,8 @@ def run_gsm8k(args: argparse.Namespace) -> int:
     prompt = gsm8k.JudgePrompt.load(resolve_file(settings.get("prompt") or gsm8k.DEFAULT_PROMPT_FILE, "judges"))
     bench = benchmarks.get("gsm8k")
     docs = bench.load(args.data)
-    pairs = results.pair_with_docs(docs, [bench.doc_id(d) for d in docs], results.read_generations(args.generations),
-                                   args.data)
+    generations = results.read_generations(args.generations)
+    pairs = results.pair_with_docs(docs, [bench.doc_id(d) for d in docs], generations, args.data)
     cache = endpoint.cache or default_cache_path(args.out)
     with reach(endpoint) as where:
         with JudgeClient.from_endpoint(endpoint, where.base_url, request_model=where.request_model,
@@ -78,7 +78,7 @@ def run_gsm8k(args: argparse.Namespace) -> int:
             rows, details, samples = gsm8k.score(pairs, bench.doc_id, client, prompt)
             usage = client.usage()
     details = {"judge": {**describe(endpoint), "protocol": "della_gsm8k"}, "usage": usage, **details}
-    results.write_score(args.out, "gsm8k", "llm_judge", rows, details, samples)
+    results.write_score(args.out, "gsm8k", "llm_judge", rows, details, samples, generations=generations)
     log.info("gsm8k judge: %s (usage %s)", rows[0], {k: usage[k] for k in ("answered", "cache_hits", "cost_usd")})
     return 0
 

@@ -158,7 +158,7 @@ def run_livebench(args: argparse.Namespace) -> int:
     pairs = list(zip(docs, records))
     rows, details, samples = livebench.score(category, pairs, parse_settings(args.sandbox, "--sandbox"))
     details["data"] = str(args.data)
-    results.write_score(args.out, bench.name, "livebench", rows, details, samples)
+    results.write_score(args.out, bench.name, "livebench", rows, details, samples, generations=records)
     log.info("%s score = %s (n=%s)", bench.name, rows[0]["value"], rows[0]["n"])
     return 0
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     bench = benchmarks.get(args.benchmark)
     docs = bench.load(args.data)
     ids = [bench.doc_id(d) for d in docs]
-    pairs = results.pair_with_docs(docs, ids, results.read_generations(args.generations), args.data)
+    generations = results.read_generations(args.generations)
+    pairs = results.pair_with_docs(docs, ids, generations, args.data)
     scorer = SCORERS[args.benchmark]
     log.info("scoring %d %s generations with %s", len(pairs), args.benchmark, scorer)
     if scorer == "lm_eval":
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         row_of = {doc_id: i for i, doc_id in enumerate(ids)}
         rows, details, samples = alpaca.score(pairs, bench.doc_id, settings, out=args.out,
                                               positions=[row_of[bench.doc_id(d)] for d, _ in pairs])
-    results.write_score(args.out, args.benchmark, scorer, rows, details, samples)
+    results.write_score(args.out, args.benchmark, scorer, rows, details, samples, generations=generations)
     for row in rows:
         log.info("%s %s = %s (n=%s)", args.benchmark, row["metric"], row["value"], row["n"])
     return 0

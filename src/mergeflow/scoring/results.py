@@ -54,6 +54,19 @@ def read_generations(path: str | Path) -> list[dict]:
     return records
 
 
+def generation_setup(generations: list[dict]):
+    """The generation set-up(s) recorded in generation records (`setup`, generation/run.py):
+    one set-up, a list of the distinct ones, or None for records written before it was recorded."""
+    setups = []
+    for rec in generations:
+        setup = rec.get("setup")
+        if setup is not None and setup not in setups:
+            setups.append(setup)
+    if not setups:
+        return None
+    return setups[0] if len(setups) == 1 else setups
+
+
 def pair_with_docs(docs: list[dict], doc_ids: list[str], generations: list[dict], data_path) -> list[tuple[dict, dict]]:
     """(doc, generation) for every generation, in data-file order.
 
@@ -110,8 +123,9 @@ def samples_path(out: str | Path) -> Path:
 
 
 def write_score(out: str | Path, benchmark: str, scorer: str, rows: list[dict], details: dict,
-                samples: Iterable[dict] | None = None) -> Path:
-    """Write the score JSON (and `<out>.samples.jsonl`), each atomically."""
+                samples: Iterable[dict] | None = None, generations: list[dict] | None = None) -> Path:
+    """Write the score JSON (and `<out>.samples.jsonl`), each atomically; with the scored
+    `generations`, `details.generation` records the generation set-up that produced them."""
     out = Path(out)
     if not out.name.endswith(".json"):
         raise MergeflowError(f"--out must name a .json file, got {out}")
@@ -122,6 +136,8 @@ def write_score(out: str | Path, benchmark: str, scorer: str, rows: list[dict], 
 
     # the software that produced the number travels with it into scores.csv
     details = {**details, "versions": details.get("versions") or versions()}
+    if generations is not None:
+        details["generation"] = generation_setup(generations)
     score = {"benchmark": benchmark, "scorer": scorer, "rows": rows, "details": details}
     atomic.write_text(out, json.dumps(score, indent=2, ensure_ascii=False, default=_plain) + "\n")
     return out

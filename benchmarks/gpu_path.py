@@ -104,6 +104,7 @@ def paper_config(out: Path) -> dict:
             },
         },
         "scoring": {"code": {"timeout": 10, "isolation": "auto", "max_workers": 8}},
+        "resources": {"merge_gpus": 1, "generate_gpus": 1},
     }
 
 

@@ -38,6 +38,7 @@ def test_demo_config_is_valid(demo_config):
         (lambda c: c.update(base_model="missing"), "base_model"),
         (lambda c: c["evaluate"].update(benchmarks=["gsm8k", "mmlu"]), "evaluate.benchmarks[1]"),
         (lambda c: c["judge"]["endpoint"].update(api_key_env="sk-live-123"), "judge.endpoint.api_key_env"),
+        (lambda c: c["merge"].update(device="cuda"), "merge.device"),  # cuda with no GPU granted
     ],
 )
 def test_bad_config_names_the_key(demo_config, mutate, key):

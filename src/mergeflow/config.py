@@ -164,7 +164,15 @@ def prepare(config: dict) -> dict:
     validate(config)
     prepared = _deep_defaults(config, DEFAULTS)
     _check_sentence_encoder(prepared)
+    _check_merge_device(prepared)
     return prepared
+
+
+def _check_merge_device(config: dict) -> None:
+    # a merge job sees only the GPUs it is granted (mergeflow.gpus), so cuda with none always fails
+    if config["merge"].get("device") == "cuda" and not config["resources"]["merge_gpus"]:
+        raise MergeflowError("config key 'merge.device': 'cuda' needs 'resources.merge_gpus' >= 1 "
+                             "(a merge job sees only the GPUs it is granted); set it, or use device 'auto'")
 
 
 def attack_settings_of(config: dict, task: str) -> dict:

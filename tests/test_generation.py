@@ -540,7 +540,7 @@ def test_vllm_gets_all_prompts_in_chunks_and_resumes(monkeypatch, tmp_path, tiny
     assert cached_before_call == [0, 4, 8]
     setups = [json.loads(line)["setup"] for line in cache_path.read_text().splitlines()]
     assert setups[0] == {"backend": "vllm", "backend_version": "0.11.0", "dtype": "auto", "tensor_parallel_size": 1,
-                         "batch_size": 4, "max_new_tokens": 6, "stop": ["USER:"], "seed": 0}
+                         "batch_size": 4, "max_new_tokens": 6, "stop": ["USER:"], "seed": 0, "hf_decoding": "n/a"}
     assert all(s == setups[0] for s in setups) and len(setups) == 10
     assert not first & {p for c in calls["calls"] for p in c}
     assert len(records) == 10 and all(r["output"] == f"out {r['prompt']} " for r in records)
@@ -584,3 +584,48 @@ def test_cache_key_covers_the_generation_setup(monkeypatch, tiny_model_dir):
     # What changes only memory use, not outputs, keeps the key.
     assert key(dataclasses.replace(hf, gpu_memory_utilization=0.5)) == key(hf)
     assert key(resolve_decoding(settings, tiny_model_dir)) == key(hf)
+
+
+# ---------------------------------------------------------------- hf_decoding in configs, CLI, score files
+def test_hf_decoding_in_a_config_is_checked_and_reaches_the_settings():
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    from mergeflow import config as mfconfig
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+    good = copy.deepcopy(demo)
+    good["protocol"]["benchmarks"]["gsm8k"]["hf_decoding"] = "compiled"
+    s = GenerationSettings.from_dict(mfconfig.generation_settings(mfconfig.prepare(good), "gsm8k"))
+    assert s.hf_decoding == "compiled"
+    demo["protocol"]["benchmarks"]["gsm8k"]["hf_decoding"] = "graphs"
+    with pytest.raises(MergeflowError, match=r"protocol\.benchmarks\.gsm8k\.hf_decoding"):
+        mfconfig.prepare(demo)
+
+
+def test_generate_cli_bad_hf_decoding_is_one_line_exit_2(tmp_path, tiny_model_dir):
+    import subprocess
+
+    settings = {"template": ALPACA, "instruction": "{question}", "max_new_tokens": 4, "hf_decoding": "fast"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mergeflow", "generate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k",
+         "--data", str(_gsm8k_file(tmp_path, 1)), "--settings", json.dumps(settings), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'hf_decoding' is 'fast'; allowed: auto, plain, static, compiled" in lines[0]
+
+
+def test_score_file_records_the_generation_setup(tmp_path):
+    from mergeflow.scoring import results
+
+    setup = Decoding("hf", "bfloat16", 8, (), 0, hf_decoding="compiled").setup()
+    gens = [{"doc_id": str(i), "prompt": "p", "output": "o", "completion": "o", "setup": setup} for i in range(3)]
+    rows = [results.row("acc", [1.0, 0.0, 1.0])]
+    out = results.write_score(tmp_path / "s.json", "gsm8k", "lm_eval", rows, {}, generations=gens)
+    assert json.loads(out.read_text())["details"]["generation"] == setup
+    other = {**setup, "hf_decoding": "plain"}
+    assert results.generation_setup(gens + [{**gens[0], "setup": other}]) == [setup, other]
+    assert results.generation_setup([{k: v for k, v in g.items() if k != "setup"} for g in gens]) is None

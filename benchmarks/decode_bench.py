@@ -22,16 +22,18 @@ The floor: parameter bytes / measured memory bandwidth (a device-to-device copy 
 --copy-gib GiB, read + write bytes over its time, best of 5), i.e. reading every weight once
 per step; the ratio step / floor is the issue's target (within 3x at batch 1).
 
---small: builds the tests' tiny Llama checkpoint and runs mergeflow's HFBackend (the real
+--small (after the timings): builds the tests' tiny Llama checkpoint and runs mergeflow's HFBackend (the real
 code path: tokenizer, left padding, stop strings, batches) with every set-up on a few prompts,
 batch sizes 1 and 3 (the last call's short batch is filled up under `compiled`). float32:
 asserts identical completions (exit status 1 if not, after writing the JSON). bfloat16:
 counts the prompts whose completions agree; the static cache's attention runs over the whole
 preallocated length (masked), which rounds differently in bf16 and can flip a near-tie of a
-random tiny model (on the CPU: 3 and 4 of 5 prompts agreed), so there it is a measurement.
+random tiny model (on the CPU, static: 3 and 4 of 5 prompts agreed; compiled: 1 and 0), so
+there it is a measurement.
 
-Bounded: batch sizes after the first are skipped when less than --budget seconds are left
-(a row says so). JSON lines to --json.
+Bounded: batch sizes after the first are skipped when fewer than --need-per-batch of the
+--budget seconds are left, and --small's bfloat16 runs once the budget is spent (a row says
+so). JSON lines to --json.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def bench_model(args, out, device) -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             if mode == "compiled":
+                torch._dynamo.reset()  # each batch size compiled afresh with static shapes, as in a job
                 torch._dynamo.utils.counters.clear()
             warm_n = args.new_tokens if mode == "compiled" else 4  # compiled: compile + capture in here
             warm, _ = timed_generate(model, ids, warm_n, extra)
@@ -209,24 +212,26 @@ def small_check(args, out, device) -> int:
 
     model_dir = build_tiny_llama(Path(tempfile.mkdtemp(prefix="decode-bench-")) / "tiny")
     failures = 0
-    for dtype in ("float32", "bfloat16"):
-        for batch in (1, 3):
-            got = {}
-            for mode in args.modes:
-                torch._dynamo.reset()  # each set-up compiles afresh: its own warm-up time
-                t = time.perf_counter()
-                backend = HFBackend(model_dir, Decoding("hf", dtype, 48, ("0 1 2 3",), 0, batch_size=batch,
-                                                        hf_decoding=mode))
-                texts = []
-                for start in range(0, len(SMALL_PROMPTS), batch):  # longest first, as generate_records does
-                    texts += backend.generate(SMALL_PROMPTS[start:start + batch])
-                got[mode] = texts
-                emit(out, {"what": "small", "device": str(backend.device), "dtype": dtype, "batch": batch,
-                           "mode": mode, "s": round(time.perf_counter() - t, 2),
-                           "same_as_plain": texts == got.get("plain", texts),
-                           "prompts_same_as_plain": sum(a == b for a, b in zip(texts, got.get("plain", texts)))})
-                failures += dtype == "float32" and texts != got.get("plain", texts)
-                del backend
+    for dtype, batch in (("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)):
+        if dtype == "bfloat16" and time.perf_counter() - T0 > args.budget:
+            emit(out, {"what": "skipped", "small": [dtype, batch], "reason": "past the budget"})
+            continue
+        got = {}
+        for mode in args.modes:
+            torch._dynamo.reset()  # each set-up compiles afresh: its own warm-up time
+            t = time.perf_counter()
+            backend = HFBackend(model_dir, Decoding("hf", dtype, 48, ("0 1 2 3",), 0, batch_size=batch,
+                                                    hf_decoding=mode))
+            texts = []
+            for start in range(0, len(SMALL_PROMPTS), batch):  # longest first, as generate_records does
+                texts += backend.generate(SMALL_PROMPTS[start:start + batch])
+            got[mode] = texts
+            emit(out, {"what": "small", "device": str(backend.device), "dtype": dtype, "batch": batch,
+                       "mode": mode, "s": round(time.perf_counter() - t, 2),
+                       "same_as_plain": texts == got.get("plain", texts),
+                       "prompts_same_as_plain": sum(a == b for a, b in zip(texts, got.get("plain", texts)))})
+            failures += dtype == "float32" and texts != got.get("plain", texts)
+            del backend
     emit(out, {"what": "small_result", "ok": failures == 0, "float32_mismatching_runs": failures})
     return 1 if failures else 0
 
@@ -235,7 +240,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide Llama instead of 13B's shape")
-    p.add_argument("--small", action="store_true", help="also run the HFBackend identity check first")
+    p.add_argument("--small", action="store_true", help="also run the HFBackend identity check (after the timings)")
     p.add_argument("--only-small", action="store_true", help="only the HFBackend identity check")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated; the first always runs")
@@ -265,13 +270,12 @@ def main() -> int:
     device = torch.device(args.device)
     out = open(args.json, "a") if args.json else None
     rc = 0
-    if args.small or args.only_small:
-        if device.type == "cpu":
-            # HFBackend puts the model on CUDA whenever it is there; on a CPU run keep it off
-            torch.cuda.is_available = lambda: False
-        rc |= small_check(args, out, device)
-    if not args.only_small:
+    if not args.only_small:  # the 13B figures first: they are what the time is for
         rc |= bench_model(args, out, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.small or args.only_small:
+        rc |= small_check(args, out, device)
     return rc
 
 

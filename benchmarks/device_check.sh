@@ -7,6 +7,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+if [ "${BYTECODE:-0}" = 1 ]; then  # as pip installs it: the image has no .pyc and sets PYTHONDONTWRITEBYTECODE
+  unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=/tmp/pyc
+  python3 -m compileall -q -j 0 /tmp/site src "$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')" \
+    >/dev/null 2>&1; echo "byte-compiled into $PYTHONPYCACHEPREFIX"
+fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c "import time;t=time.perf_counter();import torch;print('import torch', round(time.perf_counter()-t,2),'s', torch.__version__)"
 [ "${TESTS:-1}" = 0 ] || timeout -k 5 ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_merge_gpu.py tests/test_merge_bits.py \

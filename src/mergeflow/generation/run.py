@@ -16,6 +16,40 @@ from mergeflow.generation.templates import build_prompt
 log = logging.getLogger(__name__)
 
 
+class SharedBackends:
+    """One model load serving several benchmarks: a `backend_factory` for `generate_records`
+    that builds a backend on first use and hands every later decoding with the same
+    `Decoding.load_key()` (same backend, dtype, ...) the same one, decoding per call.
+
+    A decoding that needs another load replaces the held backend (one model in memory at a
+    time); `loads` counts the loads (what a job per benchmark repeats)."""
+
+    def __init__(self, factory: Callable[[Path, Decoding], Backend] | None = None):
+        self.factory = factory or load_backend
+        self.loads = 0
+        self._key: tuple | None = None
+        self._backend: Backend | None = None
+
+    def __call__(self, model_dir: Path, decoding: Decoding) -> Backend:
+        key = (str(Path(model_dir).resolve()), decoding.load_key())
+        if key != self._key:
+            self._backend = None  # drop the old model before loading the next
+            self._backend = self.factory(model_dir, decoding)
+            self._key = key
+            self.loads += 1
+        return _Bound(self._backend, decoding)
+
+
+class _Bound:
+    """A shared backend with one benchmark's decoding (max_new_tokens, stops, batch, seed)."""
+
+    def __init__(self, backend: Backend, decoding: Decoding):
+        self.backend, self.decoding = backend, decoding
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        return self.backend.generate(prompts, self.decoding)
+
+
 def generate_records(
     docs: list[dict],
     benchmark: Benchmark,
@@ -70,6 +104,7 @@ def generate_records(
             if on_batch_done is not None:
                 on_batch_done(done)
         bar.close()
+        log.info("%s: generated %d prompts, %d from the cache", benchmark.name, len(pending), n_unique - len(pending))
     else:
         log.info("all %d %s prompts found in the cache", n_unique, benchmark.name)
 

@@ -27,6 +27,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from mergeflow.errors import MergeflowError
 from mergeflow.generation.base import Decoding
 from mergeflow.generation.postprocess import cut_at_stop
 
@@ -79,15 +80,29 @@ class VLLMBackend:
 
         self.decoding = decoding
         self.llm = vllm.LLM(**engine_args(model_dir, decoding, torch.cuda.is_available()))
-        self.params = vllm.SamplingParams(
-            temperature=0.0,
-            top_p=1.0,
-            max_tokens=decoding.max_new_tokens,
-            stop=list(decoding.stop) or None,
-            seed=decoding.seed,
-        )
+        self._params: dict[tuple, object] = {}
+        self.params = self._sampling(decoding)
 
-    def generate(self, prompts: list[str]) -> list[str]:
+    def _sampling(self, decoding: Decoding):
+        """The `SamplingParams` of a decoding: per call, so one engine serves every benchmark."""
+        import vllm
+
+        if decoding.load_key() != self.decoding.load_key():
+            raise MergeflowError(f"vLLM engine started for {self.decoding.load_key()} asked to decode with "
+                                 f"{decoding.load_key()}: another engine")
+        key = (decoding.max_new_tokens, decoding.stop)
+        if key not in self._params:
+            self._params[key] = vllm.SamplingParams(
+                temperature=0.0,
+                top_p=1.0,
+                max_tokens=decoding.max_new_tokens,
+                stop=list(decoding.stop) or None,
+                seed=decoding.seed,
+            )
+        return self._params[key]
+
+    def generate(self, prompts: list[str], decoding: Decoding | None = None) -> list[str]:
         """All `prompts` in one call: vLLM's scheduler batches them (outputs in prompt order)."""
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        return [cut_at_stop(o.outputs[0].text, list(self.decoding.stop)) for o in outputs]
+        decoding = decoding or self.decoding
+        outputs = self.llm.generate(prompts, self._sampling(decoding), use_tqdm=False)
+        return [cut_at_stop(o.outputs[0].text, list(decoding.stop)) for o in outputs]

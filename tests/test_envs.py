@@ -186,8 +186,10 @@ def test_paper_runs_ask_gpus_one_way_and_generate_gets_two_cpus(configfile, snak
     for rule, each in jobs.items():
         for job in each:
             assert not ("gres" in job and ("gpu" in job or "gpu_model" in job)), (rule, job)
-    for job in jobs["generate"]:
+    for job in (job for rule, each in jobs.items() if rule.startswith("generate") for job in each):
         assert job["gpu"] == "1" and int(job["threads"]) >= 2, job  # vLLM: front end + engine core
+        # every benchmark set's generate rule gets the profile's generate runtime (12 h), not the default 1 h
+        assert job["runtime"] == "720", job
 
 
 @pytest.mark.slow

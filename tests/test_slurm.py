@@ -216,7 +216,8 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
     shutil.copy(local / "config" / "slurm_test.yaml", remote / "config" / "slurm_test.yaml")
     configfile = "config/slurm_test.yaml"
     expected_jobs = job_counts(dry_run(remote, "--quiet", "rules", "--configfile", configfile))
-    assert expected_jobs == {"fetch_data": 2, "merge": 1, "generate": 2, "score": 2, "aggregate": 1, "all": 1}
+    # one generate job per model: both benchmarks on one model load
+    assert expected_jobs == {"fetch_data": 2, "merge": 1, "generate": 1, "score": 2, "aggregate": 1, "all": 1}
     # each job's resources as the profile gives them, read before the run (after it, nothing is left to run)
     per_job = job_resources(dry_run(remote, "--workflow-profile", PROFILE, "--configfile", configfile))
 
@@ -239,7 +240,7 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
     print(f"SLURM run {slurm_s:.0f}s (local run, alongside, done by {local_s:.0f}s), jobs {jobs}")
 
     # every non-local job went through sbatch, the local rules did not; the merge and the
-    # generate jobs reading its checkpoint went as one group job
+    # generate job reading its checkpoint went as one group job
     group = f"group_model_{merge_id}_generate_merge"  # a group job's name: group id + its rules
     remote_rules = {rule: n for rule, n in expected_jobs.items() if rule not in LOCAL_RULES | {"merge", "generate"}}
     assert {rule: len(ids) for rule, ids in jobs.items()} == {**remote_rules, group: 1}
@@ -256,7 +257,7 @@ def test_demo_on_slurm_matches_local_run(cluster, inputs, tmp_path):
     assert max(score_cpus.values()) == 2, score_cpus
     (score_job, *_) = jobs["score"]
     assert accounting[score_job]["ReqMem"].startswith("8000M") and accounting[score_job]["Timelimit"] == "02:00:00"
-    # the group job: merge, then its two generate jobs side by side. Snakemake adds up the
+    # the group job: merge, then its generate job (both benchmarks). Snakemake adds up the
     # memory of parallel jobs and takes the max of jobs in sequence, and the other way round
     # for runtime; each job's memory from the config's resources block, runtime from the profile.
     (merge_res,), gens = per_job["merge"], per_job["generate"]

@@ -144,15 +144,18 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
     backends = set()
     for model in models:
         params_b = params_of[model] / 1e9
-        for bench in mfconfig.benchmarks_of(cfg, model, specs):
+        benches = mfconfig.benchmarks_of(cfg, model, specs)
+        if benches:
+            generate_jobs += 1  # one job per model: its benchmarks share one model load (issue 21)
+        started = set()  # backends this model's job starts: one engine start each
+        for bench in benches:
             settings = mfconfig.generation_settings(cfg, bench)
             n = doc_count(cfg, bench, root)
-            generate_jobs += 1
             prompts += n
-            row = per_bench.setdefault(bench, {"jobs": 0, "prompts": 0, "docs_per_job": n,
+            row = per_bench.setdefault(bench, {"models": 0, "prompts": 0, "docs_per_job": n,
                                                "max_new_tokens": settings["max_new_tokens"],
                                                "batch_size": settings["batch_size"]})
-            row["jobs"] += 1
+            row["models"] += 1
             row["prompts"] += n
             backend = settings["backend"]
             if backend == "auto":
@@ -163,11 +166,11 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             scale = params_b / gen_rates["transformers"]["reference_params_b"]
             if backend == "vllm":
                 decode = n * settings["max_new_tokens"] / gen_rates["vllm"]["tokens_per_s"] * scale
-                start = gen_rates["engine_start_s"]["vllm"]
             else:
                 steps = math.ceil(n / settings["batch_size"]) * settings["max_new_tokens"]
                 decode = steps * _step_s(gen_rates["transformers"]["step_s"], settings["batch_size"]) * scale
-                start = gen_rates["engine_start_s"]["transformers"]
+            start = 0.0 if backend in started else gen_rates["engine_start_s"]["vllm" if backend == "vllm" else "transformers"]
+            started.add(backend)
             gen_gpu_s += (decode + start) * cfg["resources"]["generate_gpus"]
 
     # likelihood
@@ -299,13 +302,13 @@ def render(plan: dict) -> str:
         "",
         f"  merges                    {plan['merges']:>8}",
         f"  models evaluated          {plan['models_evaluated']:>8}",
-        f"  generate jobs             {plan['generate_jobs']:>8}   ({plan['prompts']:,} prompts; backend {', '.join(plan['backends'])})",
+        f"  generate jobs             {plan['generate_jobs']:>8}   (one per model; {plan['prompts']:,} prompts; backend {', '.join(plan['backends'])})",
         f"  likelihood jobs           {plan['likelihood_jobs']:>8}",
         "",
-        "  benchmark      jobs  docs/job  prompts  max_new_tokens  batch",
+        "  benchmark    models  docs/model  prompts  max_new_tokens  batch",
     ]
     for bench, row in plan["benchmarks"].items():
-        lines.append(f"  {bench:<13}{row['jobs']:>6}{row['docs_per_job']:>10}{row['prompts']:>9}"
+        lines.append(f"  {bench:<13}{row['models']:>6}{row['docs_per_job']:>12}{row['prompts']:>9}"
                      f"{row['max_new_tokens']:>16}{row['batch_size']:>7}")
     lines += ["", "  judge          models  calls/model    calls   input tok  output tok   cost"]
     for kind, row in plan["judge"].items():

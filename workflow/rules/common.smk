@@ -257,6 +257,28 @@ def likelihood_tasks(wildcards):
     )
 
 
+def generation_sets():
+    """{benchmark set (sorted tuple): models evaluated on it}, in first-seen order."""
+    sets = {}
+    for model in eval_models():
+        sets.setdefault(tuple(sorted(benchmarks_of(model))), []).append(model)
+    return sets
+
+
+def generate_rule_name(benches):
+    return "generate" if benches == tuple(sorted(BENCHMARKS)) else "generate_" + "_".join(benches)
+
+
+def generation_tasks(model, benches):
+    """`--task BENCHMARK DATA SETTINGS CACHE OUT` per benchmark: its settings are the job's
+    params, so editing one reruns the job, and its cache makes the others cost no generation."""
+    return " ".join(
+        f"--task {b} {data_file(b)} {shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))} "
+        f"results/cache/generations/{model}/{b}.jsonl results/generations/{model}/{b}.jsonl"
+        for b in benches
+    )
+
+
 def merge_metadata_files():
     """The small copies of each merge's metadata: reading them keeps no checkpoint on disk."""
     return [f"results/merge_meta/{m}.json" for m in eval_models() if m in MERGES]

@@ -24,6 +24,7 @@ STAGES = [
     ("score", "mergeflow.scoring.cli"),
     ("judge", "mergeflow.judge.cli"),
     ("aggregate", "mergeflow.aggregate.cli"),
+    ("compare", "mergeflow.aggregate.paired"),
     ("robustness", "mergeflow.robustness.cli"),
     ("plan", "mergeflow.plan"),
 ]

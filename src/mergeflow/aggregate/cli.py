@@ -35,7 +35,12 @@ def run(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, index=False)
     frame.to_parquet(args.out.with_suffix(".parquet"), index=False)
-    written = write_tables(frame, args.tables)
+    from mergeflow.aggregate.uncertainty import score_file_per_doc
+
+    per_doc = {}
+    for path in args.scores:
+        per_doc.update(score_file_per_doc(path))
+    written = write_tables(frame, args.tables, per_doc, config["aggregate"])
     written += write_robustness(frame, args.tables)
     paths = [Path(p) for p in config["aggregate"]["published"]]
     della_paths = [p for p in paths if is_della_layout(p)]  # per-table cells (config/published/README.md)

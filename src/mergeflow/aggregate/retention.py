@@ -33,7 +33,10 @@ def retention_rows(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         kept = (base[bench] - float(row["value"])) / (base[bench] - min(experts))
         rows.append({**row.to_dict(), "metric": METRIC, "value": kept, "stderr": None,
-                     "scorer": "mergeflow.aggregate (from ref_nll)"})
+                     "scorer": "mergeflow.aggregate (from ref_nll)",
+                     # a ratio of three models' likelihoods: their per-doc intervals do not carry over
+                     **{c: None for c in ("ci_low", "ci_high", "ci_method", "ci_resamples", "ci_seed")},
+                     "ci_note": "derived from three models' ref_nll: no interval"})
     return pd.DataFrame(rows, columns=frame.columns)
 
 

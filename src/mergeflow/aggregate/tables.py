@@ -40,9 +40,29 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
     top = frame[frame["headline"].astype(bool)].drop_duplicates(["model", "benchmark"]).copy()
     # Win rates are already percentages (alpaca_eval's convention); the rest are fractions.
     values = pd.to_numeric(top["value"], errors="coerce")
-    top["score"] = values.where(top["metric"].str.contains("win"), 100.0 * values)
+    percent = top["metric"].str.contains("win")
+    top["score"] = values.where(percent, 100.0 * values)
+    for col in ("ci_low", "ci_high"):  # the interval in the score's unit
+        bound = pd.to_numeric(top[col], errors="coerce") if col in top.columns else pd.Series(float("nan"), top.index)
+        top[col.replace("ci_", "score_")] = bound.where(percent, 100.0 * bound)
     top["headline_metric"] = top["metric"]
     return top
+
+
+def cell(score, low=None, high=None, mark: str = "") -> str | None:
+    """A table cell: `41.7 [22.1, 63.4]` (the interval where there is one), then its mark."""
+    if score is None or pd.isna(score):
+        return None
+    text = f"{score:.1f}"
+    if low is not None and high is not None and not (pd.isna(low) or pd.isna(high)):
+        text += f" [{low:.1f}, {high:.1f}]"
+    return text + mark
+
+
+def _cells(top: pd.DataFrame, marks: dict | None = None) -> pd.Series:
+    marks = marks or {}
+    return pd.Series([cell(r.score, r.score_low, r.score_high, marks.get((r.model, r.benchmark), ""))
+                      for r in top.itertuples()], index=top.index, dtype=object)
 
 
 def _label(row) -> str:
@@ -51,14 +71,18 @@ def _label(row) -> str:
     return f"{row['model']} ({row['role']})"
 
 
-def scores_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Models (base, experts, merges) x benchmarks, headline metric in percent."""
+def scores_table(frame: pd.DataFrame, cells: bool = False) -> pd.DataFrame:
+    """Models (base, experts, merges) x benchmarks, headline metric in percent (`cells`: as
+    text with its confidence interval)."""
     top = headline(frame)
     top["label"] = top.apply(_label, axis=1)
     top["order"] = top["role"].map(ROLE_ORDER)
+    if cells:
+        top["cell"] = _cells(top)
     # dropna=False: a benchmark whose score is missing (e.g. no judgment parsed) stays visible
     table = top.pivot_table(
-        index=["order", "label", "model"], columns="benchmark", values="score", aggfunc="first", dropna=False
+        index=["order", "label", "model"], columns="benchmark", values="cell" if cells else "score",
+        aggfunc="first", dropna=False
     )
     table = table.dropna(how="all", axis=0).sort_index().reset_index(level="order", drop=True)
     for bench in set(top["benchmark"]) - set(table.columns):
@@ -67,10 +91,14 @@ def scores_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table[cols]
 
 
-def method_table(frame: pd.DataFrame, experts: str) -> pd.DataFrame:
-    """The papers' layout for one expert combination: merge methods x benchmarks."""
+def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: dict | None = None) -> pd.DataFrame:
+    """The papers' layout for one expert combination: merge methods x benchmarks (`cells`: as
+    text with the interval and `marks[(model, benchmark)]`)."""
     top = headline(frame[(frame["role"] == "merge") & (frame["experts"] == experts)])
-    table = top.pivot_table(index=["method", "model"], columns="benchmark", values="score", aggfunc="first", dropna=False)
+    if cells:
+        top["cell"] = _cells(top, marks)
+    table = top.pivot_table(index=["method", "model"], columns="benchmark", values="cell" if cells else "score",
+                            aggfunc="first", dropna=False)
     table = table.dropna(how="all", axis=0)
     for bench in set(top["benchmark"]) - set(table.columns):
         table[bench] = float("nan")
@@ -115,7 +143,21 @@ def to_markdown(table: pd.DataFrame, title: str, note: str) -> str:
     return f"# {title}\n\n{note} – marks a score that could not be computed (see results/scores.csv).\n\n{body}\n"
 
 
-def write_tables(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+def _ci_note(frame: pd.DataFrame) -> str:
+    levels = sorted(set(pd.to_numeric(frame.get("ci_level", pd.Series(dtype=float)), errors="coerce").dropna()))
+    level = f"{100 * levels[0]:g} %" if len(levels) == 1 else "per row"
+    return (f"[low, high]: {level} confidence interval over documents (exact Clopper–Pearson for 0/1 outcomes, "
+            "seeded percentile bootstrap otherwise; method, seed and, where there is none, the reason: "
+            "columns ci_* of results/scores.csv).")
+
+
+def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None,
+                 settings: dict | None = None) -> list[Path]:
+    """scores.md, merges_<experts>.md (with intervals; with `per_doc`, the score files'
+    per-doc values, merge cells not significantly different from the base or their best
+    expert are marked and comparisons.md/.csv list every test) and retention.md."""
+    from mergeflow.aggregate.significance import FOOTNOTE, significance
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metric_note = "; ".join(
@@ -127,23 +169,29 @@ def write_tables(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     path = out_dir / "scores.md"
     path.write_text(
         to_markdown(
-            scores_table(frame),
+            scores_table(frame, cells=True),
             "Scores: base, experts and merges",
-            f"Headline metric per benchmark, in percent ({metric_note}). Source: results/scores.csv.",
+            f"Headline metric per benchmark, in percent ({metric_note}). {_ci_note(frame)} "
+            "Source: results/scores.csv.",
         )
     )
     written.append(path)
     merges = frame[frame["role"] == "merge"]
+    tests = significance(frame, per_doc or {}, settings or {}) if per_doc is not None else None
+    marks = {} if tests is None else tests.marks
     for experts in sorted(set(merges["experts"].dropna())):
         path = out_dir / f"merges_{experts.replace('+', '_')}.md"
-        path.write_text(
-            to_markdown(
-                method_table(frame, experts),
-                f"Merge methods on {experts.replace('+', ' + ')}",
-                "Rows: merge method and merge id; columns: headline metric in percent.",
-            )
+        text = to_markdown(
+            method_table(frame, experts, cells=True, marks=marks),
+            f"Merge methods on {experts.replace('+', ' + ')}",
+            f"Rows: merge method and merge id; columns: headline metric in percent. {_ci_note(frame)}",
         )
+        if tests is not None:
+            text += "\n" + FOOTNOTE.format(alpha=tests.alpha) + "\n"
+        path.write_text(text)
         written.append(path)
+    if tests is not None and not tests.table.empty:
+        written += tests.write(out_dir)
     kept = retention_table(frame)
     if not kept.empty:
         path = out_dir / "retention.md"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mergeflow import config as mfconfig
+from mergeflow.aggregate import uncertainty
 from mergeflow.aggregate.retention import retention_rows
 from mergeflow.aggregate.tables import mark_headline
 from mergeflow.errors import MergeflowError
@@ -19,13 +20,23 @@ from mergeflow.provenance import TRACKED, versions
 
 COLUMNS = [
     "model", "role", "merge_id", "method", "family", "dare", "m3", "experts", "benchmark", "metric",
-    "value", "stderr", "n", "headline", "scorer", "judge", "protocol", "seed", "params",
+    "value", "stderr", "n", *uncertainty.CI_COLUMNS, "headline", "scorer", "judge", "protocol", "seed", "params",
     "model_revision", "data_revision",
 ]
 VERSION_COLUMNS = [f"version_{name}" for name in TRACKED.values()]
 
 
-def read_score_file(path: Path) -> list[dict]:
+def row_benchmark(path: Path, payload: dict, row: dict) -> str:
+    """The benchmark a score row is about: a file may score several (reference_likelihood.json)
+    and rows name theirs; the file name tells evaluations of one benchmark apart (gsm8k.json:
+    lm-eval, gsm8k_judge.json: the LLM judge of the same generations)."""
+    evaluation = Path(path).stem
+    return row.get("benchmark") or (evaluation if evaluation.startswith(payload["benchmark"]) else payload["benchmark"])
+
+
+def read_score_file(path: Path, settings: dict | None = None) -> list[dict]:
+    """The rows of one score file, each with its confidence interval (`settings`: the
+    config's `aggregate` slice, for ci_level and bootstrap)."""
     try:
         payload = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -34,9 +45,7 @@ def read_score_file(path: Path) -> list[dict]:
         if key not in payload:
             raise MergeflowError(f"score file {path} lacks '{key}'")
     model = Path(path).parent.name
-    # the file name tells evaluations of one benchmark apart (gsm8k.json: lm-eval,
-    # gsm8k_judge.json: the LLM judge of the same generations)
-    evaluation = Path(path).stem
+    samples = uncertainty.read_samples(Path(path))
     details = payload.get("details") or {}
     judge = details.get("judge")
     judge_name = None
@@ -51,16 +60,17 @@ def read_score_file(path: Path) -> list[dict]:
     stamp = {f"version_{k}": recorded.get(k, fallback.get(k)) for k in TRACKED.values()}
     rows = []
     for row in payload["rows"]:
+        bench = row_benchmark(path, payload, row)
+        docs, why = uncertainty.per_doc(payload, {**row, "benchmark": bench}, samples)
         rows.append(
             {
                 "model": model,
-                # a file may score several benchmarks (reference_likelihood.json): rows name theirs
-                "benchmark": row.get("benchmark")
-                or (evaluation if evaluation.startswith(payload["benchmark"]) else payload["benchmark"]),
+                "benchmark": bench,
                 "metric": row["metric"],
                 "value": row["value"],
                 "stderr": row.get("stderr"),
                 "n": row.get("n"),
+                **uncertainty.interval(row, docs, why, settings or {}),
                 "scorer": payload.get("scorer"),
                 "judge": judge_name,
                 **stamp,
@@ -112,7 +122,7 @@ def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) ->
     revisions = config.get("revisions") or {}
     rows = []
     for path in score_files:
-        for row in read_score_file(Path(path)):
+        for row in read_score_file(Path(path), config.get("aggregate") or {}):
             model = row["model"]
             if model in specs:
                 spec = specs[model]

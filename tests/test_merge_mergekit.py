@@ -1,5 +1,6 @@
 """Agreement with mergekit 0.1.5 (PyPI) on tiny real checkpoints: task_arithmetic, ties,
-linear (our `average`) and slerp, run through mergekit's own Python entry point."""
+linear (our `average`), slerp, breadcrumbs and breadcrumbs_ties, run through mergekit's own
+Python entry point."""
 
 from __future__ import annotations
 
@@ -107,3 +108,19 @@ def test_slerp_matches_mergekit(zoo, tmp_path):
                           tmp_path / "mk")
     ours = run_ours("slerp", {"t": 0.35}, None, {"lm": experts["lm"], "math": experts["math"]}, tmp_path / "mf")
     compare(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_match_mergekit(zoo, tmp_path, method):
+    base, experts = zoo
+    per_model = {"density": {e: 0.6 for e in EXPERTS}, "gamma": {e: 0.05 for e in EXPERTS}}
+    theirs = run_mergekit({"merge_method": method, "base_model": str(base), "dtype": "float32",
+                           "parameters": {"lambda": 0.9},
+                           "models": models_block(experts, weight=WEIGHTS, **per_model)}, tmp_path / "mk")
+    ours = run_ours(method, {"lambda": 0.9, "weights": WEIGHTS, "density": 0.6, "gamma": 0.05}, base, experts,
+                    tmp_path / "mf")
+    # Same masks (continuous deltas: no ties in |delta|). breadcrumbs_ties fuses in mergekit's
+    # order (bit-identical); breadcrumbs' weighted sum uses add-with-alpha (one rounding apart).
+    worst = compare(ours, theirs, atol=1e-6)
+    assert method == "breadcrumbs" or worst == 0.0

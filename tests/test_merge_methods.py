@@ -458,3 +458,34 @@ def test_device_radix_select_matches_a_sort():
         a = torch.randint(0, 300, (90_001,), generator=g).float() * 1e-3 if ties else torch.rand(90_001, generator=g)
         for k in (1, 4321, 45_000, 90_000):
             assert float(steps._kth_largest_device(a, k)) == float(torch.sort(a, descending=True).values[k - 1])
+
+
+def test_breadcrumbs_mask_is_mergekits_magnitude_outliers():
+    # Edge cases of mergekit's rule: outliers shrink when density + gamma > 1, gamma 0, tiny tensors.
+    mk = pytest.importorskip("mergekit.sparsify")
+    g = torch.Generator().manual_seed(3)
+    for shape, density, gamma in [((7, 33), 0.3, 0.05), ((7, 33), 0.9, 0.2), ((100,), 0.5, 0.0),
+                                  ((5, 5), 0.1, 0.5), ((3,), 0.4, 0.34), ((64, 64), 0.99, 0.02)]:
+        x = torch.randn(shape, generator=g)
+        want = mk.magnitude_outliers(x.clone(), density, gamma=gamma)
+        got = steps.outlier_trim_(x.clone()[None], density, gamma)[0]
+        assert torch.equal(got, want), (shape, density, gamma)
+    # ties in |delta|: exactly int(density n) kept, the lower index counting as larger
+    x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -0.5, 0.5, 2.0, 0.25]])
+    got = steps.outlier_trim_(x.clone()[None], 0.5, 0.125)[0]
+    assert torch.equal(got, torch.tensor([[1.0, -1.0, 1.0, 0.5, 0, 0, 0, 0]]))
+
+
+def test_breadcrumbs_params():
+    base, ex = inputs(4)
+    # density 1 keeps everything (mergekit ignores gamma there): task arithmetic
+    got, m = run("breadcrumbs", {"density": 1.0, "gamma": 0.3, "lambda": 0.5}, base, ex)
+    want, _ = run("task_arithmetic", {"lambda": 0.5}, base, ex)
+    np.testing.assert_array_equal(got, want)
+    assert m.granularity == "element"
+    _, m = run("breadcrumbs_ties", {"mask_rate": 0.4}, base, ex)
+    assert m.params["density"] == pytest.approx(0.6) and m.params["gamma"] == 0.01 and m.granularity == "tensor"
+    with pytest.raises(methods.ParamError, match="'density': is required"):
+        methods.build("breadcrumbs", {}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'gamma': 1.5 is outside"):
+        methods.build("breadcrumbs_ties", {"density": 0.5, "gamma": 1.5}, ["a", "b"], 0)

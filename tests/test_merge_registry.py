@@ -67,6 +67,25 @@ def _slerp_ref(a, b, t):
     return (np.sin((1 - t) * th) * a + np.sin(t * th) * b) / np.sin(th)
 
 
+def _crumbs(x, density, gamma):
+    """Breadcrumbs mask of one expert's tensor: sort |x| descending (ties: lower index first),
+    skip the top int(gamma n) (fewer when density + gamma > 1), keep the next int(density n)."""
+    g = x.ravel()
+    n = len(g)
+    target, n_top = int(density * n), int(gamma * n)
+    skip = n - max(0, n - target - n_top) - target
+    keep = np.argsort(-np.abs(g), kind="stable")[skip:skip + target]
+    out = np.zeros_like(g)
+    out[keep] = g[keep]
+    return out.reshape(x.shape)
+
+
+def _dis_sum(dh, w):
+    wd = np.asarray(w, dtype=np.float64)[:, None, None] * dh.astype(np.float64)
+    gamma = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+    return (wd * (np.sign(wd) == gamma)).sum(0)
+
+
 # method -> (params, reference(base, experts, seed, float32 deltas) -> merged tensor)
 REFERENCE = {
     "average": ({"weights": W}, lambda base, ex, s, d: _wmean(ex, W)),
@@ -92,6 +111,11 @@ REFERENCE = {
     "nodrop_noelect": ({"weights": W}, lambda base, ex, s, d: base + 1.1 * _wmean(d, W)),
     "m3": ({"alpha": 0.5, "lambda": 0.8}, _m3_ref),
     "slerp": ({"t": 0.3}, lambda base, ex, s, d: _slerp_ref(ex[0], ex[1], 0.3)),
+    "breadcrumbs": ({"density": 0.6, "gamma": 0.05, "weights": W, "lambda": 0.9},
+                    lambda base, ex, s, d: base + 0.9 * _wsum(np.stack([_crumbs(x, 0.6, 0.05) for x in d]), W)),
+    "breadcrumbs_ties": ({"density": 0.5, "gamma": 0.1, "weights": W, "lambda": 1.2},
+                         lambda base, ex, s, d: base + 1.2 * _dis_sum(np.stack([_crumbs(x, 0.5, 0.1) for x in d]),
+                                                                      W)),
 }
 
 

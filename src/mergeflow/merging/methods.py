@@ -186,6 +186,8 @@ WINDOW = Param("window_size", default=0.14, lo=0.0, hi=2.0,
 ALPHA = Param("alpha", default=0.5, help="M3: Dirichlet / Beta concentration of the mixing weights")
 DARE = Param("dare", "dare", default=None, help="M3: DARE before mixing, {drop_rate, rescale}")
 T = Param("t", default=REQUIRED, lo=0.0, hi=1.0, help="SLERP: 0 = the first expert, 1 = the second")
+GAMMA = Param("gamma", default=0.01, lo=0.0, hi=1.0,
+              help="Breadcrumbs: fraction of each tensor's largest |delta| dropped as outliers")
 
 
 # ---------------------------------------------------------------------------------------
@@ -525,6 +527,30 @@ def slerp(b: Block, p: dict):
     """SLERP between two experts, per tensor (t = 0: the first, 1: the second); linear where
     they are near parallel (|cos| > 0.9995), as mergekit."""
     return steps.slerp(b.experts[0], b.experts[1], p["t"])
+
+
+# Model Breadcrumbs (Davari & Belilovsky 2023) as mergekit 0.1.5 runs it: per tensor.
+BREADCRUMBS_PARAMS = (LAMBDA, WEIGHTS, DENSITY, MASK_RATE, GAMMA)
+
+
+def _breadcrumbs_granularity(p: dict) -> str:
+    return "tensor" if p["density"] < 1 else "element"
+
+
+@merge_method("breadcrumbs", BREADCRUMBS_PARAMS, granularity=_breadcrumbs_granularity, check=_density)
+def breadcrumbs(b: Block, p: dict):
+    """Model Breadcrumbs: per tensor drop the `gamma` largest |delta| and keep `density` of
+    all by magnitude below them, then theta_b + lambda sum_t w_t delta_t (mergekit `breadcrumbs`)."""
+    return _sum(b, steps.outlier_trim_(b.deltas(), p["density"], p["gamma"]), p)
+
+
+@merge_method("breadcrumbs_ties", BREADCRUMBS_PARAMS, granularity=_breadcrumbs_granularity, check=_density,
+              elects=True)
+def breadcrumbs_ties(b: Block, p: dict):
+    """Breadcrumbs mask, TIES sign election, sum of the agreeing weighted deltas, lambda
+    (mergekit `breadcrumbs_ties`, which does not normalise)."""
+    d = steps.outlier_trim_(b.deltas(), p["density"], p["gamma"])
+    return steps.scale_add(b.base, steps.disjoint_fuse_(d, p["weights"], normalize=False), p["lambda"])
 
 
 # ---------------------------------------------------------------------------------------

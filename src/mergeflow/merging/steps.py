@@ -320,6 +320,38 @@ def streamed_topk_trim_(deltas, state):
     return deltas
 
 
+def outlier_trim_(deltas, density: float, gamma: float):
+    """Model Breadcrumbs in place, per expert over the whole block (the whole tensor): keep
+    int(density * n) elements by |delta|, the largest after the int(gamma * n) largest,
+    mergekit's `magnitude_outliers` exactly (fewer outliers go when density + gamma > 1;
+    density >= 1 keeps all). mergekit sorts without a tie rule; among equal |delta| the
+    lower flat index counts as larger here (`topk_mask`), so masks agree on every device."""
+    if density >= 1:
+        return deltas
+    for d in deltas:
+        n = d.numel()
+        target = int(density * n)
+        n_bot = max(0, n - target - int(gamma * n))
+        scores = d.abs().view(1, -1)
+        # nested top-k sets (one total order): keep ranks [n - n_bot - target, n - n_bot) from the top
+        keep = topk_mask(scores, n - n_bot)
+        keep &= ~topk_mask(scores, n - n_bot - target)
+        d.mul_(keep.view(d.shape))
+    return deltas
+
+
+def tall_consensus_(tau, deltas, lambdas, k: float):
+    """Consensus merging (Wang et al., ICML 2024) in place on the merged task vector `tau`:
+    TALL masks m_t = |delta_t| > lambda_t |tau - delta_t| (the reference code's strict >),
+    keep tau where at least k experts' masks hold."""
+    import torch
+
+    count = torch.zeros_like(tau)
+    for d, lam in zip(deltas, lambdas):
+        count.add_(d.abs() > (tau - d).abs_().mul_(f32(lam)))
+    return tau.mul_(count >= k)
+
+
 def threshold_trim_(deltas, thresholds):
     """Global (model-scope) trim: keep |delta| >= the expert's model-wide threshold."""
     for d, t in zip(deltas, thresholds):
@@ -497,7 +529,8 @@ def sign_balance(weighted) -> int:
     return int((total > 0).sum()) - int((total < 0).sum())
 
 
-def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_sign: int = 1):
+def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_sign: int = 1,
+                   normalize: bool = True):
     """TIES/DELLA disjoint merge of sparsified deltas [N, ...]; consumes `deltas`.
 
     Elects gamma = sign(sum_t w_t delta_t); expert t agrees where w_t delta_t has sign
@@ -507,6 +540,8 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
     `fuse_weights` (M3) the agreeing experts are mixed with those weights instead:
         sum_t m_t delta_t [agree] / sum_t m_t [agree],
     falling back to the plain mean of the agreeing deltas where their m_t sum to 0.
+    `normalize=False`: the sum sum_t w_t delta_t [agree] (mergekit's `breadcrumbs_ties`,
+    the TALL-mask code's TIES "dis-sum").
     """
     import torch
 
@@ -514,6 +549,12 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
         if w != 1.0:
             d.mul_(w)
     gamma = elected_sign(deltas, zero_sign)
+    if fuse_weights is None and not normalize:
+        num = None
+        for d in deltas:
+            d.mul_(gamma).clamp_(min=0)  # w delta gamma, the agreeing entries kept
+            num = d if num is None else num.add_(d)
+        return num.mul_(gamma)
     if fuse_weights is None:
         num = den = None
         for d, w in zip(deltas, weights):

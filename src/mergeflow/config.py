@@ -44,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
         "agreement": {},  # source -> {recorded: PATH, limit: N}: none by default
     },
     "scoring": {"code": {"timeout": 10.0, "isolation": "auto", "max_workers": 2}},
-    "aggregate": {"published": [], "claims": None, "headline": {}},
+    "aggregate": {"published": [], "claims": None, "headline": {}, "ci_level": 0.95, "alpha": 0.05,
+                  "bootstrap": {"resamples": 2000, "seed": 0}},
     "resources": {"merge_gpus": 0, "generate_gpus": 0, "merge_mem_mb": 8000, "generate_mem_mb": 16000,
                   "judge_gpus": 0},
 }

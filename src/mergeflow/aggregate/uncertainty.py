@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mergeflow.config import DEFAULTS as CONFIG_DEFAULTS
 from mergeflow.errors import MergeflowError
 
 CI_COLUMNS = ["ci_low", "ci_high", "ci_level", "ci_method", "ci_resamples", "ci_seed", "ci_note"]
-DEFAULTS = {"ci_level": 0.95, "bootstrap": {"resamples": 2000, "seed": 0}, "alpha": 0.05}
+DEFAULTS = {k: CONFIG_DEFAULTS["aggregate"][k] for k in ("ci_level", "alpha", "bootstrap")}  # config.py owns them
 # a per-doc reconstruction must match the reported value to this (relative) tolerance
 _MATCH = 1e-6
 

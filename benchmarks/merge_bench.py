@@ -39,6 +39,11 @@ METHODS = {
     "dare_ties": ("dare", {"drop_rate": 0.5, "combine": "ties"}, "dare_ties", {"weight": 1.0, "density": 0.5}, {}),
     "della": ("della", {"drop_rate": 0.3, "window_size": 0.14, "lambda": 1.1}, "della",
               {"weight": 1.0, "density": 0.7, "epsilon": 0.07}, {"lambda": 1.1}),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.5, "gamma": 0.01}, "breadcrumbs",
+                    {"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01}, "breadcrumbs_ties",
+                         {"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "model_stock": ("model_stock", {}, "model_stock", {}, {}),
     # M3 (mergekit has none): against mergekit's method doing the same work with fixed weights
     "m3_ta": ("m3", {"alpha": 0.5}, "task_arithmetic", {"weight": 0.33}, {"lambda": 1.0}),
     "m3_ties": ("m3", {"alpha": 0.5, "combine": "ties", "density": 0.5}, "ties",

@@ -1,5 +1,5 @@
 """Agreement with mergekit 0.1.5 (PyPI) on tiny real checkpoints: task_arithmetic, ties,
-linear (our `average`), slerp, breadcrumbs and breadcrumbs_ties, run through mergekit's own
+linear (our `average`), slerp, breadcrumbs, breadcrumbs_ties and model_stock, run through mergekit's own
 Python entry point."""
 
 from __future__ import annotations
@@ -124,3 +124,12 @@ def test_breadcrumbs_match_mergekit(zoo, tmp_path, method):
     # order (bit-identical); breadcrumbs' weighted sum uses add-with-alpha (one rounding apart).
     worst = compare(ours, theirs, atol=1e-6)
     assert method == "breadcrumbs" or worst == 0.0
+
+
+@pytest.mark.slow
+def test_model_stock_matches_mergekit(zoo, tmp_path):
+    base, experts = zoo
+    theirs = run_mergekit({"merge_method": "model_stock", "base_model": str(base), "dtype": "float32",
+                           "models": [{"model": str(experts[e])} for e in EXPERTS]}, tmp_path / "mk")
+    ours = run_ours("model_stock", {}, base, experts, tmp_path / "mf")
+    compare(ours, theirs, atol=1e-6)

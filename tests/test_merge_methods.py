@@ -489,3 +489,25 @@ def test_breadcrumbs_params():
         methods.build("breadcrumbs", {}, ["a", "b"], 0)
     with pytest.raises(methods.ParamError, match="'gamma': 1.5 is outside"):
         methods.build("breadcrumbs_ties", {"density": 0.5, "gamma": 1.5}, ["a", "b"], 0)
+
+
+def test_model_stock_follows_mergekits_formula_also_at_its_edges():
+    # mergekit 0.1.5's model_stock written out: clamped norms and cosines, t = 0 at the singularity
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(9, 31, generator=g)
+    a = torch.randn(9, 31, generator=g)
+    cases = {"generic": [a, torch.randn(9, 31, generator=g), torch.randn(9, 31, generator=g)],
+             "parallel": [a, 2 * a], "opposed (1 + (k-1) cos = 0)": [a, -a], "zero": [a, torch.zeros(9, 31)]}
+    for label, ds in cases.items():
+        ours = methods.build("model_stock", {}, [f"e{i}" for i in range(len(ds))], 0).merge(
+            methods.Block(NAME, base.clone(), torch.stack([base + d for d in ds]), 0, 0))
+        ws = [base] + [base + d for d in ds]
+        cos = torch.stack([(x - base).flatten() @ (y - base).flatten()
+                           / ((x - base).norm() * (y - base).norm()).clamp(min=1e-6)
+                           for i, x in enumerate(ws[1:]) for y in ws[i + 2:]]).clamp(-1, 1).mean()
+        k = len(ds)
+        t = 0.0 if abs(1 + (k - 1) * cos) < 1e-6 else k * cos / (1 + (k - 1) * cos)
+        want = t * sum(ws[1:]) / k + (1 - t) * base
+        torch.testing.assert_close(ours, want, rtol=0, atol=1e-5, msg=label)
+    with pytest.raises(methods.ParamError, match="at least two fine-tunes"):
+        methods.build("model_stock", {}, ["a"], 0)

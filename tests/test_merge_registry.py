@@ -86,6 +86,16 @@ def _dis_sum(dh, w):
     return (wd * (np.sign(wd) == gamma)).sum(0)
 
 
+def _stock_ref(base, d):
+    """Model Stock (Jang et al. 2024, eq. 2 with the mean pairwise angle): t = k cos / (1 + (k-1) cos)."""
+    v = d.astype(np.float64).reshape(len(d), -1)
+    k = len(v)
+    cos = np.mean([v[i] @ v[j] / np.linalg.norm(v[i]) / np.linalg.norm(v[j])
+                   for i in range(k) for j in range(i + 1, k)])
+    t = k * cos / (1 + (k - 1) * cos)
+    return base + t * v.mean(0).reshape(base.shape)
+
+
 # method -> (params, reference(base, experts, seed, float32 deltas) -> merged tensor)
 REFERENCE = {
     "average": ({"weights": W}, lambda base, ex, s, d: _wmean(ex, W)),
@@ -116,6 +126,7 @@ REFERENCE = {
     "breadcrumbs_ties": ({"density": 0.5, "gamma": 0.1, "weights": W, "lambda": 1.2},
                          lambda base, ex, s, d: base + 1.2 * _dis_sum(np.stack([_crumbs(x, 0.5, 0.1) for x in d]),
                                                                       W)),
+    "model_stock": ({}, lambda base, ex, s, d: _stock_ref(base, d)),
 }
 
 

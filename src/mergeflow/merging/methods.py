@@ -553,6 +553,21 @@ def breadcrumbs_ties(b: Block, p: dict):
     return steps.scale_add(b.base, steps.disjoint_fuse_(d, p["weights"], normalize=False), p["lambda"])
 
 
+def _stock_check(m: str, p: dict, experts, seed) -> dict:
+    if len(experts) < 2:
+        raise ParamError(m, "experts", f"Model Stock needs at least two fine-tunes of the base, got {len(experts)}")
+    return p
+
+
+@merge_method("model_stock", (), granularity="tensor", check=_stock_check)
+def model_stock(b: Block, p: dict):
+    """Model Stock, per tensor: theta_b + t (mean_t delta_t), t = k cos / (1 + (k - 1) cos)
+    from the mean pairwise cosine of the k task vectors (mergekit `model_stock`)."""
+    d = b.deltas()
+    t = steps.model_stock_ratio(d)
+    return steps.scale_add(b.base, steps.weighted_mean(d, [1.0] * d.shape[0]), steps.f32(t))
+
+
 # ---------------------------------------------------------------------------------------
 # building a method; schema and help from the specs
 # ---------------------------------------------------------------------------------------

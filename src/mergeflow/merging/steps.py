@@ -620,6 +620,22 @@ def scale_add(base, tau, lam: float):
     return tau.add_(base)
 
 
+def model_stock_ratio(deltas, eps: float = 1e-6) -> float:
+    """Model Stock's interpolation ratio t = k cos / (1 + (k - 1) cos) for k task vectors
+    (the tensors seen as vectors), cos the mean pairwise cosine, as mergekit: the product of
+    norms clamped at `eps`, each cosine clamped to [-1, 1], t = 0 where |1 + (k - 1) cos| <
+    `eps`. Scalars in float64 on the host from `cascade_sum`s (the same on every device)."""
+    import math
+
+    k = len(deltas)
+    norms = [math.sqrt(cascade_sum(d * d)) for d in deltas]
+    cos = [max(-1.0, min(1.0, cascade_sum(deltas[i] * deltas[j]) / max(norms[i] * norms[j], eps)))
+           for i in range(k) for j in range(i + 1, k)]
+    c = sum(cos) / len(cos)
+    den = 1 + (k - 1) * c
+    return 0.0 if abs(den) < eps else k * c / den
+
+
 def slerp(v0, v1, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
     """Spherical interpolation from v0 (t = 0) to v1 (t = 1), the tensors seen as vectors.
 

@@ -96,7 +96,7 @@ HUB = {"hub": "org/name", "revision": "0" * 40}
 BASE2 = put("models", "base2", {"path": f"{D}/models/judge"})
 GEN = {"template": "alpaca", "instruction": "Q: {question}", "max_new_tokens": 40, "stop": ["\n\n"],
        "postprocess": "code", "limit": 5, "batch_size": 4, "backend": "hf", "dtype": "float32", "seed": 7,
-       "vllm_chunk_size": 16, "gpu_memory_utilization": 0.5}
+       "vllm_chunk_size": 16, "gpu_memory_utilization": 0.5, "hf_decoding": "static"}
 SOURCES = {  # the sources of each kind in the demo: (path to one, another existing path)
     "models.*": (("models", "code"), f"{D}/models/lm"),
     "benchmarks.*": (("benchmarks", "gsm8k"), f"{D}/data/math.jsonl"),
@@ -135,6 +135,7 @@ VARIANTS = {
     "merges[].params.t": both(put("merges", 0, "method", "slerp"), put("merges", 0, "params", {"t": 0.3}),
                               put("merges", 0, "experts", ["lm", "code"])),
     "merges[].params.alpha": put("merges", 4, "params", "alpha", 0.7),
+    "merges[].params.gamma": both(put("merges", 1, "method", "breadcrumbs"), put("merges", 1, "params", "gamma", 0.02)),
     "merges[].params.dare.drop_rate": put("merges", 4, "params", "dare", {"drop_rate": 0.5}),
     "merges[].params.dare.rescale": (put("merges", 4, "params", "dare", {"drop_rate": 0.5}),
                                      put("merges", 4, "params", "dare", "rescale", "l1")),

@@ -511,3 +511,32 @@ def test_model_stock_follows_mergekits_formula_also_at_its_edges():
         torch.testing.assert_close(ours, want, rtol=0, atol=1e-5, msg=label)
     with pytest.raises(methods.ParamError, match="at least two fine-tunes"):
         methods.build("model_stock", {}, ["a"], 0)
+
+
+def test_consensus_by_hand_and_its_params():
+    # two experts, lambda 0.5: masks [T, T, F, T] and [T, T, T, F]; counts [2, 2, 1, 1]
+    ex = np.array([[[1.0, 1.0, 0.1, -1.0]], [[1.0, -1.0, 1.0, 0.05]]], dtype=np.float32)
+    base = np.zeros((1, 4), dtype=np.float32)
+    got, _ = run("consensus_ta", {"tall_mask_lambda": 0.5, "k": 2}, base, ex)
+    np.testing.assert_array_equal(got, [[2.0, 0.0, 0.0, 0.0]])
+    got, _ = run("consensus_ta", {"tall_mask_lambda": 0.5, "k": 1}, base, ex)
+    np.testing.assert_allclose(got, [[2.0, 0.0, 1.1, -0.95]], rtol=1e-6)
+    # per-expert lambdas: expert 2's threshold 2 |tau - delta_2| drops its third entry
+    got, _ = run("consensus_ta", {"tall_mask_lambda": [0.5, 20.0], "k": 1}, base, ex)
+    np.testing.assert_allclose(got, [[2.0, 0.0, 0.0, -0.95]], rtol=1e-6)
+    # k = 0 keeps everything: task arithmetic
+    b2, e2 = inputs(6)
+    got, _ = run("consensus_ta", {"tall_mask_lambda": 0.4, "k": 0, "lambda": 0.7}, b2, e2)
+    np.testing.assert_array_equal(got, run("task_arithmetic", {"lambda": 0.7}, b2, e2)[0])
+    _, m = run("consensus_ties", {"tall_mask_lambda": 0.4, "mask_rate": 0.3}, b2, e2)
+    assert m.params["density"] == pytest.approx(0.7) and m.params["k"] == 2.0 and m.tensor_topk
+    with pytest.raises(methods.ParamError, match="'k': 4 exceeds the 3 experts"):
+        methods.build("consensus_ta", {"tall_mask_lambda": 0.4, "k": 4}, ["a", "b", "c"], 0)
+    with pytest.raises(methods.ParamError, match="'tall_mask_lambda': is required"):
+        methods.build("consensus_ta", {}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match=r"'tall_mask_lambda\[1\]': -0.1 is negative"):
+        methods.build("consensus_ta", {"tall_mask_lambda": [0.3, -0.1]}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'density': is required"):
+        methods.build("consensus_ties", {"tall_mask_lambda": 0.4}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="use 'k'"):
+        methods.build("consensus_ta", {"tall_mask_lambda": 0.4, "prun_thre_k": 2}, ["a", "b"], 0)

@@ -96,6 +96,13 @@ def _stock_ref(base, d):
     return base + t * v.mean(0).reshape(base.shape)
 
 
+def _consensus(d, tau, lam, k):
+    """TALL masks |tau_t| > lambda_t |tau_MTL - tau_t| (Wang et al. 2024), kept where >= k agree."""
+    d = d.astype(np.float64)
+    count = sum((np.abs(d[t]) > lam[t] * np.abs(tau - d[t])).astype(int) for t in range(len(d)))
+    return tau * (count >= k)
+
+
 # method -> (params, reference(base, experts, seed, float32 deltas) -> merged tensor)
 REFERENCE = {
     "average": ({"weights": W}, lambda base, ex, s, d: _wmean(ex, W)),
@@ -127,6 +134,11 @@ REFERENCE = {
                          lambda base, ex, s, d: base + 1.2 * _dis_sum(np.stack([_crumbs(x, 0.5, 0.1) for x in d]),
                                                                       W)),
     "model_stock": ({}, lambda base, ex, s, d: _stock_ref(base, d)),
+    "consensus_ta": ({"tall_mask_lambda": 0.4, "k": 2, "weights": W, "lambda": 0.8},
+                     lambda base, ex, s, d: base + 0.8 * _consensus(d, _wsum(d, W), [0.4] * N, 2)),
+    "consensus_ties": ({"density": 0.5, "tall_mask_lambda": [0.3, 0.6, 0.4], "k": 2, "weights": W, "lambda": 1.1},
+                       lambda base, ex, s, d: base + 1.1 * _consensus(
+                           d, _dis_sum(np.stack([ref_trim(x, 0.5, "tensor") for x in d]), W), [0.3, 0.6, 0.4], 2)),
 }
 
 
@@ -253,3 +265,35 @@ def test_a_new_method_is_one_function(tiny_model_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(out[k], want, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "out" / "mergeflow_merge.json").read_text())["params"] == {"lambda": 0.5}
     assert meta["method"] == "elementwise_max"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,params", [
+    ("consensus_ties", {"density": 0.4, "tall_mask_lambda": 0.5}),
+    ("consensus_ties", {"mask_rate": 0.5, "trim_scope": "model", "tall_mask_lambda": 0.5, "k": 1}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.02}),
+    ("model_stock", {}),
+])
+def test_new_methods_merge_alike_in_blocks_and_whole(tiny_model_dir, tmp_path, method, params):
+    """Through the engine: small row blocks (the streamed tensor top-k, the model-scope
+    thresholds) give the bytes of whole tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from mergeflow.merging.engine import run_merge
+
+    sd = load_file(tiny_model_dir / "model.safetensors")
+    experts = {}
+    for i in range(3):
+        d = tmp_path / f"e{i}"
+        d.mkdir()
+        g = torch.Generator().manual_seed(10 + i)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, d / "model.safetensors")
+        experts[f"e{i}"] = str(d)
+    outs = []
+    for chunk in (256, 1 << 30):
+        out = tmp_path / f"out{chunk}"
+        run_merge(method, experts, str(out), base=str(tiny_model_dir), params=params, device="cpu", progress=False,
+                  chunk_elements=chunk)
+        outs.append(load_file(out / "model.safetensors"))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in sd)
+    assert any(not torch.equal(outs[0][k], sd[k]) for k in sd)

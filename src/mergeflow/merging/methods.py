@@ -186,6 +186,10 @@ WINDOW = Param("window_size", default=0.14, lo=0.0, hi=2.0,
 ALPHA = Param("alpha", default=0.5, help="M3: Dirichlet / Beta concentration of the mixing weights")
 DARE = Param("dare", "dare", default=None, help="M3: DARE before mixing, {drop_rate, rescale}")
 T = Param("t", default=REQUIRED, lo=0.0, hi=1.0, help="SLERP: 0 = the first expert, 1 = the second")
+TALL_LAMBDA = Param("tall_mask_lambda", "weights", default=REQUIRED,
+                    help="Consensus: TALL mask m_t = |delta_t| > lambda_t |tau_MTL - delta_t| (one or per expert)")
+K = Param("k", default=2.0, lo=0.0, help="Consensus: keep weights in at least k experts' TALL masks",
+          hints={"prun_thre_k": "use 'k'"})
 GAMMA = Param("gamma", default=0.01, lo=0.0, hi=1.0,
               help="Breadcrumbs: fraction of each tensor's largest |delta| dropped as outliers")
 
@@ -566,6 +570,38 @@ def model_stock(b: Block, p: dict):
     d = b.deltas()
     t = steps.model_stock_ratio(d)
     return steps.scale_add(b.base, steps.weighted_mean(d, [1.0] * d.shape[0]), steps.f32(t))
+
+
+# Consensus merging (Wang et al., ICML 2024, "Localizing Task Information for Improved Model
+# Merging and Compression"), as its reference code (nik-dim/tall_masks) runs it.
+def _consensus_check(m: str, p: dict, experts, seed) -> dict:
+    if p["k"] > len(experts):
+        raise ParamError(m, "k", f"{p['k']:g} exceeds the {len(experts)} experts: no weight could be kept")
+    bad = [i for i, v in enumerate(p["tall_mask_lambda"]) if v < 0]
+    if bad:
+        raise ParamError(m, f"tall_mask_lambda[{bad[0]}]", f"{p['tall_mask_lambda'][bad[0]]} is negative")
+    return _density(m, p, experts, seed) if "mask_rate" in p else p
+
+
+@merge_method("consensus_ta", (LAMBDA, WEIGHTS, TALL_LAMBDA, K), check=_consensus_check)
+def consensus_ta(b: Block, p: dict):
+    """Consensus TA: tau = sum_t w_t delta_t, kept where at least k experts' TALL masks
+    |delta_t| > lambda_t |tau - delta_t| hold; theta_b + lambda tau."""
+    d = b.deltas()
+    tau = steps.weighted_sum(d, p["weights"])
+    return steps.scale_add(b.base, steps.tall_consensus_(tau, d, p["tall_mask_lambda"], p["k"]), p["lambda"])
+
+
+@merge_method("consensus_ties", (LAMBDA, WEIGHTS, DENSITY, MASK_RATE, TRIM_SCOPE, TALL_LAMBDA, K),
+              granularity=_trim_granularity, model_stats=_model_trim, tensor_topk=_tensor_trim, elects=True,
+              check=_consensus_check, pretrim=lambda b, p: b.deltas())
+def consensus_ties(b: Block, p: dict):
+    """Consensus TIES: tau = TIES (trim, elect, disjoint sum as the reference's "dis-sum"),
+    kept where at least k TALL masks of the untrimmed deltas hold; theta_b + lambda tau."""
+    d = b.deltas()
+    orig = d.clone()  # the TALL masks compare the untrimmed task vectors
+    tau = steps.disjoint_fuse_(_trim(b, d, p), p["weights"], zero_sign=b.zero_sign, normalize=False)
+    return steps.scale_add(b.base, steps.tall_consensus_(tau, orig, p["tall_mask_lambda"], p["k"]), p["lambda"])
 
 
 # ---------------------------------------------------------------------------------------

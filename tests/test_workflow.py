@@ -76,6 +76,7 @@ DISTRIBUTIONS = {
     "tqdm": {"tqdm"},
     "psutil": {"psutil"},
     "numpy": {"numpy", "pytorch", "pandas"},
+    "scipy": {"scipy"},
     "vllm": {"vllm"},
     "requests": {"requests", "huggingface_hub", "transformers"},
     "pyarrow": {"pyarrow"},

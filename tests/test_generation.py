@@ -243,6 +243,7 @@ def test_hf_decoding_generation_arguments():
 STATIC_PROMPTS = PROMPTS + ["The answer is: 42. Let's think step by step. 0 1 2 3 4 5 6 7 8 9 + - * / = ( )"]
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: transformers' static cache is slow on the CPU
 def test_hf_static_cache_equals_plain(tiny_model_dir, hf_backend):
     """The static KV cache gives plain generate's greedy tokens: left-padded batches of prompts
     of different lengths, calls whose prompts are longer than the first call's (a bigger cache),

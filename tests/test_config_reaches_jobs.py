@@ -135,6 +135,7 @@ VARIANTS = {
     "merges[].params.t": both(put("merges", 0, "method", "slerp"), put("merges", 0, "params", {"t": 0.3}),
                               put("merges", 0, "experts", ["lm", "code"])),
     "merges[].params.alpha": put("merges", 4, "params", "alpha", 0.7),
+    "merges[].params.lambda_m": put("merges", 4, "params", "lambda_m", 0.3),
     "merges[].params.gamma": both(put("merges", 1, "method", "breadcrumbs"), put("merges", 1, "params", "gamma", 0.02)),
     "merges[].params.tall_mask_lambda": both(put("merges", 1, "method", "consensus_ties"),
                                              put("merges", 1, "params", "tall_mask_lambda", 0.4)),

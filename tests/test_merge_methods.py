@@ -353,6 +353,32 @@ def test_m3_three_experts_use_dirichlet_weights():
     np.testing.assert_allclose(got, base + sum(mw[t] * d[t] for t in range(3)), atol=ATOL, rtol=0)
 
 
+def test_m3_with_a_given_lambda_m_reruns_a_logged_merge():
+    base, ex = inputs(12)
+    for params in ({"combine": "task_arithmetic"}, {"combine": "ties", "density": 0.5}, {"combine": "average"}):
+        drawn, m = run("m3", params, base, ex, seed=9)
+        assert "lambda_m" not in m.params and m.random  # not given: the seeded draw, as before
+        given, m2 = run("m3", dict(params, lambda_m=m.params["mixup_weights"]), base, ex, seed=1)
+        np.testing.assert_array_equal(given, drawn)
+        assert m2.params["lambda_m"] == m2.params["mixup_weights"] == m.params["mixup_weights"]
+        assert not m2.random  # no draw left
+    # two experts: one number is the first expert's ratio (the paper's lambda_m)
+    b2, e2 = inputs(11, n=2)
+    d = deltas32(b2, e2).astype(np.float64)
+    got, m = run("m3", {"lambda_m": 0.3, "lambda": 1.2}, b2, e2, seed=3)
+    np.testing.assert_allclose(got, b2 + 1.2 * (0.3 * d[0] + 0.7 * d[1]), atol=ATOL, rtol=0)
+    assert m.params["lambda_m"] == [0.3, 0.7]
+    _, m = run("m3", {"lambda_m": 0.3, "dare": {"drop_rate": 0.2}}, b2, e2)
+    assert m.random  # DARE still draws
+    got, _ = run("m3", {"lambda_m": {"e1": 0.25, "e0": 0.75}}, b2, e2)
+    np.testing.assert_allclose(got, b2 + 0.75 * d[0] + 0.25 * d[1], atol=ATOL, rtol=0)
+    for bad, msg in [(0.3, "one number is a ratio for two experts"), ([0.5, 0.3, 0.3], "sum to 1.1"),
+                     ([1.2, -0.1, -0.1], r"'lambda_m\[0\]': 1.2 is outside"), ([0.5, 0.5], "2 weights for 3"),
+                     ({"e0": 1.0}, "no ratio for expert 'e1'")]:
+        with pytest.raises(methods.ParamError, match=msg):
+            methods.build("m3", {"lambda_m": bad}, ["e0", "e1", "e2"], 0)
+
+
 # -- statistics -----------------------------------------------------------------------------
 
 

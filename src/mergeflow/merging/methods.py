@@ -74,7 +74,7 @@ class Param:
             return {"enum": list(self.choices)}
         if self.kind == "rescale":
             return {"oneOf": [{"type": "boolean"}, {"enum": list(RESCALES)}]}
-        if self.kind == "weights":
+        if self.kind in ("weights", "mixture"):
             return {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}},
                               {"type": "object", "additionalProperties": {"type": "number"}}]}
         if self.kind == "dare":
@@ -88,6 +88,7 @@ class Param:
         if self.kind == "choice":
             return "|".join(map(str, self.choices))
         return {"rescale": "inverse|l1|none", "weights": "w | [w, ...] | {expert: w}",
+                "mixture": "m (two experts: [m, 1 - m]) | [m, ...] | {expert: m}, summing to 1",
                 "dare": "{drop_rate, rescale}"}.get(self.kind, "")
 
     def check(self, method: str, v, experts: list[str], key: str | None = None):
@@ -112,6 +113,8 @@ class Param:
             return replace(self, kind="choice", choices=RESCALES).check(method, v, experts, key)
         if self.kind == "weights":
             return _weights(method, key, v, experts)
+        if self.kind == "mixture":
+            return _mixture(method, key, v, experts)
         if self.kind == "dare":
             if not isinstance(v, dict):
                 raise ParamError(method, key, f"expected {{drop_rate: P, rescale: inverse|l1|none}}, got {v!r}")
@@ -135,6 +138,26 @@ def _weights(method, key, v, experts: list[str]) -> list[float]:
             raise ParamError(method, key, f"no expert named {unknown[0]!r} (experts: {', '.join(experts)})")
         return [num.check(method, v.get(e, 1.0), experts, f"{key}.{e}") for e in experts]
     raise ParamError(method, key, f"expected a number, a list or {{expert: weight}}, got {v!r}")
+
+
+def _mixture(method, key, v, experts: list[str]) -> list[float]:
+    """Mixing ratios over the experts: a list (or {expert: m}) in [0, 1] summing to 1; one
+    number m for two experts means [m, 1 - m] (M3's lambda_m)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if len(experts) != 2:
+            raise ParamError(method, key, f"one number is a ratio for two experts; give {len(experts)} "
+                                          f"(a list in expert order or {{expert: m}})")
+        m = Param(key, lo=0.0, hi=1.0).check(method, v, experts)
+        return [m, 1.0 - m]
+    if isinstance(v, dict) and sorted(v) != sorted(experts) and all(k in experts for k in v):
+        raise ParamError(method, key, f"no ratio for expert {next(e for e in experts if e not in v)!r}")
+    out = _weights(method, key, v, experts)
+    for i, m in enumerate(out):
+        if not 0.0 <= m <= 1.0:
+            raise ParamError(method, f"{key}[{i}]", f"{m} is outside [0, 1]")
+    if abs(sum(out) - 1.0) > 1e-6:
+        raise ParamError(method, key, f"the ratios sum to {sum(out):.9g}, not 1")
+    return out
 
 
 def _resolve(method: str, given: dict, spec: tuple[Param, ...], experts: list[str], hints: dict | None = None,
@@ -185,6 +208,8 @@ WINDOW = Param("window_size", default=0.14, lo=0.0, hi=2.0,
                hints={"epsilon": "mergeflow takes window_size = 2 x upstream mergekit's epsilon"})
 ALPHA = Param("alpha", default=0.5, help="M3: Dirichlet / Beta concentration of the mixing weights")
 DARE = Param("dare", "dare", default=None, help="M3: DARE before mixing, {drop_rate, rescale}")
+LAMBDA_M = Param("lambda_m", "mixture", default=None,
+                 help="M3: the mixing ratios themselves (e.g. a logged merge's lambda_m) instead of a seeded draw")
 T = Param("t", default=REQUIRED, lo=0.0, hi=1.0, help="SLERP: 0 = the first expert, 1 = the second")
 TALL_LAMBDA = Param("tall_mask_lambda", "weights", default=REQUIRED,
                     help="Consensus: TALL mask m_t = |delta_t| > lambda_t |tau_MTL - delta_t| (one or per expert)")
@@ -491,7 +516,10 @@ def _m3_check(m: str, p: dict, experts, seed) -> dict:
         if p["combine"] == "average" and p["lambda"] != 1.0:
             raise ParamError(m, "lambda", "does not apply with combine: average")
     out = {k: p[k] for k in ("alpha", "combine", "lambda")}
-    out["mixup_weights"] = rng.mixup_weights(seed, p["alpha"], len(experts))
+    if p["lambda_m"] is not None:  # given: used as is and recorded; alpha then plays no part
+        out["lambda_m"] = out["mixup_weights"] = p["lambda_m"]
+    else:
+        out["mixup_weights"] = rng.mixup_weights(seed, p["alpha"], len(experts))
     out.update((k, p[k]) for k in ("dare", "density", "trim_scope") if p.get(k) is not None)
     return out
 
@@ -501,8 +529,9 @@ def _m3_deltas(b: Block, p: dict):
     return _dare(b, d, p["dare"]["drop_rate"], p["dare"]["rescale"]) if "dare" in p else d
 
 
-@merge_method("m3", (ALPHA, COMBINE, LAMBDA, DARE, DENSITY, MASK_RATE, TRIM_SCOPE), check=_m3_check,
-              uses_base=lambda p: p["combine"] != "average" or "dare" in p, random=True,
+@merge_method("m3", (ALPHA, COMBINE, LAMBDA, DARE, DENSITY, MASK_RATE, TRIM_SCOPE, LAMBDA_M), check=_m3_check,
+              uses_base=lambda p: p["combine"] != "average" or "dare" in p,
+              random=lambda p: "dare" in p or "lambda_m" not in p,
               granularity=lambda p: _l1(_trim_granularity(p) if p["combine"] == "ties" else "element",
                                         p.get("dare", {}).get("rescale")),
               model_stats=_model_trim, tensor_topk=_tensor_trim, elects=lambda p: p["combine"] == "ties",
@@ -510,7 +539,8 @@ def _m3_deltas(b: Block, p: dict):
 def m3(b: Block, p: dict):
     """M3 (Mixup Model Merge): mixing weights m ~ Dir(alpha) (Beta for two experts) replace
     the experts' equal weights: sum_t m_t theta_t (average), theta_b + lambda sum_t m_t delta_t
-    (task_arithmetic), or TIES with m mixing the agreeing deltas; DARE first if `dare` is given."""
+    (task_arithmetic), or TIES with m mixing the agreeing deltas; DARE first if `dare` is given;
+    `lambda_m` gives m instead of the draw."""
     m = p["mixup_weights"]
     if p["combine"] == "average" and "dare" not in p:  # no base needed: sum_t m_t theta_t
         return steps.weighted_sum(b.experts, m)

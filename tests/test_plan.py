@@ -111,3 +111,25 @@ def test_paper_plans_name_the_substitute_judge_and_the_papers():
     gsm8k, alpaca = plan["judge"]["gsm8k_judge"], plan["judge"]["alpaca_eval"]
     assert gsm8k["judge"] == "gpt-4.1-2025-04-14" and gsm8k["paper_judge"] == "gpt-4-0613"
     assert alpaca["judge"].startswith("alpaca_eval_gpt4.1 ") and alpaca["paper_judge"].startswith("alpaca_eval_gpt4 ")
+
+
+def test_hf_generation_hours_follow_the_decoding_set_up(tmp_path):
+    """hf on a GPU: `auto` is the compiled static cache (its measured step, one compilation per
+    model job), `plain` plain generate's step; both hand-counted from the rates."""
+    rates = load_rates()
+    gen = rates["generation"]
+    hours = {}
+    for decoding in ("auto", "plain"):
+        cfg = small_config(tmp_path)
+        cfg["protocol"]["defaults"]["hf_decoding"] = decoding
+        hours[decoding] = build_plan(mfconfig.prepare(cfg), root=tmp_path, rates=rates, concurrent=2)["gpu_hours"]["generate"]
+    cfg = mfconfig.prepare(small_config(tmp_path))
+    new = {b: mfconfig.generation_settings(cfg, b)["max_new_tokens"] for b in ("gsm8k", "mbpp")}
+    assert all(mfconfig.generation_settings(cfg, b)["batch_size"] == 1 for b in new)  # della: batch 1
+    scale = 13.02 / gen["transformers"]["reference_params_b"]
+    steps = 6 * 1319 * new["gsm8k"] + 5 * 100 * new["mbpp"]
+    start = 6 * gen["engine_start_s"]["transformers"]
+    compiled = steps * gen["transformers_compiled"]["step_s"][1] * scale + 6 * gen["transformers_compiled"]["compile_s"]
+    plain = steps * gen["transformers"]["step_s"][1] * scale
+    assert hours["auto"] == pytest.approx((compiled + start) / 3600)
+    assert hours["plain"] == pytest.approx((plain + start) / 3600)

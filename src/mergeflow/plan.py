@@ -167,8 +167,14 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             if backend == "vllm":
                 decode = n * settings["max_new_tokens"] / gen_rates["vllm"]["tokens_per_s"] * scale
             else:
+                # hf_decoding auto is compiled on a GPU (generation/base.py); static runs uncompiled
+                compiled = settings.get("hf_decoding", "auto") in ("auto", "compiled")
+                hf_rates = gen_rates["transformers_compiled" if compiled else "transformers"]
                 steps = math.ceil(n / settings["batch_size"]) * settings["max_new_tokens"]
-                decode = steps * _step_s(gen_rates["transformers"]["step_s"], settings["batch_size"]) * scale
+                decode = steps * _step_s(hf_rates["step_s"], settings["batch_size"]) * scale
+                if compiled and ("hf", settings["batch_size"]) not in started:  # one compilation per batch shape
+                    decode += hf_rates["compile_s"]
+                    started.add(("hf", settings["batch_size"]))
             start = 0.0 if backend in started else gen_rates["engine_start_s"]["vllm" if backend == "vllm" else "transformers"]
             started.add(backend)
             gen_gpu_s += (decode + start) * cfg["resources"]["generate_gpus"]
@@ -278,6 +284,7 @@ def _rate_sources(rates: dict, backends: set[str]) -> list[dict]:
             ("engine start", rates["generation"]["engine_start_s"])]
     if "hf" in backends:
         used.append(("generate (transformers)", rates["generation"]["transformers"]))
+        used.append(("generate (transformers, compiled)", rates["generation"]["transformers_compiled"]))
     if "vllm" in backends:
         used.append(("generate (vLLM)", rates["generation"]["vllm"]))
     used += [("judge tokens: alpaca_eval", rates["judge_tokens"]["alpaca_eval"]),

@@ -8,6 +8,8 @@ claims: DELLA's keep rate follows the linear rank schedule, rescaled deltas are 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -566,3 +568,48 @@ def test_consensus_by_hand_and_its_params():
         methods.build("consensus_ties", {"tall_mask_lambda": 0.4}, ["a", "b"], 0)
     with pytest.raises(methods.ParamError, match="use 'k'"):
         methods.build("consensus_ta", {"tall_mask_lambda": 0.4, "prun_thre_k": 2}, ["a", "b"], 0)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c"])
+def test_svd_methods_take_the_mean_delta_off_matrices(method):
+    base, ex = inputs(8, rows=1, cols=40)
+    d = deltas32(base, ex).astype(np.float64)
+    for shape in [(40,), (1, 5, 8)]:  # a 1-D tensor, a 3-D one (the engine's 2-D view [rows, cols])
+        m = methods.build(method, {"lambda": 0.5}, ["a", "b", "c"], 0)
+        got = m.merge(methods.Block(NAME, torch.tensor(base), torch.tensor(ex.copy()), 0, 0, shape=shape))
+        np.testing.assert_allclose(got.numpy(), base + 0.5 * d.mean(0), atol=ATOL, rtol=0)
+    # as a [1, 40] matrix: rank 1, so TSV-M keeps int(1/3) = 0 triplets per task (as the reference)
+    got = methods.build(method, {}, ["a", "b", "c"], 0).merge(
+        methods.Block(NAME, torch.tensor(base), torch.tensor(ex.copy()), 0, 0, shape=(1, 40))).numpy()
+    if method == "tsv_m":
+        np.testing.assert_array_equal(got, base)
+    else:  # rank 1: the isotropic sum is the sum itself
+        np.testing.assert_allclose(got, base + d.sum(0), atol=ATOL, rtol=0)
+
+
+def test_svd_methods_through_the_engine(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mergeflow.merging.engine import run_merge
+
+    sd = load_file(tiny_model_dir / "model.safetensors")
+    experts = {}
+    for i in range(2):
+        p = tmp_path / f"e{i}"
+        p.mkdir()
+        g = torch.Generator().manual_seed(20 + i)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, p / "model.safetensors")
+        experts[f"e{i}"] = str(p)
+    e = [load_file(Path(p) / "model.safetensors") for p in experts.values()]
+    run_merge("iso_c", experts, str(tmp_path / "out"), base=str(tiny_model_dir), params={"dtype": "float32"},
+              device="cpu", progress=False)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert {len(v.shape) for v in sd.values()} == {1, 2}
+    for k, v in sd.items():
+        tau = (e[0][k].float() - v.float()) + (e[1][k].float() - v.float())
+        if v.dim() == 2:
+            u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+            want = v.double() + s.mean() * u @ vh
+        else:
+            want = v.double() + tau.double() / 2
+        torch.testing.assert_close(out[k].double(), want, rtol=0, atol=2e-6, msg=k)

@@ -103,6 +103,30 @@ def _consensus(d, tau, lam, k):
     return tau * (count >= k)
 
 
+def _polar(a):
+    p, _, q = np.linalg.svd(a, full_matrices=False)
+    return p @ q
+
+
+def _tsv_ref(base, d):
+    """TSV-M (Gargiulo et al. 2025, eqs. 5-7): top r/T singular triplets of each task,
+    concatenated, U and V^T replaced by their polar factors, U_o diag(S) V_o^T."""
+    d = d.astype(np.float64)
+    t, m, n = d.shape
+    k = min(m, n) // t
+    svds = [np.linalg.svd(x, full_matrices=False) for x in d]
+    u = np.concatenate([u[:, :k] for u, _, _ in svds], axis=1)
+    s = np.concatenate([s[:k] for _, s, _ in svds])
+    v = np.concatenate([vh[:k] for _, _, vh in svds], axis=0)
+    return _polar(u) @ np.diag(s) @ _polar(v)
+
+
+def _iso_ref(d):
+    """Iso-C (Marczak et al. 2025): sum of task vectors, singular values set to their mean."""
+    u, s, vh = np.linalg.svd(d.astype(np.float64).sum(0), full_matrices=False)
+    return s.mean() * u @ vh
+
+
 # method -> (params, reference(base, experts, seed, float32 deltas) -> merged tensor)
 REFERENCE = {
     "average": ({"weights": W}, lambda base, ex, s, d: _wmean(ex, W)),
@@ -134,6 +158,8 @@ REFERENCE = {
                          lambda base, ex, s, d: base + 1.2 * _dis_sum(np.stack([_crumbs(x, 0.5, 0.1) for x in d]),
                                                                       W)),
     "model_stock": ({}, lambda base, ex, s, d: _stock_ref(base, d)),
+    "tsv_m": ({"lambda": 0.8}, lambda base, ex, s, d: base + 0.8 * _tsv_ref(base, d)),
+    "iso_c": ({"lambda": 1.3}, lambda base, ex, s, d: base + 1.3 * _iso_ref(d)),
     "consensus_ta": ({"tall_mask_lambda": 0.4, "k": 2, "weights": W, "lambda": 0.8},
                      lambda base, ex, s, d: base + 0.8 * _consensus(d, _wsum(d, W), [0.4] * N, 2)),
     "consensus_ties": ({"density": 0.5, "tall_mask_lambda": [0.3, 0.6, 0.4], "k": 2, "weights": W, "lambda": 1.1},

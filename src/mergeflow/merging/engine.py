@@ -373,7 +373,7 @@ class MergeEngine:
             for i, label in enumerate(self.expert_names):
                 stack[i].copy_(raw[label])
         return methods.Block(item.name, base, stack, item.r0, self.seed, tables=self._tables,
-                             is_delta=self.method.uses_base)
+                             is_delta=self.method.uses_base, shape=item.shape)
 
     def _raw_bytes(self, item: Item) -> int:
         total = 0

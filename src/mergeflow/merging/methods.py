@@ -634,6 +634,29 @@ def consensus_ties(b: Block, p: dict):
     return steps.scale_add(b.base, steps.tall_consensus_(tau, orig, p["tall_mask_lambda"], p["k"]), p["lambda"])
 
 
+# The SVD methods: a whole matrix per call; other tensors take the task vectors' mean, as
+# both reference implementations do.
+def _mean_tau(d):
+    return steps.weighted_mean(d, [1.0] * d.shape[0])
+
+
+@merge_method("tsv_m", (LAMBDA,), granularity="tensor")
+def tsv_m(b: Block, p: dict):
+    """TSV-M (task singular vectors): per matrix, each task's top 1/T singular triplets,
+    orthogonalised together; theta_b + lambda U_o S V_o^T (other tensors: the mean delta)."""
+    d = b.deltas()
+    return steps.scale_add(b.base, steps.tsv_merge(d) if b.is_matrix else _mean_tau(d), p["lambda"])
+
+
+@merge_method("iso_c", (LAMBDA,), granularity="tensor")
+def iso_c(b: Block, p: dict):
+    """Iso-C (isotropic merging): per matrix the task-arithmetic sum with its singular values
+    all set to their mean; theta_b + lambda tau (other tensors: the mean delta)."""
+    d = b.deltas()
+    tau = steps.iso_merge(steps.weighted_sum(d, [1.0] * d.shape[0])) if b.is_matrix else _mean_tau(d)
+    return steps.scale_add(b.base, tau, p["lambda"])
+
+
 # ---------------------------------------------------------------------------------------
 # building a method; schema and help from the specs
 # ---------------------------------------------------------------------------------------

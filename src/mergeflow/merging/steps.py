@@ -35,6 +35,12 @@ class Block:
     zero_sign: int = 1  # elected sign where the weighted deltas sum to 0 (model scope: majority)
     tables: dict | None = None  # cache of MagPrune keep tables
     is_delta: bool = False  # `experts` already holds task vectors (expert - base)
+    shape: tuple | None = None  # the whole tensor's shape (None: the 2-D block's own)
+
+    @property
+    def is_matrix(self) -> bool:
+        """A 2-D tensor (what the SVD methods decompose; 1-D and 3-D+ tensors are not)."""
+        return len(self.shape) == 2 if self.shape is not None else True
 
     @property
     def offset(self) -> int:
@@ -618,6 +624,40 @@ def scale_add(base, tau, lam: float):
     if lam != 1.0:
         tau.mul_(lam)
     return tau.add_(base)
+
+
+def tsv_merge(deltas):
+    """TSV-M of one matrix (Gargiulo et al., CVPR 2025): each task vector's top
+    int(r / T) singular triplets (r = min(rows, cols), T tasks) side by side,
+    U = [U_1 .. U_T], S = [S_1 .. S_T], V = [V_1 .. V_T]; U and V replaced by their nearest
+    orthogonal matrices (polar factors P Q^T from their SVDs); returns U_o diag(S) V_o^T.
+    float32 LAPACK / cuSOLVER, as the reference code."""
+    import torch
+
+    n_tasks, m, n = deltas.shape
+    r = min(m, n)
+    k = int(r * (1 / n_tasks))  # the reference's int(len(s) * sv_reduction), sv_reduction = 1 / T
+    u_cat = deltas.new_zeros(m, r)
+    s_cat = deltas.new_zeros(r)
+    v_cat = deltas.new_zeros(r, n)
+    for i in range(n_tasks):
+        u, s, vh = torch.linalg.svd(deltas[i], full_matrices=False)
+        u_cat[:, i * k:(i + 1) * k] = u[:, :k]
+        s_cat[i * k:(i + 1) * k] = s[:k]
+        v_cat[i * k:(i + 1) * k] = vh[:k]
+        del u, s, vh
+    pu, _, qu = torch.linalg.svd(u_cat, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(v_cat, full_matrices=False)
+    return (pu @ qu).mul_(s_cat) @ (pv @ qv)
+
+
+def iso_merge(tau):
+    """Iso-C of one matrix (Marczak et al., ICML 2025): tau = U S V^T -> mean(S) U V^T
+    (a flat spectrum), float32 as the reference code."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    return u.mul_(s.mean()) @ vh
 
 
 def model_stock_ratio(deltas, eps: float = 1e-6) -> float:

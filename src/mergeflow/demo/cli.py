@@ -19,6 +19,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("resources/demo"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of data, tokenizer and training")
     p.add_argument("--small", action="store_true", help="a minimal zoo in seconds (for tests)")
+    p.add_argument("--spec-json", default=None, metavar="JSON",
+                   help="override ZooSpec fields of the base step, e.g. '{\"pretrain_steps\": 200}' (for "
+                        "benchmarks/zoo_budget.py; the workflow never passes it). The fine-tunes read the spec "
+                        "from OUT/demo.json")
     p.add_argument("--model", choices=MODELS, default=None,
                    help="build one step only: `base` (data, tokenizer, base, demo.json), or one fine-tuned model "
                         "from OUT's base (the fine-tunes are independent: run them side by side); default: all")
@@ -48,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
         raise MergeflowError(f"--seed must be >= 0, got {args.seed}")
     if not cpu.pinned():  # the same bytes on every CPU need kernels chosen before torch starts
         return cpu.rerun_pinned(["demo", "--out", str(args.out), "--seed", str(args.seed)]
-                                + (["--small"] if args.small else []) + (["--model", args.model] if args.model else []))
-    spec = SMALL if args.small else FULL
+                                + (["--small"] if args.small else []) + (["--model", args.model] if args.model else [])
+                                + (["--spec-json", args.spec_json] if args.spec_json is not None else []))
+    spec = override_spec(SMALL if args.small else FULL, args.spec_json)
+    if args.spec_json is not None and args.model not in (None, "base"):
+        raise MergeflowError(f"--spec-json with --model {args.model}: a fine-tune takes the base step's spec "
+                             "(OUT/demo.json); give --spec-json to the base step")
     if args.model is None:
         manifest = build.build_demo(args.out, args.seed, spec)
     elif args.model == "base":
@@ -64,6 +72,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {info['steps']} steps, loss {info['first_loss']} -> {info['last_loss']}, "
               f"{info['vocab_rows']} vocab rows")
     return 0
+
+
+def override_spec(spec, raw: str | None):
+    """`spec` with the fields of the JSON object `raw` replaced (types checked against the field's)."""
+    import dataclasses
+    import json
+
+    from mergeflow.errors import MergeflowError
+
+    if raw is None:
+        return spec
+    try:
+        fields = json.loads(raw)
+    except ValueError as err:
+        raise MergeflowError(f"--spec-json: not JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise MergeflowError(f"--spec-json: a JSON object of ZooSpec fields, got {raw!r}")
+    known = {f.name: type(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+    for key, value in fields.items():
+        if key not in known:
+            raise MergeflowError(f"--spec-json: unknown ZooSpec field {key!r}; fields: {', '.join(known)}")
+        kind = known[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = fields[key] = float(value)
+            ok = True
+        if not ok:
+            raise MergeflowError(f"--spec-json: {key}={value!r} is not a {kind.__name__}")
+    return dataclasses.replace(spec, **fields)
 
 
 def run_judge_labels(args: argparse.Namespace) -> int:

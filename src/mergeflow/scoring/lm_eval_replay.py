@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,7 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
           reference: Callable[[dict], str], settings: dict) -> tuple[list[dict], dict, list[dict]]:
     """(rows, details, samples) for (doc, generation) pairs of gsm8k or math."""
     import lm_eval
+    import numpy
     from lm_eval.tasks import TaskManager
 
     if benchmark not in TASK_FILES:
@@ -149,16 +151,21 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
         config = load_task_config(benchmark, docs_file, settings.get("task_file"))
         task_name = config["task"]
         lm = ReplayLM(records)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[config],
-            task_manager=TaskManager(include_defaults=False),
+        # lm_eval.evaluate with simple_evaluate's seeds and task set-up, not simple_evaluate:
+        # that one also imports torch and collects environment info (pip, git): most of a job's time
+        # (benchmarks/README.md, "Scoring start-up")
+        random.seed(0)
+        numpy.random.seed(0)
+        loaded = TaskManager(include_defaults=False).load([config])
+        for task in loaded["tasks"].values():
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=0)
+        out = lm_eval.evaluate(
+            lm=lm,
+            task_dict=loaded,
             log_samples=True,
             bootstrap_iters=1000,  # means get their analytic stderr; only other aggregations bootstrap
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
         )
     if lm.served != len(pairs):
         raise MergeflowError(f"replay served {lm.served} of {len(pairs)} generations")

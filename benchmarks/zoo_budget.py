@@ -107,7 +107,7 @@ def resolve(variants: list[dict], small: bool) -> list[tuple[str, dict, object]]
         if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise MergeflowError(f"variant name {name!r}: duplicate or not a plain file name")
         names.add(name)
-        spec = override_spec(SMALL if small else FULL, json.dumps(v))
+        spec = override_spec(SMALL if small else FULL, json.dumps(v), f"variant {name}")
         out.append((name, v, spec))
     return out
 
@@ -173,6 +173,22 @@ def train_zoo(out: Path, spec, overrides: dict, small: bool, cores: int, judge: 
     return {"steps": steps, "finetune_wall_s": round(time.monotonic() - t1, 2),
             "zoo_wall_s": round(time.monotonic() - t0, 2),
             "zoo_cpu_s": round(sum(s["cpu_s"] for s in steps.values()), 2)}
+
+
+def train_zoo_in_process(out: Path, spec, judge: bool, seed: int) -> dict:
+    """The same steps in this process, one after another: no start-up cost, no side by side
+    (a quick self-check; the budget numbers come from train_zoo)."""
+    from mergeflow.demo import build
+
+    zoo, steps = out / "zoo", {}
+    t0 = time.monotonic()
+    for name in ["base", "lm", "math", "code"] + (["judge"] if judge else []):
+        w, c = time.monotonic(), time.process_time()
+        build.build_base(zoo, seed, spec) if name == "base" else build.build_finetuned(zoo, name)
+        steps[name] = {"wall_s": round(time.monotonic() - w, 2), "cpu_s": round(time.process_time() - c, 2)}
+    return {"steps": steps, "finetune_wall_s": round(sum(v["wall_s"] for k, v in steps.items() if k != "base"), 2),
+            "zoo_wall_s": round(time.monotonic() - t0, 2),
+            "zoo_cpu_s": round(sum(s["cpu_s"] for s in steps.values()), 2), "in_process": True}
 
 
 def _mf(*argv: str) -> None:
@@ -286,13 +302,16 @@ def _pin(slots) -> None:
 
 
 def run_variant(name: str, overrides: dict, spec, small: bool, out: Path, cores: int, judge: bool, seed: int,
-                config: Path) -> dict:
+                config: Path, in_process: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(cores)  # evaluation on the variant's own CPUs
     record = {"name": name, "overrides": overrides, "cpus": list(_CORES) or None, "cores": cores}
     try:
-        record.update(train_zoo(out / name, spec, overrides, small, cores, judge, seed))
+        if in_process:
+            record.update(train_zoo_in_process(out / name, spec, judge, seed))
+        else:
+            record.update(train_zoo(out / name, spec, overrides, small, cores, judge, seed))
         t0, c0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
         metrics = evaluate(out / name, config, judge, seed)
         c1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -338,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="variants at once")
     p.add_argument("--cores-per-job", type=int, default=2, help="CPUs per variant (the demo's box has 2)")
     p.add_argument("--judge", action="store_true", help="train and check the judge too")
+    p.add_argument("--in-process", action="store_true",
+                   help="train in each variant's worker, steps in series (no per-step start-up: a quick "
+                        "self-check, not the demo's timing; default with --small)")
     p.add_argument("--seed", type=int, default=0, help="the zoo's seed (the demo's: 0)")
     p.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml", help="generation settings from")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "zoo_budget", help="work directory")
@@ -363,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import multiprocessing as mp
 
+    from mergeflow.demo import cpu
+
+    in_process = args.in_process or args.small
+    if in_process:  # the workers train: pinned kernels from their start, as `mergeflow demo` has them
+        os.environ.update(cpu.PINNED_ENV)
     ctx = mp.get_context("spawn")  # no fork after torch: each worker starts clean
     slots = ctx.Manager().Queue()
     for i in range(jobs):
@@ -371,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     started, records = time.monotonic(), []
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pin, initargs=(slots,)) as pool:
         futures = [pool.submit(run_variant, name, ov, spec, args.small, args.out.resolve(), args.cores_per_job, args.judge,
-                               args.seed, args.config.resolve()) for name, ov, spec in variants]
-        for fut in as_completed(futures):
+                               args.seed, args.config.resolve(), in_process) for name, ov, spec in variants]
+        for fut in as_completed(futures):  # noqa: B007
             rec = fut.result()
             records.append(rec)
             print(f"{rec['name']}: zoo {rec.get('zoo_wall_s')} s, pass {rec['pass']}"

@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def override_spec(spec, raw: str | None):
-    """`spec` with the fields of the JSON object `raw` replaced (types checked against the field's)."""
+def override_spec(spec, raw: str | None, flag: str = "--spec-json"):
+    """`spec` with the fields of the JSON object `raw` replaced (types checked against the field's);
+    errors name `flag`."""
     import dataclasses
     import json
 
@@ -86,20 +87,20 @@ def override_spec(spec, raw: str | None):
     try:
         fields = json.loads(raw)
     except ValueError as err:
-        raise MergeflowError(f"--spec-json: not JSON ({err})") from None
+        raise MergeflowError(f"{flag}: not JSON ({err})") from None
     if not isinstance(fields, dict):
-        raise MergeflowError(f"--spec-json: a JSON object of ZooSpec fields, got {raw!r}")
+        raise MergeflowError(f"{flag}: a JSON object of ZooSpec fields, got {raw!r}")
     known = {f.name: type(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
     for key, value in fields.items():
         if key not in known:
-            raise MergeflowError(f"--spec-json: unknown ZooSpec field {key!r}; fields: {', '.join(known)}")
+            raise MergeflowError(f"{flag}: unknown ZooSpec field {key!r}; fields: {', '.join(known)}")
         kind = known[key]
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = fields[key] = float(value)
             ok = True
         if not ok:
-            raise MergeflowError(f"--spec-json: {key}={value!r} is not a {kind.__name__}")
+            raise MergeflowError(f"{flag}: {key}={value!r} is not of type {kind.__name__}")
     return dataclasses.replace(spec, **fields)
 
 

@@ -100,6 +100,11 @@ def _check_references(config: dict) -> None:
     for i, merge in enumerate(config.get("merges", [])):
         if merge.get("base", config["base_model"]) not in models:
             raise MergeflowError(f"config key 'merges[{i}].base': '{merge['base']}' is not a name under 'models'")
+        if "seeds" in merge and "n_seeds" in merge:
+            raise MergeflowError(f"config key 'merges[{i}].seeds': give seeds or n_seeds, not both")
+        if "seeds" in merge and "seed" in merge:
+            raise MergeflowError(f"config key 'merges[{i}].seeds': give seeds or seed, not both (seed with n_seeds: "
+                                 "seeds seed, seed + 1, ...)")
         overlap = set(merge.get("grid", {})) & set(merge.get("params", {}))
         if overlap:
             raise MergeflowError(f"config key 'merges[{i}].grid': {sorted(overlap)} also set in params")
@@ -142,7 +147,8 @@ def _check_merge_params(config: dict, i: int, merge: dict) -> None:
     grid = merge.get("grid") or {}
     for params in _expand_grid(merge):
         try:
-            check_params(merge["method"], params, list(merge["experts"]), merge.get("seed", config.get("seed", DEFAULTS["seed"])))
+            for seed in merge_seeds(config, merge):
+                check_params(merge["method"], params, list(merge["experts"]), seed)
         except ParamError as err:
             root = re.split(r"[.\[]", err.key, maxsplit=1)[0]
             where = "experts" if err.key == "experts" else f"{'grid' if root in grid else 'params'}.{err.key}"
@@ -249,12 +255,63 @@ class MergeSpec:
         digest = hashlib.blake2b(self.to_json().encode(), digest_size=4).hexdigest()
         return f"{self.method}-{'+'.join(self.experts)}-{digest}"
 
-    def to_json(self) -> str:
-        spec = {"method": self.method, "base": self.base, "experts": list(self.experts), "params": self.params,
-                "seed": self.seed}
+    @property
+    def config_id(self) -> str:
+        """The merge id's form over everything but the seed: the seed replicates of one
+        configuration (merges[].seeds) share it, and the tables pool them under it."""
+        digest = hashlib.blake2b(self.to_json(seed=False).encode(), digest_size=4).hexdigest()
+        return f"{self.method}-{'+'.join(self.experts)}-{digest}"
+
+    @property
+    def random(self) -> bool:
+        """Whether this merge draws random numbers (its seed matters), from the method registry."""
+        return _is_random(self.method, self.params, self.experts, self.seed)
+
+    def to_json(self, seed: bool = True) -> str:
+        spec = {"method": self.method, "base": self.base, "experts": list(self.experts), "params": self.params}
+        if seed:
+            spec["seed"] = self.seed
         # dtype and donor change the bytes; unset, they leave the ids of earlier configs as they were
         spec.update({k: v for k, v in (("dtype", self.dtype), ("donor", self.donor)) if v is not None})
         return canonical_json(spec)
+
+
+def _is_random(method: str, params: dict, experts, seed: int) -> bool:
+    from mergeflow.merging.methods import REGISTRY, check_params  # light: no torch
+
+    return bool(REGISTRY[method].random(check_params(method, params, list(experts), seed)))
+
+
+def merge_seeds(config: dict, merge: dict) -> list[int]:
+    """The seeds a merge item asks for: `seeds`, or `n_seeds` counting up from its seed
+    (merges[].seed, else the global seed), else that seed alone."""
+    start = merge.get("seed", config.get("seed", DEFAULTS["seed"]))
+    if "seeds" in merge:
+        return list(merge["seeds"])
+    return [start + k for k in range(merge.get("n_seeds", 1))]
+
+
+def _spec_seeds(config: dict, merge: dict, params: dict) -> list[int]:
+    """The seeds one grid combination is merged with: every seed of the item for a random
+    method, only the item's seed for a deterministic one (its id as without seeds)."""
+    start = merge.get("seed", config.get("seed", DEFAULTS["seed"]))
+    if "seeds" not in merge and "n_seeds" not in merge:
+        return [start]  # no randomness check: configs without seeds read as they always did
+    seeds = merge_seeds(config, merge)
+    return seeds if _is_random(merge["method"], params, merge["experts"], seeds[0]) else [start]
+
+
+def seed_notes(config: dict) -> list[str]:
+    """One line per merge item whose seeds are ignored because its method is deterministic."""
+    notes = []
+    for i, merge in enumerate(config.get("merges", [])):
+        if "seeds" not in merge and "n_seeds" not in merge:
+            continue
+        seeds = merge_seeds(config, merge)
+        if any(_spec_seeds(config, merge, p) != seeds for p in _expand_grid(merge)):
+            notes.append(f"note: merges[{i}] ({merge['method']}) draws no random numbers: merged once, "
+                         f"seeds {seeds} ignored (scores.csv: random false)")
+    return notes
 
 
 def _expand_grid(merge: dict) -> list[dict]:
@@ -265,7 +322,8 @@ def _expand_grid(merge: dict) -> list[dict]:
 
 
 def merge_specs(config: dict) -> dict[str, MergeSpec]:
-    """Merge id → spec, in config order; duplicate configurations are an error."""
+    """Merge id → spec, in config order: one per grid combination and, for a method that
+    draws random numbers, per seed (merges[].seeds / n_seeds); duplicates are an error."""
     specs: dict[str, MergeSpec] = {}
     shared = config.get("merge") or {}
     for i, merge in enumerate(config.get("merges", [])):
@@ -273,13 +331,13 @@ def merge_specs(config: dict) -> dict[str, MergeSpec]:
         if donor is not None and donor != merge.get("base", config["base_model"]) and donor not in merge["experts"]:
             raise MergeflowError(f"config key 'merge.donor': '{donor}' is neither the base nor an expert of "
                                  f"merges[{i}]")
-        for params in _expand_grid(merge):
+        for params, seed in ((p, s) for p in _expand_grid(merge) for s in _spec_seeds(config, merge, p)):
             spec = MergeSpec(
                 method=merge["method"],
                 base=merge.get("base", config["base_model"]),
                 experts=tuple(merge["experts"]),
                 params=params,
-                seed=merge.get("seed", config.get("seed", DEFAULTS["seed"])),
+                seed=seed,
                 tag=merge.get("tag"),
                 benchmarks=tuple(merge["benchmarks"]) if "benchmarks" in merge else None,
                 dtype=shared.get("dtype"),

@@ -74,6 +74,8 @@ try:
     MERGES = mfconfig.merge_specs(CFG)
 except MergeflowError as err:
     raise WorkflowError(str(err))
+for _note in mfconfig.seed_notes(CFG):  # seeds of a deterministic method: merged once, say so
+    print(_note, file=sys.stderr)
 
 # vLLM lives in its own env (it pins its own torch): generation uses it when the protocol
 # asks for vllm, or for auto on GPU jobs; otherwise the transformers env.

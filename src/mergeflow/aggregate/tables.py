@@ -65,6 +65,52 @@ def _cells(top: pd.DataFrame, marks: dict | None = None) -> pd.Series:
                       for r in top.itertuples()], index=top.index, dtype=object)
 
 
+def replicate_cell(values) -> str | None:
+    """A pooled cell of seed replicates: `41.7 ± 2.1 (n=3)`, mean and sample std (ddof 1)."""
+    values = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").dropna()
+    if values.empty:
+        return None
+    if len(values) == 1:
+        return f"{values.iloc[0]:.1f} (n=1)"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f} (n={len(values)})"
+
+
+def _replicated(top: pd.DataFrame) -> set:
+    """config ids with more than one merge (seed replicates, merges[].seeds)."""
+    if "config_id" not in top.columns:
+        return set()
+    merges = top[(top["role"] == "merge") & top["config_id"].notna()]
+    counts = merges.groupby("config_id")["model"].nunique()
+    return set(counts[counts > 1].index)
+
+
+def pool_replicates(top: pd.DataFrame) -> pd.DataFrame:
+    """Headline rows with the seed replicates of a configuration pooled into one row per
+    benchmark: model = the config id, score = the mean, cell = mean ± std (n=k), no interval
+    (the per-seed rows keep theirs in scores.csv). Single-seed rows are left as they are."""
+    pooled = _replicated(top)
+    if not pooled:
+        return top
+    mine = top["config_id"].isin(pooled) & (top["role"] == "merge")
+    rows = []
+    for (config_id, _bench), group in top[mine].groupby(["config_id", "benchmark"], sort=False):
+        row = group.iloc[0].copy()
+        row["model"] = config_id
+        row["score"] = pd.to_numeric(group["score"], errors="coerce").mean()
+        row["score_low"] = row["score_high"] = float("nan")
+        row["cell"] = replicate_cell(group["score"])
+        rows.append(row)
+    return pd.concat([top[~mine], pd.DataFrame(rows)], ignore_index=True)
+
+
+def _replicate_note(frame: pd.DataFrame) -> str:
+    if not _replicated(frame):
+        return ""
+    return (" `x ± s (n=k)`: mean and sample standard deviation (ddof 1) over k seed replicates of one merge "
+            "configuration (merges[].seeds; model: its config_id), without interval or marks; scores.csv keeps "
+            "each seed's row.")
+
+
 def _label(row) -> str:
     if row["role"] == "merge":
         return f"{row['method']} ({row['experts']})"
@@ -79,6 +125,7 @@ def scores_table(frame: pd.DataFrame, cells: bool = False) -> pd.DataFrame:
     top["order"] = top["role"].map(ROLE_ORDER)
     if cells:
         top["cell"] = _cells(top)
+    top = pool_replicates(top)
     # dropna=False: a benchmark whose score is missing (e.g. no judgment parsed) stays visible
     table = top.pivot_table(
         index=["order", "label", "model"], columns="benchmark", values="cell" if cells else "score",
@@ -97,6 +144,7 @@ def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: 
     top = headline(frame[(frame["role"] == "merge") & (frame["experts"] == experts)])
     if cells:
         top["cell"] = _cells(top, marks)
+    top = pool_replicates(top)
     table = top.pivot_table(index=["method", "model"], columns="benchmark", values="cell" if cells else "score",
                             aggfunc="first", dropna=False)
     table = table.dropna(how="all", axis=0)
@@ -171,7 +219,7 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
         to_markdown(
             scores_table(frame, cells=True),
             "Scores: base, experts and merges",
-            f"Headline metric per benchmark, in percent ({metric_note}). {_ci_note(frame)} "
+            f"Headline metric per benchmark, in percent ({metric_note}). {_ci_note(frame)}{_replicate_note(frame)} "
             "Source: results/scores.csv.",
         )
     )
@@ -184,7 +232,8 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
         text = to_markdown(
             method_table(frame, experts, cells=True, marks=marks),
             f"Merge methods on {experts.replace('+', ' + ')}",
-            f"Rows: merge method and merge id; columns: headline metric in percent. {_ci_note(frame)}",
+            f"Rows: merge method and merge id; columns: headline metric in percent. {_ci_note(frame)}"
+            + _replicate_note(frame[frame["experts"] == experts]),
         )
         if tests is not None:
             text += "\n" + FOOTNOTE.format(alpha=tests.alpha) + "\n"

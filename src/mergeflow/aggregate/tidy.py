@@ -19,8 +19,9 @@ from mergeflow.errors import MergeflowError
 from mergeflow.provenance import TRACKED, versions
 
 COLUMNS = [
-    "model", "role", "merge_id", "method", "family", "dare", "m3", "experts", "benchmark", "metric",
-    "value", "stderr", "n", *uncertainty.CI_COLUMNS, "headline", "scorer", "judge", "protocol", "seed", "params",
+    "model", "role", "merge_id", "config_id", "method", "family", "dare", "m3", "experts", "benchmark", "metric",
+    "value", "stderr", "n", *uncertainty.CI_COLUMNS, "headline", "scorer", "judge", "protocol", "seed", "random",
+    "params",
     "model_revision", "data_revision",
 ]
 VERSION_COLUMNS = [f"version_{name}" for name in TRACKED.values()]
@@ -120,6 +121,7 @@ def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) ->
     specs = mfconfig.merge_specs(config)
     metadata = {Path(p).name.removesuffix(".json"): read_merge_metadata(p) for p in merge_dirs}
     revisions = config.get("revisions") or {}
+    randoms: dict[str, bool] = {}
     rows = []
     for path in score_files:
         for row in read_score_file(Path(path), config.get("aggregate") or {}):
@@ -130,9 +132,11 @@ def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) ->
                 row.update(
                     role="merge",
                     merge_id=model,
+                    config_id=spec.config_id,  # shared by the seed replicates of one configuration
                     method=spec.method,
                     experts="+".join(spec.experts),
                     seed=spec.seed,
+                    random=randoms.setdefault(model, spec.random),  # false: the seed changes nothing
                     params=mfconfig.canonical_json(spec.params),
                 )
                 row.update(merge_family(spec.method, spec.params))
@@ -144,9 +148,11 @@ def tidy_table(score_files: list[Path], merge_dirs: list[Path], config: dict) ->
                 row.update(
                     role="base" if model == config["base_model"] else "expert",
                     merge_id=None,
+                    config_id=None,
                     method=None,
                     experts=None,
                     seed=None,
+                    random=None,
                     params=None,
                     family=None,
                     dare=None,

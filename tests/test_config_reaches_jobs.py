@@ -149,6 +149,8 @@ VARIANTS = {
     "merges[].base": (BASE2, put("merges", 0, "base", "base2")),
     "merges[].benchmarks": put("merges", 0, "benchmarks", ["gsm8k"]),
     "merges[].seed": put("merges", 0, "seed", 7),
+    "merges[].seeds": put("merges", 2, "seeds", [42, 7]),  # dare: one more merge, seed 7
+    "merges[].n_seeds": put("merges", 3, "n_seeds", 2),  # della: seeds 42 and 43
     "merges[].tag": put("merges", 0, "tag", "sweep"),
     "evaluate.models": put("evaluate", "models", ["base", "lm"]),
     "evaluate.benchmarks": put("evaluate", "benchmarks", ["gsm8k"]),

@@ -44,6 +44,9 @@ METHODS = {
     "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01}, "breadcrumbs_ties",
                          {"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
     "model_stock": ("model_stock", {}, "model_stock", {}, {}),
+    # TSV-M, Iso-C (mergekit has none): against mergekit's task arithmetic, the same reads and writes
+    "tsv_m": ("tsv_m", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
+    "iso_c": ("iso_c", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     # M3 (mergekit has none): against mergekit's method doing the same work with fixed weights
     "m3_ta": ("m3", {"alpha": 0.5}, "task_arithmetic", {"weight": 0.33}, {"lambda": 1.0}),
     "m3_ties": ("m3", {"alpha": 0.5, "combine": "ties", "density": 0.5}, "ties",

@@ -114,6 +114,13 @@ def zoo(tiny_model_dir, tmp_path_factory):
     ("ties", {"density": 0.3, "dtype": "float32"}),
     ("task_arithmetic", {"weights": [0.3, 0.7, 0.45], "dtype": "float32"}),  # a + w * b: FMA on both
     ("m3", {"combine": "ties", "density": 0.5, "dtype": "float32"}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.02, "dtype": "float32"}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.02, "dtype": "float32"}),
+    ("model_stock", {"dtype": "float32"}),
+    ("consensus_ta", {"tall_mask_lambda": 0.4, "dtype": "float32"}),
+    ("consensus_ties", {"density": 0.5, "tall_mask_lambda": [0.3, 0.5, 0.4], "dtype": "float32"}),
+    ("consensus_ties", {"mask_rate": 0.5, "trim_scope": "model", "tall_mask_lambda": 0.4, "k": 1}),
+    ("m3", {"combine": "ties", "density": 0.5, "lambda_m": [0.2, 0.5, 0.3]}),
 ])
 def test_cpu_and_cuda_merges_are_identical(zoo, tmp_path, method, params):
     base, experts = zoo
@@ -140,3 +147,16 @@ def test_cuda_blocks_and_bin_inputs_merge_like_the_cpu(zoo, tmp_path):
     for f in (tmp_path / "cuda").glob("*.safetensors"):
         gpu.update(load_file(f))
     assert sorted(cpu) == sorted(gpu) and all(torch.equal(cpu[k], gpu[k]) for k in cpu)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c"])
+def test_svd_merges_agree_on_cpu_and_cuda_to_rounding(zoo, tmp_path, method):
+    """LAPACK and cuSOLVER round differently: the SVD methods agree, not bit for bit."""
+    base, experts = zoo
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        run_merge(method, experts, str(tmp_path / dev), base=str(base), params={"dtype": "float32"}, device=dev,
+                  progress=False)
+        outs[dev] = load_file(tmp_path / dev / "model.safetensors")
+    for name, t in outs["cpu"].items():
+        torch.testing.assert_close(outs["cuda"][name], t, rtol=0, atol=1e-5, msg=name)

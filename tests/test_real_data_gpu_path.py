@@ -45,6 +45,7 @@ def test_gpu_path_build_and_dry_run(tmp_path):
     text = dry.stdout + dry.stderr
     assert dry.returncode == 0, text[-3000:]
     jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", text, re.M)}
-    n_models = len(config["models"]) + len(config["merges"])
+    n_models = len(config["evaluate"]["models"])  # the base and the merges (the experts are merged, not scored)
+    assert n_models == 1 + len(config["merges"])
     assert jobs.get("merge") == len(config["merges"]) and jobs.get("aggregate") == 1
-    assert jobs.get("score") == 2 * n_models  # gsm8k and humaneval for every model
+    assert jobs.get("generate") == n_models and jobs.get("score") == 2 * n_models  # gsm8k and humaneval each

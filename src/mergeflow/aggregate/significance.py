@@ -33,7 +33,9 @@ class Tests:
     def write(self, out_dir: Path) -> list[Path]:
         md, csv = Path(out_dir) / "comparisons.md", Path(out_dir) / "comparisons.csv"
         self.table.to_csv(csv, index=False)
-        shown = self.table.assign(diff=self.table["diff"].round(2), p=self.table["p"].round(4))
+        # untested rows hold None: an object column, which pandas cannot round
+        shown = self.table.assign(diff=pd.to_numeric(self.table["diff"]).round(2),
+                                  p=pd.to_numeric(self.table["p"]).round(4))
         shown = shown.astype(object).where(shown.notna(), None)
         md.write_text(
             "# Paired comparisons: each merge vs the base and its best expert\n\n"

@@ -16,6 +16,12 @@ import pytest
 
 from dry_run_jobs import dry_run_env
 
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject): one worker per core, at most 4 (each imports torch; the demo
+    and the SLURM test bring their own processes)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

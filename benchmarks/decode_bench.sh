@@ -16,7 +16,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
   || exit 1
 rc=0
 if [ "${TESTS:-0}" = 1 ]; then
-  timeout -k 5 ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_generation_gpu.py \
+  timeout -k 5 ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_generation_gpu.py \
     tests/test_generation.py -k "gpu or static or compiled or hf_decoding" -m "" 2>&1 | tee "$OUT/tests.log" | tail -30
   rc=${PIPESTATUS[0]}
 fi

@@ -14,7 +14,7 @@ if [ "${BYTECODE:-0}" = 1 ]; then  # as pip installs it: the image has no .pyc a
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c "import time;t=time.perf_counter();import torch;print('import torch', round(time.perf_counter()-t,2),'s', torch.__version__)"
-[ "${TESTS:-1}" = 0 ] || timeout -k 5 ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_merge_gpu.py tests/test_merge_bits.py \
+[ "${TESTS:-1}" = 0 ] || timeout -k 5 ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_merge_gpu.py tests/test_merge_bits.py \
   ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 [ "${BENCH:-1}" = 1 ] || exit 0
 timeout -k 5 ${BENCH_TIMEOUT:-380} python3 benchmarks/merge_bench.py --size "$size" --device cuda --workdir /tmp/mb \

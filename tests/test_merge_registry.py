@@ -245,6 +245,28 @@ def test_other_tools_names_get_a_hint():
         methods.build("della", {"density": 0.7}, ["a", "b"], 0)
     with pytest.raises(methods.ParamError, match="exactly two experts"):
         methods.build("slerp", {"t": 0.5}, ["a", "b", "c"], 0)
+    # the reference scripts' names (MergeLM, M3, DELLA)
+    for method, params, advice in [
+        ("dare", {"weight_mask_rate": 0.9}, "use 'drop_rate'"),
+        ("dare", {"drop_rate": 0.9, "mask_apply_method": "ties"}, "use 'combine'"),
+        ("ties", {"param_value_mask_rate": 0.5}, "use 'mask_rate'"),
+        ("task_arithmetic", {"use_mixup": True}, "use method 'm3'"),
+        ("della", {"drop_rate": 0.3, "lambda_factor": 1.1}, "use 'lambda'"),
+    ]:
+        with pytest.raises(methods.ParamError, match=advice) as err:
+            methods.build(method, params, ["a", "b"], 0)
+        assert next(iter(set(params) - {"drop_rate"})) in str(err.value)
+
+
+def test_dare_ties_without_a_trim_says_so(caplog):
+    """MergeLM always trims after DARE (M3's script: mask rate 0.5); density 1.0 is no trim."""
+    with caplog.at_level("INFO", logger="mergeflow.merging.methods"):
+        methods.build("dare", {"drop_rate": 0.3, "combine": "ties"}, ["a", "b"], 0)
+    assert "without a trim" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mergeflow.merging.methods"):
+        methods.build("dare", {"drop_rate": 0.3, "combine": "ties", "mask_rate": 0.5}, ["a", "b"], 0)
+    assert "without a trim" not in caplog.text
 
 
 def test_slerp_matches_mergekits_function_also_near_parallel_and_at_zero():

@@ -12,6 +12,7 @@ documents every method, its params and mergekit / reference-code equivalents.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,12 +22,22 @@ from mergeflow.errors import MergeflowError
 from mergeflow.merging import rng, steps
 from mergeflow.merging.steps import Block  # noqa: F401  (methods.Block: what a method gets)
 
+log = logging.getLogger(__name__)
+
 REQUIRED = object()
 ENGINE_PARAMS = ("dtype", "donor")  # read by the engine, not by a method
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the engine param dtype
 GRANULARITIES = ("element", "row", "tensor")
-# Names people bring from other tools that no method takes, with what to use instead.
-HINTS = {"normalize": "normalisation is fixed by the method (see docs/merging.md)"}
+# Names people bring from other tools (MergeLM, M3's and DELLA's scripts, mergekit) that no
+# method takes, with what to use instead.
+HINTS = {
+    "normalize": "normalisation is fixed by the method (see docs/merging.md)",
+    "weight_mask_rate": "MergeLM's DARE drop rate: use 'drop_rate'",
+    "mask_apply_method": "MergeLM's combiner after DARE: use 'combine' (average, task_arithmetic or ties)",
+    "param_value_mask_rate": "MergeLM's TIES trim: use 'mask_rate' (= 1 - density)",
+    "use_mixup": "M3 is its own method: use method 'm3' (its 'combine' picks the combiner)",
+    "lambda_factor": "DELLA's script's lambda_factor: use 'lambda'",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,7 +411,11 @@ def ties_noelect(b: Block, p: dict):
 
 def _dare_check(m: str, p: dict, experts, seed) -> dict:
     if p["combine"] == "ties":
-        return _density(m, p, experts, seed, default=1.0)
+        p = _density(m, p, experts, seed, default=1.0)
+        if p["density"] == 1.0:  # a silent difference from the reference scripts otherwise
+            log.info("%s with combine ties and density 1.0: TIES elects signs without a trim "
+                     "(MergeLM always trims; M3's script uses mask rate 0.5)", m)
+        return p
     _ties_only(m, p)
     del p["density"], p["mask_rate"], p["trim_scope"]
     return p

@@ -133,3 +133,18 @@ def snakemake_dry_run() -> DryRuns:
     (stdout: the job blocks and the job stats table), cached for the session."""
     return DryRuns()
 
+
+def perturbed_experts(base_dir: Path, out_dir: Path, n: int, seed: int, scale: float = 0.01) -> dict[str, str]:
+    """n experts e0..e{n-1} of a checkpoint: its tensors plus seeded Gaussian noise (seed + i)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(Path(base_dir) / "model.safetensors")
+    experts = {}
+    for i in range(n):
+        d = Path(out_dir) / f"e{i}"
+        d.mkdir()
+        g = torch.Generator().manual_seed(seed + i)
+        save_file({k: v + scale * torch.randn(v.shape, generator=g) for k, v in sd.items()}, d / "model.safetensors")
+        experts[f"e{i}"] = str(d)
+    return experts

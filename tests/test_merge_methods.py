@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import perturbed_experts
 import torch
 
 from mergeflow.errors import MergeflowError
@@ -588,18 +589,12 @@ def test_svd_methods_take_the_mean_delta_off_matrices(method):
 
 
 def test_svd_methods_through_the_engine(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from mergeflow.merging.engine import run_merge
 
     sd = load_file(tiny_model_dir / "model.safetensors")
-    experts = {}
-    for i in range(2):
-        p = tmp_path / f"e{i}"
-        p.mkdir()
-        g = torch.Generator().manual_seed(20 + i)
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, p / "model.safetensors")
-        experts[f"e{i}"] = str(p)
+    experts = perturbed_experts(tiny_model_dir, tmp_path, 2, seed=20)
     e = [load_file(Path(p) / "model.safetensors") for p in experts.values()]
     run_merge("iso_c", experts, str(tmp_path / "out"), base=str(tiny_model_dir), params={"dtype": "float32"},
               device="cpu", progress=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import perturbed_experts
 import torch
 import yaml
 
@@ -325,18 +326,12 @@ def test_a_new_method_is_one_function(tiny_model_dir, tmp_path, monkeypatch):
 def test_new_methods_merge_alike_in_blocks_and_whole(tiny_model_dir, tmp_path, method, params):
     """Through the engine: small row blocks (the streamed tensor top-k, the model-scope
     thresholds) give the bytes of whole tensors."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from mergeflow.merging.engine import run_merge
 
     sd = load_file(tiny_model_dir / "model.safetensors")
-    experts = {}
-    for i in range(3):
-        d = tmp_path / f"e{i}"
-        d.mkdir()
-        g = torch.Generator().manual_seed(10 + i)
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, d / "model.safetensors")
-        experts[f"e{i}"] = str(d)
+    experts = perturbed_experts(tiny_model_dir, tmp_path, 3, seed=10)
     outs = []
     for chunk in (256, 1 << 30):
         out = tmp_path / f"out{chunk}"

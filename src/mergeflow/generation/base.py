@@ -42,6 +42,12 @@ class Decoding:
         (the rest, max_new_tokens, stop, seed of hf, batch size, is per call)."""
         return tuple(getattr(self, f) for f in LOAD_FIELDS[self.backend])
 
+    def check_loaded_for(self, loaded: "Decoding", what: str) -> None:
+        """One-line error when this decoding needs another load than `loaded`'s (`what`: the load)."""
+        if self.load_key() != loaded.load_key():
+            raise MergeflowError(f"{what} loaded for {loaded.load_key()} asked to decode with {self.load_key()}: "
+                                 f"another {what}")
+
 
 # The Decoding fields fixed when a backend loads its model (vLLM's engine takes its seed).
 LOAD_FIELDS = {

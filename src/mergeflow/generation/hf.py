@@ -87,9 +87,7 @@ class HFBackend:
         """The `GenerationConfig` of a decoding (cheap; one per max_new_tokens and stops)."""
         from transformers import GenerationConfig
 
-        if decoding.load_key() != self.decoding.load_key():
-            raise MergeflowError(f"hf backend loaded for {self.decoding.load_key()} asked to decode with "
-                                 f"{decoding.load_key()}: another model load")
+        decoding.check_loaded_for(self.decoding, "hf model")
         key = (decoding.max_new_tokens, decoding.stop)
         if key not in self._configs:
             eos = self.model.generation_config.eos_token_id

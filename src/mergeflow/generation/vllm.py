@@ -27,7 +27,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from mergeflow.errors import MergeflowError
 from mergeflow.generation.base import Decoding
 from mergeflow.generation.postprocess import cut_at_stop
 
@@ -87,9 +86,7 @@ class VLLMBackend:
         """The `SamplingParams` of a decoding: per call, so one engine serves every benchmark."""
         import vllm
 
-        if decoding.load_key() != self.decoding.load_key():
-            raise MergeflowError(f"vLLM engine started for {self.decoding.load_key()} asked to decode with "
-                                 f"{decoding.load_key()}: another engine")
+        decoding.check_loaded_for(self.decoding, "vLLM engine")
         key = (decoding.max_new_tokens, decoding.stop)
         if key not in self._params:
             self._params[key] = vllm.SamplingParams(

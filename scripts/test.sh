@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-# One process (-n 0): the slow tier's end-to-end runs (demo, SLURM, sandboxed hostile programs)
-# each load the machine themselves; plain `pytest` spreads the fast tier over the cores.
-exec python -m pytest -m "" -n 0 "$@"
+# One worker per core, modules whole (pyproject's --dist loadscope), longest modules first
+# (tests/conftest.py): the demo end to end runs on one core while the rest fills the others.
+exec python -m pytest -m "" --no-loadscope-reorder "$@"

@@ -22,6 +22,16 @@ def pytest_xdist_auto_num_workers(config):
     and the SLURM test bring their own processes)."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
+
+# The longest modules of the slow tier, started first when every tier runs on the workers
+# (scripts/test.sh: --no-loadscope-reorder keeps this order): the rest fills the other cores.
+LONGEST_FIRST = ("test_demo_e2e.py", "test_vllm.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

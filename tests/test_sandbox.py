@@ -38,19 +38,32 @@ def box(request) -> sb.Sandbox:
     return sb.detect_isolation(request.param, limits=LIMITS)
 
 
-def _sandbox_processes() -> int:
-    """Live (non-zombie) processes under any sandbox uid."""
-    count = 0
+def _sandbox_processes(uid: int | None = None) -> int:
+    """Live (non-zombie) processes under a sandbox uid (`uid`, else any) that descend from this
+    process (the scorer is a child subreaper: orphans of its programs come back to it), so that
+    other tests' sandboxes running beside this one (xdist) are not counted."""
+    procs = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                status = (entry / "status").read_text()
+                status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
             except OSError:
                 continue
-            uid = int(status.split("Uid:")[1].split()[0])
-            state = status.split("State:")[1].split()[0]
-            count += sb.SANDBOX_UID_BASE <= uid < sb.SANDBOX_UID_BASE + sb.SANDBOX_UID_COUNT and state != "Z"
-    return count
+            procs[int(entry.name)] = (int(status["Uid"].split()[0]), status["State"].split()[0], int(status["PPid"]))
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            pid = procs.get(pid, (0, "", 0))[2]
+            if pid == os.getpid():
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return sum(
+        (uid is None and sb.SANDBOX_UID_BASE <= p_uid < sb.SANDBOX_UID_BASE + sb.SANDBOX_UID_COUNT or p_uid == uid)
+        and state != "Z" and ours(pid)
+        for pid, (p_uid, state, _) in procs.items())
 
 
 def test_bubblewrap_is_used_when_installed():
@@ -403,4 +416,4 @@ def test_fork_bomb_leaves_the_next_program_of_its_uid_a_clean_budget(box):
         after = box._run(honest, uid)
     assert after.status == "passed", after.stderr
     assert int(after.stdout) == uid
-    assert _sandbox_processes() == 0
+    assert _sandbox_processes(uid=uid) == 0

@@ -159,4 +159,13 @@ def test_svd_merges_agree_on_cpu_and_cuda_to_rounding(zoo, tmp_path, method):
                   progress=False)
         outs[dev] = load_file(tmp_path / dev / "model.safetensors")
     for name, t in outs["cpu"].items():
-        torch.testing.assert_close(outs["cuda"][name], t, rtol=0, atol=1e-5, msg=name)
+        # float32 singular vectors of cuSOLVER and LAPACK part in the 5th decimal (weights ~0.1)
+        diff = (outs["cuda"][name] - t).abs().max().item()
+        assert diff <= 1e-4, f"{name}: CPU and CUDA merges differ by {diff:.3g}"
+    # ... which is rounding alone: in float64 the two devices give the same matrices
+    from mergeflow.merging import steps
+
+    b = load_file(f"{base}/model.safetensors")["lm_head.weight"].double()
+    d = torch.stack([load_file(f"{e}/model.safetensors")["lm_head.weight"].double() - b for e in experts.values()])
+    merge = steps.tsv_merge if method == "tsv_m" else lambda x: steps.iso_merge(x.sum(0))
+    torch.testing.assert_close(merge(d.cuda()).cpu(), merge(d.clone()), rtol=0, atol=1e-12)

@@ -56,7 +56,7 @@ CONFIG_FILES = (
 
 # Embedding / output-head tensors, the only ones a vocabulary policy may resize (row dim).
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings)\.weight$")
-VOCAB_POLICIES = ("truncate", "pad_mean")
+VOCAB_POLICIES = ("truncate", "pad_mean", "union")  # union: mergeflow.merging.vocab
 
 _ST_DTYPES = {
     "F64": "float64",
@@ -536,7 +536,7 @@ class ShardedWriter:
         if donor is not None:
             copy_model_files(donor, self.tmp, config_updates or {})
         for fname, text in (extra_files or {}).items():
-            (self.tmp / fname).write_text(text)
+            (self.tmp / fname).write_text(text, encoding="utf-8")  # tokenizer files hold any text
         # Replace atomically; an existing output is moved aside first (rename cannot
         # replace a non-empty directory) and removed after the new one is in place.
         old = None
@@ -710,7 +710,7 @@ def vocab_rows(name: str, shapes: dict[str, tuple[int, ...]], policy: str | None
     if policy is None:
         raise MergeflowError(
             f"tensor {name!r}: vocabulary size mismatch ({detail}); choose a vocabulary policy "
-            f"(--vocab-policy truncate|pad_mean)"
+            f"(--vocab-policy truncate|pad_mean|union)"
         )
     if policy == "truncate":
         short = [label for label, s in shapes.items() if s[0] < ref[0]]
@@ -722,6 +722,8 @@ def vocab_rows(name: str, shapes: dict[str, tuple[int, ...]], policy: str | None
         return ref[0]
     if policy == "pad_mean":
         return max(s[0] for s in shapes.values())
+    if policy == "union":  # its rows come from the tokenizers, not from the shapes
+        raise MergeflowError(f"tensor {name!r}: vocab policy 'union' is planned by mergeflow.merging.vocab")
     raise MergeflowError(f"vocab policy {policy!r}: expected one of {', '.join(VOCAB_POLICIES)}")
 
 

@@ -44,6 +44,7 @@ def _params(text: str) -> dict:
 
 
 def add_parser(subparsers) -> None:
+    from mergeflow.checkpoints import VOCAB_POLICIES
     from mergeflow.config import DEFAULTS
     from mergeflow.merging.methods import OUTPUT_DTYPES, help_text, method_names  # light: no torch at import
 
@@ -68,8 +69,9 @@ def add_parser(subparsers) -> None:
                    help="CPU threads the merge's pools may use (default: every CPU; a workflow job: its {threads})")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="config key seed (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--vocab-policy", choices=("truncate", "pad_mean"), default=None,
-                   help="reconcile embedding/lm_head row counts (default: fail on a mismatch)")
+    p.add_argument("--vocab-policy", choices=VOCAB_POLICIES, default=None,
+                   help="reconcile embedding/lm_head row counts (default: fail on a mismatch); union: keep "
+                        "every expert's added tokens, merge the tokenizers, map rows by token string")
     p.add_argument("--shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--io-threads", type=int, default=None, help="reader threads (default: min(8, CPUs); min(12, CPUs) on CUDA)")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")

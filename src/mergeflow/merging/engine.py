@@ -38,7 +38,7 @@ from mergeflow.checkpoints import (
     vocab_rows,
 )
 from mergeflow.errors import MergeflowError
-from mergeflow.merging import methods, rng, steps
+from mergeflow.merging import methods, rng, steps, vocab
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class MergeEngine:
         self.method = methods.build(method, self.params, self.expert_names, self.seed)
         self.device = _resolve_device(device)
         self.vocab_policy = vocab_policy
+        self.union: vocab.VocabUnion | None = None  # the `union` policy's plan (_plan)
         self.out = Path(out)
         self.shard_bytes = parse_size(shard_size)
         self.io_threads, self.write_threads = thread_counts(self.device.type, io_threads)
@@ -250,6 +251,9 @@ class MergeEngine:
         self.input_dtypes: dict[str, set] = {label: set() for label in self.inputs}
         self.vocab_resized: dict[str, int] = {}
         tensor_wide = self.method.tensor_wide
+        if self.vocab_policy == "union":  # tokenizers loaded and checked before any weight is read
+            self.union = vocab.plan_union(self.readers, self.inputs, self.reference, self.expert_names,
+                                          self.method.uses_base)
         for name in sorted(ref_names, key=natural_key):
             shapes, dtypes = {}, {}
             for label in self.inputs:
@@ -261,7 +265,8 @@ class MergeEngine:
                         f"tensor {name!r} of {self.readers[label].label} has dtype {info.dtype}; "
                         f"only float16/bfloat16/float32/float64 tensors can be merged"
                     )
-            rows = vocab_rows(name, shapes, self.vocab_policy, self.reference)
+            rows = (self.union.rows_for(name, shapes) if self.union is not None
+                    else vocab_rows(name, shapes, self.vocab_policy, self.reference))
             shape = tuple(shapes[self.reference])
             if rows is not None:
                 shape = (rows, *shape[1:])
@@ -356,12 +361,17 @@ class MergeEngine:
                 torch.cuda.current_stream(dev).wait_event(ev)
             if t.device.type == "cuda":  # allocated on a reader's stream: keep it until we are done
                 t.record_stream(torch.cuda.current_stream(dev))
+            if item.fit and self.union is not None:  # rows mapped by token string below
+                raw[label] = t.to(torch.float32).view(-1, item.cols)
+                continue
             if item.fit:  # vocabulary policy: float32 first, so a padded mean row is exact
                 t = t.to(torch.float32).view(-1, item.cols)  # a GPU reader's block is flat
                 if t.shape[0] < item.rows:  # the mean row on the CPU: a CUDA reduction orders it otherwise
                     t = fit_rows(t.cpu(), item.rows).to(dev)
                 t = fit_rows(t, item.rows)
             raw[label] = t.view(rows, item.cols)
+        if item.fit and self.union is not None:
+            raw = self.union.assemble(item.name, raw)
         n = len(self.expert_names)
         stack = torch.empty((n, rows, item.cols), dtype=torch.float32, device=dev)
         base = None
@@ -597,7 +607,8 @@ class MergeEngine:
             self.timings["merge_s"] = time.time() - t
             meta = self._metadata(thresholds, donor_label, writer)
             donor_path = self.readers[donor_label].path
-            writer.commit(donor_path, {METADATA_FILE: json.dumps(meta, indent=2) + "\n"},
+            extra = dict(self.union.files) if self.union is not None else {}  # the merged tokenizer
+            writer.commit(donor_path, {**extra, METADATA_FILE: json.dumps(meta, indent=2) + "\n"},
                           self._config_updates(donor_path))
             return meta
         except BaseException as err:
@@ -691,7 +702,7 @@ class MergeEngine:
             bar.close()
 
     def _default_donor(self) -> str:
-        if self.vocab_resized:  # pad_mean: the model that owns the enlarged vocabulary
+        if self.vocab_resized and self.union is None:  # pad_mean: the model that owns the enlarged vocabulary
             name, rows = next(iter(self.vocab_resized.items()))
             for label in (["base"] if "base" in self.readers else []) + self.expert_names:
                 if self.readers[label].info(name).shape[0] == rows:
@@ -758,6 +769,8 @@ class MergeEngine:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        if self.union is not None:
+            meta["vocab_union"] = self.union.metadata()
         if "mixup_weights" in self.method.params:
             meta["lambda_m"] = self.method.params["mixup_weights"]
         if thresholds is not None:

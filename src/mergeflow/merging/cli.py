@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "merge",
-        help="merge expert checkpoints (average, task_arithmetic, ties, dare, della*, m3, slerp)",
+        help=f"merge expert checkpoints ({len(method_names())} methods, listed by `mergeflow merge --help`)",
         description="Merge expert checkpoints tensor by tensor; see docs/merging.md for methods and params.",
         epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )

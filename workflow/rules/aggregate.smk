@@ -4,6 +4,7 @@
 rule aggregate:
     input:
         scores=score_files() + robustness_score_files(),
+        samples=samples_files(score_files() + robustness_score_files()),
         merges=merge_metadata_files(),
         published=CFG["aggregate"]["published"],
         agreement=agreement_files(),

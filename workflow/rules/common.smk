@@ -246,6 +246,12 @@ def score_files():
     return files
 
 
+def samples_files(scores):
+    """The per-doc results beside each score file (the aggregate's intervals and paired tests
+    read them), declared so that remote storage stages them; the likelihood writes none."""
+    return [f[: -len(".json")] + ".samples.jsonl" for f in scores if os.path.basename(f) != "reference_likelihood.json"]
+
+
 def likelihood_benchmarks(model):
     """The model's benchmarks that declare a reference response (all but humaneval)."""
     return [b for b in benchmarks_of(model) if mfbenchmarks.get(b).reference_response is not None]

@@ -92,6 +92,7 @@ if ROBUST_ON:
             data="resources/data/livebench_{lb_category}.jsonl",
         output:
             score="results/scores/{model}/livebench_{lb_category}.json",
+            samples="results/scores/{model}/livebench_{lb_category}.samples.jsonl",
             generations="results/generations/{model}/livebench_{lb_category}.jsonl",
         params:
             settings=_livebench_settings,
@@ -120,7 +121,8 @@ if ROBUST_ON:
             mlm=_mlm_dir(),
             encoder=_encoder_dir() or [],
         output:
-            "results/scores/{model}/adv_{adv_task}.json",
+            score="results/scores/{model}/adv_{adv_task}.json",
+            samples="results/scores/{model}/adv_{adv_task}.samples.jsonl",
         params:
             settings=lambda w: mfconfig.canonical_json(_attack_settings(w.adv_task)),
             encoder=lambda w, input: f"--encoder {input.encoder}" if input.encoder else "",
@@ -136,5 +138,5 @@ if ROBUST_ON:
             mem_mb=CFG["resources"]["generate_mem_mb"],
         shell:
             "workflow/scripts/mergeflow robustness attack --task {wildcards.adv_task} --model {input.model} "
-            "--data {input.data} --mlm {input.mlm} {params.encoder} --settings {params.settings:q} --out {output} "
+            "--data {input.data} --mlm {input.mlm} {params.encoder} --settings {params.settings:q} --out {output.score} "
             "--gpus {resources.gpu} > {log} 2>&1"

@@ -9,7 +9,8 @@ rule score:
         data=lambda w: data_file(w.benchmark),
         judge=score_judge_inputs,
     output:
-        "results/scores/{model}/{benchmark}.json",
+        score="results/scores/{model}/{benchmark}.json",
+        samples="results/scores/{model}/{benchmark}.samples.jsonl",
     wildcard_constraints:
         benchmark=SCORED_BENCHMARKS,
     params:
@@ -24,7 +25,7 @@ rule score:
     shell:
         "workflow/scripts/mergeflow score --benchmark {wildcards.benchmark} --data {input.data} "
         "--generations {input.generations} --settings {params.settings:q} "
-        "--out {output} --gpus {resources.gpu} > {log} 2>&1"
+        "--out {output.score} --gpus {resources.gpu} > {log} 2>&1"
 
 
 rule judge_gsm8k:
@@ -33,7 +34,8 @@ rule judge_gsm8k:
         data=data_file("gsm8k"),
         judge=judge_inputs,
     output:
-        "results/scores/{model}/gsm8k_judge.json",
+        score="results/scores/{model}/gsm8k_judge.json",
+        samples="results/scores/{model}/gsm8k_judge.samples.jsonl",
     params:
         settings=judge_settings("gsm8k"),
     log:
@@ -45,7 +47,7 @@ rule judge_gsm8k:
         gpu=JUDGE_GPUS,
     shell:
         "workflow/scripts/mergeflow judge gsm8k --data {input.data} --generations {input.generations} "
-        "--settings {params.settings:q} --out {output} --gpus {resources.gpu} > {log} 2>&1"
+        "--settings {params.settings:q} --out {output.score} --gpus {resources.gpu} > {log} 2>&1"
 
 
 # A vLLM judge needs vLLM's env, which has no lm-eval or sandbox: AlpacaEval is then judged
@@ -58,7 +60,8 @@ if JUDGE_ON_VLLM:
             data=data_file("alpaca_eval"),
             judge=judge_inputs,
         output:
-            "results/scores/{model}/alpaca_eval.json",
+            score="results/scores/{model}/alpaca_eval.json",
+            samples="results/scores/{model}/alpaca_eval.samples.jsonl",
         params:
             settings=judge_settings("alpaca_eval"),
         log:
@@ -70,7 +73,7 @@ if JUDGE_ON_VLLM:
             gpu=JUDGE_GPUS,
         shell:
             "workflow/scripts/mergeflow judge alpaca_eval --data {input.data} --generations {input.generations} "
-            "--settings {params.settings:q} --out {output} --gpus {resources.gpu} > {log} 2>&1"
+            "--settings {params.settings:q} --out {output.score} --gpus {resources.gpu} > {log} 2>&1"
 
 if JUDGE_LAUNCH and "hub" in JUDGE_LAUNCH:
 

@@ -221,6 +221,7 @@ VARIANTS = {
     "aggregate.alpha": put("aggregate", "alpha", 0.01),
     "aggregate.bootstrap.resamples": put("aggregate", "bootstrap", "resamples", 500),
     "aggregate.bootstrap.seed": put("aggregate", "bootstrap", "seed", 1),
+    "aggregate.own_tasks": put("aggregate", "own_tasks", {"lm": ["gsm8k"]}),
     "resources.merge_gpus": put("resources", "merge_gpus", 1),
     "resources.generate_gpus": put("resources", "generate_gpus", 1),
     "resources.merge_mem_mb": put("resources", "merge_mem_mb", 1000),

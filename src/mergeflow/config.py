@@ -45,10 +45,23 @@ DEFAULTS: dict[str, Any] = {
     },
     "scoring": {"code": {"timeout": 10.0, "isolation": "auto", "max_workers": 2}},
     "aggregate": {"published": [], "claims": None, "headline": {}, "ci_level": 0.95, "alpha": 0.05,
-                  "bootstrap": {"resamples": 2000, "seed": 0}},
+                  "bootstrap": {"resamples": 2000, "seed": 0},
+                  "own_tasks": None},  # None: OWN_TASKS below (a given map replaces it whole)
     "resources": {"merge_gpus": 0, "generate_gpus": 0, "merge_mem_mb": 8000, "generate_mem_mb": 16000,
                   "judge_gpus": 0},
 }
+
+# Each expert's own tasks (aggregate.own_tasks when the config gives none): the DELLA/M3
+# experts' benchmarks; the first is the one DELLA's Table 3 reads. Expert-normalised scores
+# divide by the expert on these; forgetting is measured on the benchmarks no expert owns.
+OWN_TASKS: dict[str, list[str]] = {"lm": ["alpaca_eval"], "math": ["gsm8k", "math"], "code": ["mbpp", "humaneval"]}
+
+
+def own_tasks(aggregate: dict | None) -> dict[str, list[str]]:
+    """model -> its own benchmarks: the config's aggregate.own_tasks, else OWN_TASKS."""
+    given = (aggregate or {}).get("own_tasks")
+    return {k: list(v) for k, v in (OWN_TASKS if given is None else given).items()}
+
 
 GENERATION_DEFAULTS: dict[str, Any] = {
     "instruction": "{instruction}",
@@ -172,7 +185,15 @@ def prepare(config: dict) -> dict:
     prepared = _deep_defaults(config, DEFAULTS)
     _check_sentence_encoder(prepared)
     _check_merge_device(prepared)
+    _check_own_tasks(prepared)
     return prepared
+
+
+def _check_own_tasks(config: dict) -> None:
+    # a misspelt model would silently leave its merges without normalised scores
+    for name in (config.get("aggregate") or {}).get("own_tasks") or {}:
+        if name not in (config.get("models") or {}):
+            raise MergeflowError(f"config key 'aggregate.own_tasks.{name}': not a model under 'models'")
 
 
 def _check_merge_device(config: dict) -> None:

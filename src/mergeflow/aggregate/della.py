@@ -27,8 +27,9 @@ SOURCE = "arXiv 2406.11617v1"
 COLUMN_SCORE = {"alpaca_eval": ("alpaca_eval", "win_rate"), "gsm8k": ("gsm8k_judge", "judge_accuracy"),
                 "mbpp": ("mbpp", "pass@1")}
 COLUMN_TITLE = {"alpaca_eval": "AlpacaEval", "gsm8k": "GSM8K", "mbpp": "MBPP", "avg": "Avg"}
-# Table 3 names neither expert nor benchmark: ours is the mean of each expert on its own task.
-OWN_TASK = {"lm": "alpaca_eval", "math": "gsm8k", "code": "mbpp"}
+# Table 3 names neither expert nor benchmark: ours is the mean of each expert on its own task
+# (the first of the DELLA experts' own tasks, mergeflow.config.OWN_TASKS: the one map).
+OWN_TASK = {expert: tasks[0] for expert, tasks in mfconfig.OWN_TASKS.items()}
 
 # (table, the paper's row) -> (config tags, our method, resolved params that must match)
 ROWS: dict[tuple[int, str], tuple[set, str, dict]] = {

@@ -31,7 +31,7 @@ def test_override_spec_replaces_fields_and_names_bad_ones():
     assert spec.pretrain_steps == 200 and spec.lr_finetune == 1.0 and isinstance(spec.lr_finetune, float)
     assert spec.judge_steps == FULL.judge_steps and FULL.pretrain_steps == 800  # FULL itself untouched
     for raw, culprit in (('{"bogus": 1}', "bogus"), ('{"num_layers": 1.5}', "num_layers"),
-                         ('{"num_layers": true}', "num_layers"), ("[1]", "JSON object"), ("{", "not JSON")):
+                         ('{"num_layers": true}', "num_layers"), ("[1]", "neither a JSON object"), ("{", "not valid JSON")):
         with pytest.raises(MergeflowError, match=culprit):
             override_spec(FULL, raw)
 

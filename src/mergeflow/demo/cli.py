@@ -78,18 +78,13 @@ def override_spec(spec, raw: str | None, flag: str = "--spec-json"):
     """`spec` with the fields of the JSON object `raw` replaced (types checked against the field's);
     errors name `flag`."""
     import dataclasses
-    import json
 
+    from mergeflow.config import parse_settings
     from mergeflow.errors import MergeflowError
 
     if raw is None:
         return spec
-    try:
-        fields = json.loads(raw)
-    except ValueError as err:
-        raise MergeflowError(f"{flag}: not JSON ({err})") from None
-    if not isinstance(fields, dict):
-        raise MergeflowError(f"{flag}: a JSON object of ZooSpec fields, got {raw!r}")
+    fields = parse_settings(raw, flag)  # a JSON object, inline or in a file
     known = {f.name: type(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
     for key, value in fields.items():
         if key not in known:

@@ -138,20 +138,36 @@ def scores_table(frame: pd.DataFrame, cells: bool = False) -> pd.DataFrame:
     return table[cols]
 
 
-def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: dict | None = None) -> pd.DataFrame:
+def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: dict | None = None,
+                 own_tasks: dict | None = None) -> pd.DataFrame:
     """The papers' layout for one expert combination: merge methods x benchmarks (`cells`: as
-    text with the interval and `marks[(model, benchmark)]`)."""
+    text with the interval and `marks[(model, benchmark)]`); with `own_tasks` (model -> its
+    own benchmarks), also the expert-normalised and forgetting columns (aggregate.normalised)."""
+    from mergeflow.aggregate import normalised
+
     top = headline(frame[(frame["role"] == "merge") & (frame["experts"] == experts)])
     if cells:
         top["cell"] = _cells(top, marks)
+    benches = [b for b in BENCHMARK_ORDER if b in set(top["benchmark"])]
+    derived = []
+    if own_tasks is not None and not top.empty:
+        refs = headline(frame[frame["role"].isin(["base", "expert"])])
+        rows = normalised.derived_rows(pd.concat([refs, top], ignore_index=True), own_tasks, benches)
+        if not rows.empty:
+            derived = list(dict.fromkeys(rows["benchmark"]))
+            top = pd.concat([top, rows[top.columns]], ignore_index=True)
     top = pool_replicates(top)
     table = top.pivot_table(index=["method", "model"], columns="benchmark", values="cell" if cells else "score",
                             aggfunc="first", dropna=False)
     table = table.dropna(how="all", axis=0)
     for bench in set(top["benchmark"]) - set(table.columns):
         table[bench] = float("nan")
-    cols = [b for b in BENCHMARK_ORDER if b in table.columns]
-    return table[cols]
+    cols = [b for b in BENCHMARK_ORDER if b in table.columns] + normalised.column_order(derived, benches)
+    table = table[cols]
+    if cells:  # undefined derived values (and pooled seeds that are all undefined) read as an em dash
+        for col in normalised.column_order(derived, benches):
+            table[col] = table[col].where(table[col].notna(), normalised.DASH)
+    return table
 
 
 def judge_note(frame: pd.DataFrame, paper: dict | None) -> str | None:
@@ -204,7 +220,11 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
     """scores.md, merges_<experts>.md (with intervals; with `per_doc`, the score files'
     per-doc values, merge cells not significantly different from the base or their best
     expert are marked and comparisons.md/.csv list every test) and retention.md."""
+    from mergeflow import config as mfconfig
+    from mergeflow.aggregate import normalised
     from mergeflow.aggregate.significance import FOOTNOTE, significance
+
+    own = mfconfig.own_tasks(settings)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,14 +249,17 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
     marks = {} if tests is None else tests.marks
     for experts in sorted(set(merges["experts"].dropna())):
         path = out_dir / f"merges_{experts.replace('+', '_')}.md"
+        table = method_table(frame, experts, cells=True, marks=marks, own_tasks=own)
         text = to_markdown(
-            method_table(frame, experts, cells=True, marks=marks),
+            table,
             f"Merge methods on {experts.replace('+', ' + ')}",
             f"Rows: merge method and merge id; columns: headline metric in percent. {_ci_note(frame)}"
             + _replicate_note(frame[frame["experts"] == experts]),
         )
         if tests is not None:
             text += "\n" + FOOTNOTE.format(alpha=tests.alpha) + "\n"
+        if any(str(c).endswith((normalised.NORM, normalised.FORGET, normalised.AVG)) for c in table.columns):
+            text += "\n" + normalised.FOOTNOTE + "\n"
         path.write_text(text)
         written.append(path)
     if tests is not None and not tests.table.empty:

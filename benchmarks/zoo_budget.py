@@ -209,23 +209,10 @@ def _headline(path: Path, bench: str) -> float:
 
 def judge_accuracy(model_dir: Path, data: Path, seed: int) -> float:
     """tests/test_demo_e2e.py's judge check: balanced accuracy of the verdict tags."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from mergeflow.demo import judging
 
     rows = [json.loads(line) for line in data.read_text().splitlines()][:JUDGE_ROWS]
-    items = judging.gsm8k_items(rows, seed=seed)
-    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    hits = {"correct": [0, 0], "incorrect": [0, 0]}
-    for item in items:
-        ids = tok.apply_chat_template(item.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-        reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        hits[item.truth][0] += item.reply.rsplit(". ", 1)[-1] in reply
-        hits[item.truth][1] += 1
-    return sum(k / n for k, n in hits.values() if n) / max(1, sum(1 for _, n in hits.values() if n))
+    return judging.balanced_accuracy(judging.judge_hits(model_dir, rows, seed))
 
 
 def evaluate(out: Path, config: Path, judge: bool, seed: int) -> dict:

@@ -188,3 +188,23 @@ def test_a_finetune_needs_the_base_step_and_its_seed(demo_dir, tmp_path):
     res = subprocess.run([*cmd, "--out", str(demo_dir), "--seed", "5"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "holds the zoo of seed 0" in res.stderr, res.stderr
     assert _digest(demo_dir) == before
+
+
+def test_balanced_accuracy_counts_each_truth_once():
+    from mergeflow.demo.judging import balanced_accuracy
+
+    assert balanced_accuracy({"correct": [6, 6], "incorrect": [0, 6]}) == 0.5  # always "correct"
+    assert balanced_accuracy({"correct": [3, 4], "incorrect": [1, 2]}) == pytest.approx((0.75 + 0.5) / 2)
+    assert balanced_accuracy({"correct": [2, 4], "incorrect": [0, 0]}) == 0.5  # a truth with no request is left out
+
+
+def test_judge_hits_judges_every_request_of_the_rows(demo_dir):
+    import json
+
+    from mergeflow.demo import judging
+
+    rows = [json.loads(line) for line in (demo_dir / "data" / "gsm8k.jsonl").read_text().splitlines()][:2]
+    hits = judging.judge_hits(demo_dir / "models" / "judge", rows, seed=0, max_new_tokens=4)
+    items = judging.gsm8k_items(rows, seed=0)
+    assert {t: n for t, (_, n) in hits.items()} == {t: sum(i.truth == t for i in items) for t in hits}
+    assert all(0 <= k <= n for k, n in hits.values())

@@ -127,6 +127,31 @@ def gsm8k_labelled(rows: list[dict], seed: int, prompt_file: str | Path | None =
 
 
 # ----------------------------------------------------------------------------- AlpacaEval
+def judge_hits(model_dir: str | Path, rows: list[dict], seed: int, max_new_tokens: int = 24) -> dict[str, list[int]]:
+    """The demo judge on GSM8K judging requests built from `rows`, greedy: per truth
+    ("correct", "incorrect"), [requests whose verdict tag the reply holds, requests]."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hits = {"correct": [0, 0], "incorrect": [0, 0]}
+    for item in gsm8k_items(rows, seed=seed):
+        ids = tok.apply_chat_template(item.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits[item.truth][0] += item.reply.rsplit(". ", 1)[-1] in reply  # the verdict tag
+        hits[item.truth][1] += 1
+    return hits
+
+
+def balanced_accuracy(hits: dict[str, list[int]]) -> float:
+    """Mean over truths with requests of the share judged right: 0.5 for a judge that always
+    gives one verdict."""
+    shares = [k / n for k, n in hits.values() if n]
+    return sum(shares) / max(1, len(shares))
+
+
 def wrong_lm_answers(row: dict, others: list[dict], rng: random.Random) -> list[str]:
     """Plausible wrong outputs for an lm instruction: near misses of its own kind, another
     instruction's answer, text of another task family, a truncated answer."""

@@ -25,6 +25,8 @@ STAGES = [
     ("judge", "mergeflow.judge.cli"),
     ("aggregate", "mergeflow.aggregate.cli"),
     ("compare", "mergeflow.aggregate.paired"),
+    ("split", "mergeflow.selection"),
+    ("select", "mergeflow.selection"),
     ("robustness", "mergeflow.robustness.cli"),
     ("plan", "mergeflow.plan"),
 ]

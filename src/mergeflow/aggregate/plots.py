@@ -43,7 +43,8 @@ def drop_rate_of(row) -> float | None:
 
 def bar_stats(group: pd.DataFrame) -> tuple[float, float, float, int]:
     """(height, error below, error above, models) of a bar over headline rows: one model, its
-    score and interval (NaN errors where it has none); several, their mean ± sample std."""
+    score and interval (NaN errors where it has none); several (the seed replicates of a
+    configuration, or a variant's grid points), their mean ± sample std."""
     scores = pd.to_numeric(group["score"], errors="coerce")
     if group["model"].nunique() <= 1:
         score = float(scores.iloc[0])
@@ -122,7 +123,7 @@ def grouped_bars(ax, rows: pd.DataFrame, series_col: str, refs: pd.DataFrame | N
     ax.set_xlabel("benchmark (headline metric)")
     ax.set_ylabel("score (%)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, title="error bars: interval (scores.csv ci_*);\nseed replicates: ± std", title_fontsize=7,
+    ax.legend(fontsize=7, title="error bars: interval (scores.csv ci_*);\nseveral models (seeds, grid): mean ± std", title_fontsize=7,
               loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return bars
 

@@ -30,7 +30,8 @@ def _run(program: str) -> int:
 
 
 def test_registry():
-    assert set(benchmarks.NAMES) == {"gsm8k", "math", "mbpp", "humaneval", "alpaca_eval"}
+    assert set(benchmarks.NAMES) == {"gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_cot", "mbppplus",
+                                 "humanevalplus"}
     for name in benchmarks.NAMES:
         assert benchmarks.get(name).name == name
     assert benchmarks.get("mbpp").is_code and benchmarks.get("humaneval").is_code
@@ -133,7 +134,7 @@ def test_the_registry_is_the_one_list_of_benchmarks():
     from mergeflow.scoring.cli import SCORERS
 
     assert set(SCORERS) == set(benchmarks.NAMES)
-    assert benchmarks.code_benchmarks() == ("mbpp", "humaneval")
+    assert benchmarks.code_benchmarks() == ("mbpp", "humaneval", "mbppplus", "humanevalplus")
     demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
     for name in benchmarks.NAMES:
         bench = benchmarks.get(name)

@@ -177,7 +177,7 @@ def job_blocks(output: str) -> dict[str, list[dict[str, str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("configfile", ["config/della.yaml", "config/m3.yaml"])
+@pytest.mark.parametrize("configfile", ["config/della.yaml", "config/m3.yaml", "config/mergebench.yaml"])
 def test_paper_runs_ask_gpus_one_way_and_generate_gets_two_cpus(configfile, snakemake_dry_run):
     done = snakemake_dry_run(configfile, "workflow/profiles/slurm")  # as dry_run() runs it, shared by the session
     assert done.returncode == 0, done.stderr[-3000:]

@@ -82,7 +82,7 @@ def test_unknown_checkpoint_size_names_the_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["config", "della", "m3"])
+@pytest.mark.parametrize("name", ["config", "della", "m3", "mergebench"])
 def test_configs_plan_and_match_the_dry_run(name, snakemake_dry_run):
     res = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

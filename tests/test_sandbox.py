@@ -325,7 +325,7 @@ def test_auto_never_falls_back_to_no_isolation(monkeypatch):
 def test_paper_configs_require_bubblewrap():
     from mergeflow import config
 
-    for name in ("della.yaml", "m3.yaml"):
+    for name in ("della.yaml", "m3.yaml", "mergebench.yaml"):
         loaded = config.load(config.REPO_ROOT / "config" / name)
         assert loaded["scoring"]["code"]["isolation"] == "bwrap", name
 

@@ -15,6 +15,7 @@ include: "workflow/rules/merge.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/robustness.smk"
+include: "workflow/rules/selection.smk"
 include: "workflow/rules/aggregate.smk"
 
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_HEAD = re.compile(r"^\s*(?:local)?rule (\w+):$")
+JOB_HEAD = re.compile(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$")
 FIELD = re.compile(r"^\s+(output|resources|wildcards): (.*)$")
 
 

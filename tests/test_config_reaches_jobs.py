@@ -97,6 +97,9 @@ BASE2 = put("models", "base2", {"path": f"{D}/models/judge"})
 GEN = {"template": "alpaca", "instruction": "Q: {question}", "max_new_tokens": 40, "stop": ["\n\n"],
        "postprocess": "code", "limit": 5, "batch_size": 4, "backend": "hf", "dtype": "float32", "seed": 7,
        "vllm_chunk_size": 16, "gpu_memory_utilization": 0.5, "hf_decoding": "static"}
+# merges[0] as a sweep, without and with validation selection (merges[].select)
+GRID = both(put("merges", 0, "params", "lambda", ...), put("merges", 0, "grid", {"lambda": [0.5, 1.5]}))
+SWEEP = both(GRID, put("merges", 0, "select", {}))
 SOURCES = {  # the sources of each kind in the demo: (path to one, another existing path)
     "models.*": (("models", "code"), f"{D}/models/lm"),
     "benchmarks.*": (("benchmarks", "gsm8k"), f"{D}/data/math.jsonl"),
@@ -152,6 +155,19 @@ VARIANTS = {
     "merges[].seeds": put("merges", 2, "seeds", [42, 7]),  # dare: one more merge, seed 7
     "merges[].n_seeds": put("merges", 3, "n_seeds", 2),  # della: seeds 42 and 43
     "merges[].tag": put("merges", 0, "tag", "sweep"),
+    "merges[].select.on": (GRID, put("merges", 0, "select", {"on": "validation"})),
+    "merges[].select.rule": (SWEEP, put("merges", 0, "select", "rule", "mean")),
+    "merges[].select.normalise_by": (SWEEP, put("merges", 0, "select", "normalise_by", "experts")),
+    "validation.fraction": (SWEEP, put("validation", "fraction", 0.5)),
+    "validation.seed": (SWEEP, put("validation", "seed", 3)),
+    "benchmarks.*.validation.path": (SWEEP, put("benchmarks", "gsm8k", "validation", {"path": f"{D}/data/math.jsonl"})),
+    "benchmarks.*.validation.hub": (SWEEP, put("benchmarks", "gsm8k", "validation", {"hub": "openai/gsm8k"})),
+    "benchmarks.*.validation.revision": (both(SWEEP, put("benchmarks", "gsm8k", "validation", {"hub": "openai/gsm8k"})),
+                                         put("benchmarks", "gsm8k", "validation", "revision", "0" * 40)),
+    "benchmarks.*.validation.subset": (both(SWEEP, put("benchmarks", "gsm8k", "validation", {"hub": "openai/gsm8k"})),
+                                       put("benchmarks", "gsm8k", "validation", "subset", "main")),
+    "benchmarks.*.validation.split": (both(SWEEP, put("benchmarks", "gsm8k", "validation", {"hub": "openai/gsm8k"})),
+                                      put("benchmarks", "gsm8k", "validation", "split", "train")),
     "evaluate.models": put("evaluate", "models", ["base", "lm"]),
     "evaluate.benchmarks": put("evaluate", "benchmarks", ["gsm8k"]),
     "evaluate.gsm8k_judge": put("evaluate", "gsm8k_judge", False),

@@ -127,6 +127,9 @@ def sweeps(config: dict, specs: dict) -> dict[str, Sweep]:
             continue
         if not merge.get("grid"):
             raise MergeflowError(f"config key 'merges[{i}].select': needs a grid (merges[{i}].grid) to select from")
+        if "seeds" in merge or "n_seeds" in merge:  # one member per value; seeds would need pooling first
+            raise MergeflowError(f"config key 'merges[{i}].select': not with seeds or n_seeds (selection picks one "
+                                 "merge per grid value)")
         select = {**SELECT_DEFAULTS, **merge["select"]}
         base = merge.get("base", config["base_model"])
         members = []

@@ -6,6 +6,11 @@ rule aggregate:
         scores=score_files() + robustness_score_files(),
         samples=samples_files(score_files() + robustness_score_files()),
         merges=merge_metadata_files(),
+        # a sweep's selected member (merges[].select) is known once its selection has run
+        selected_scores=lambda w: selected_score_files(),
+        selected_samples=lambda w: samples_files(selected_score_files()),
+        selected_merges=lambda w: [f"results/merge_meta/{m}.json" for m in selected_models()],
+        selections=selection_files,
         published=CFG["aggregate"]["published"],
         agreement=agreement_files(),
     output:
@@ -31,6 +36,7 @@ rule aggregate:
         "../../envs/aggregate.yaml"
     localrule: True
     shell:
-        "workflow/scripts/mergeflow aggregate --scores {input.scores} --merges {input.merges} "
+        "workflow/scripts/mergeflow aggregate --scores {input.scores} {input.selected_scores} "
+        "--merges {input.merges} {input.selected_merges} "
         "--settings {params.settings:q} --agreement {input.agreement} --out {output.csv} --tables {output.tables} "
         "--plots {output.plots} > {log} 2>&1"

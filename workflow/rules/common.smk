@@ -8,6 +8,7 @@ import sys
 try:  # the package of this checkout, installed into the Python that runs Snakemake
     from mergeflow import benchmarks as mfbenchmarks  # declarations only
     from mergeflow import config as mfconfig  # light: yaml + jsonschema only
+    from mergeflow import selection as mfselection  # light: hashlib + json
     from mergeflow.errors import MergeflowError
 except ImportError as err:
     raise WorkflowError(f"cannot import mergeflow ({err}): run Snakemake from the project's environment "
@@ -74,6 +75,13 @@ try:
     MERGES = mfconfig.merge_specs(CFG)
 except MergeflowError as err:
     raise WorkflowError(str(err))
+try:  # merge entries with grid + select: their members are scored on validation only
+    SWEEPS = mfselection.sweeps(CFG, MERGES)
+except MergeflowError as err:
+    raise WorkflowError(str(err))
+SWEEP_MEMBERS = {m for s in SWEEPS.values() for m in s.members}
+# benchmarks split into validation and test (every model's evaluation reads the test rows)
+SPLIT_BENCHMARKS = sorted({b for s in SWEEPS.values() for b in s.benchmarks})
 for _note in mfconfig.seed_notes(CFG):  # seeds of a deterministic method: merged once, say so
     print(_note, file=sys.stderr)
 
@@ -117,9 +125,10 @@ wildcard_constraints:
 
 
 def eval_models():
-    """Names of every model to evaluate: base, experts and merge ids."""
+    """Names of every model to evaluate: base, experts and merge ids; a sweep's grid members
+    only through its selection (selected_models), never all of them on test."""
     try:
-        return mfconfig.eval_models(CFG, MERGES)
+        return [m for m in mfconfig.eval_models(CFG, MERGES) if m not in SWEEP_MEMBERS]
     except MergeflowError as err:
         raise WorkflowError(str(err))
 
@@ -141,6 +150,9 @@ def model_dir_of(wildcards):
 
 
 def data_file(benchmark):
+    """The rows a benchmark is evaluated on: its test split when a selecting sweep uses it."""
+    if benchmark in SPLIT_BENCHMARKS:
+        return f"resources/data/splits/{benchmark}/test.jsonl"
     return f"resources/data/{benchmark}.jsonl"
 
 
@@ -234,16 +246,18 @@ def benchmarks_of(model):
     return mfconfig.benchmarks_of(CFG, model, MERGES)
 
 
-def score_files():
-    files = []
-    for model in eval_models():
-        benches = benchmarks_of(model)
-        files += [f"results/scores/{model}/{b}.json" for b in benches]
-        if CFG["evaluate"]["gsm8k_judge"] and "gsm8k" in benches:
-            files.append(f"results/scores/{model}/gsm8k_judge.json")
-        if CFG["evaluate"]["reference_likelihood"] and likelihood_benchmarks(model):
-            files.append(f"results/scores/{model}/reference_likelihood.json")
+def model_score_files(model):
+    benches = benchmarks_of(model)
+    files = [f"results/scores/{model}/{b}.json" for b in benches]
+    if CFG["evaluate"]["gsm8k_judge"] and "gsm8k" in benches:
+        files.append(f"results/scores/{model}/gsm8k_judge.json")
+    if CFG["evaluate"]["reference_likelihood"] and likelihood_benchmarks(model):
+        files.append(f"results/scores/{model}/reference_likelihood.json")
     return files
+
+
+def score_files():
+    return [f for model in eval_models() for f in model_score_files(model)]
 
 
 def samples_files(scores):
@@ -268,7 +282,7 @@ def likelihood_tasks(wildcards):
 def generation_sets():
     """{benchmark set (sorted tuple): models evaluated on it}, in first-seen order."""
     sets = {}
-    for model in eval_models():
+    for model in eval_models() + sorted(SWEEP_MEMBERS):  # any member may be the one selected
         sets.setdefault(tuple(sorted(benchmarks_of(model))), []).append(model)
     return sets
 
@@ -387,3 +401,93 @@ def _encoder_dir():
     if not enc:
         return None
     return os.path.normpath(enc["path"]) if "path" in enc else "resources/models/robustness_encoder"
+
+
+# --- validation-selected hyperparameters (merges[].select; workflow/rules/selection.smk) ---
+
+VALIDATION = CFG.get("validation") or {}
+
+
+def own_validation(benchmark):
+    """The fetched copy of the dataset's own validation split, if the config names one."""
+    source = CFG["benchmarks"][benchmark].get("validation")
+    return f"resources/data/validation/{benchmark}.jsonl" if source else None
+
+
+def split_args(wildcards):
+    b = wildcards.benchmark
+    args = ["--fraction", VALIDATION.get("fraction", mfselection.SPLIT_DEFAULTS["fraction"]),
+            "--seed", VALIDATION.get("seed", CFG.get("seed", mfconfig.DEFAULTS["seed"]))]
+    if own_validation(b):
+        args = ["--own-validation", own_validation(b), "--seed", 0]  # a recorded split: no fraction, no seed
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def validation_file(benchmark):
+    return f"resources/data/splits/{benchmark}/validation.jsonl"
+
+
+def validation_model_dir(name):
+    """A grid member's validation copy (its own merge job), or the base / an expert in place."""
+    return f"results/validation/merges/{name}" if name in MERGES else model_dir(name)
+
+
+def validation_score(model, benchmark):
+    return f"results/validation/scores/{model}/{benchmark}.json"
+
+
+def validation_benchmarks():
+    """model -> the benchmarks it is scored on for validation: each grid member its sweep's,
+    each reference model (base or experts) the union over the sweeps it normalises."""
+    out = {}
+    for sweep in SWEEPS.values():
+        for model in sweep.members + sweep.references:
+            out.setdefault(model, set()).update(sweep.benchmarks)
+    return {m: tuple(sorted(b)) for m, b in out.items()}
+
+
+def selection_file(sweep):
+    return f"results/selection/{sweep}.json"
+
+
+def select_inputs(wildcards):
+    sweep = SWEEPS[wildcards.sweep]
+    scores = [validation_score(m, b) for m in sweep.members + sweep.references for b in sweep.benchmarks]
+    return {"scores": scores, "samples": samples_files(scores),
+            "splits": [f"results/splits/{b}.json" for b in sweep.benchmarks]}
+
+
+def select_args(wildcards):
+    """The select job's arguments: candidates with their params, every validation score file,
+    the split records, the rule; the job's params, so editing a swept value reruns it."""
+    sweep = SWEEPS[wildcards.sweep]
+    args = ["--sweep", sweep.name, "--grid", mfconfig.canonical_json(sweep.grid), "--rule", sweep.select["rule"],
+            "--normalise-by", sweep.select["normalise_by"], "--benchmarks", *sweep.benchmarks,
+            "--headline", mfconfig.canonical_json((CFG.get("aggregate") or {}).get("headline") or {})]
+    for m in sweep.members:
+        args += ["--candidate", m, mfconfig.canonical_json(MERGES[m].params)]
+    for m in sweep.references:
+        args += ["--reference", m]
+    for m in sweep.members + sweep.references:
+        for b in sweep.benchmarks:
+            args += ["--score", m, b, validation_score(m, b)]
+    for b in sweep.benchmarks:
+        args += ["--split", b, f"results/splits/{b}.json"]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def selected_models():
+    """Each sweep's selected member: known once its checkpoint has run (or is up to date)."""
+    chosen = []
+    for name in SWEEPS:
+        with open(checkpoints.select.get(sweep=name).output[0], encoding="utf-8") as fh:
+            chosen.append(json.load(fh)["selected"])
+    return chosen
+
+
+def selected_score_files():
+    return [f for m in selected_models() for f in model_score_files(m)]
+
+
+def selection_files(wildcards):
+    return [selection_file(s) for s in SWEEPS]

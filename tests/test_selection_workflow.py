@@ -1,0 +1,197 @@
+"""Validation-selected hyperparameters in the workflow (issue 18): a sweep whose test-set
+numbers are never read during selection (asserted from the DAG and from the selection
+job's own run), and the rerun scope after editing one swept value."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dry_run_jobs import dry_run_env, job_counts
+from mergeflow import benchmarks
+from mergeflow import config as mfconfig
+from mergeflow.selection import sweeps
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = [{"question": f"Ann has {i} pens and buys {i + 1}. How many?", "answer": f"#### {2 * i + 1}"} for i in range(10)]
+MATH = [{"problem": f"What is ${i} \\cdot 3$?", "solution": f"$\\boxed{{{3 * i}}}$"} for i in range(10)]
+HEADLINE = {"gsm8k": "exact_match,strict-match", "math": "exact_match,mergelm"}
+JOB = re.compile(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$")
+
+
+def sweep_config(tmp: Path, grid: list[float]) -> dict:
+    """Paths only (no demo): two experts, a task-arithmetic sweep with select, a TIES merge."""
+    for name in ("base", "e1", "e2"):
+        (tmp / "models" / name).mkdir(parents=True, exist_ok=True)
+    for name, rows in (("gsm8k", GSM8K), ("math", MATH)):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["demo"]["enabled"] = False
+    cfg["robustness"] = {"enabled": False}
+    cfg["judge"].pop("agreement", None)
+    cfg["models"] = {n: {"path": str(tmp / "models" / n)} for n in ("base", "e1", "e2")}
+    cfg["benchmarks"] = {"gsm8k": {"path": str(tmp / "gsm8k.jsonl")}, "math": {"path": str(tmp / "math.jsonl")}}
+    cfg["evaluate"] = {"models": "all", "benchmarks": ["gsm8k", "math"], "gsm8k_judge": False,
+                       "reference_likelihood": False}
+    cfg["validation"] = {"fraction": 0.3, "seed": 5}
+    cfg["merges"] = [
+        {"method": "task_arithmetic", "experts": ["e1", "e2"], "grid": {"lambda": grid},
+         "select": {"on": "validation", "rule": "mean_normalised", "normalise_by": "base"}},
+        {"method": "ties", "experts": ["e1", "e2"], "params": {"density": 0.5, "lambda": 1.0}},
+    ]
+    return cfg
+
+
+def snakemake(work: Path, config: dict, *args: str) -> str:
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
+                          "--cores", "1", *args, "--configfile", str(path)], cwd=work, env=dry_run_env(),
+                         capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    return out
+
+
+def planned(work: Path, config: dict) -> list[dict]:
+    """The jobs of a dry run: rule, inputs, outputs."""
+    jobs, current = [], None
+    for line in snakemake(work, config, "-n").splitlines():
+        head = JOB.match(line)
+        if head:
+            current = {"rule": head.group(1), "input": [], "output": []}
+            jobs.append(current)
+        elif current is not None and re.match(r"^\s+(input|output): ", line):
+            key, _, value = line.strip().partition(": ")
+            current[key] = [re.sub(r" \(.*\)$", "", f) for f in value.split(", ")]  # (nodelocal), (temp)
+    return jobs
+
+
+def members(config: dict) -> tuple[str, list[str]]:
+    cfg = mfconfig.prepare(config)
+    (sweep,) = sweeps(cfg, mfconfig.merge_specs(cfg)).values()
+    return sweep.name, list(sweep.members)
+
+
+def test_the_dag_reads_no_test_number_for_selection(tmp_path):
+    config = sweep_config(tmp_path, [0.5, 1.0])
+    name, ids = members(config)
+    jobs = planned(tmp_path, config)
+    rules = [j["rule"] for j in jobs]
+    assert sorted(o for j in jobs if j["rule"] == "merge_validation" for o in j["output"] if "/merges/" in o) == \
+        sorted(f"results/validation/merges/{m}" for m in ids)
+    # no test-split job of any member before the selection: merges, generations, scores
+    test_jobs = [j for j in jobs if j["rule"] in ("merge", "score") or j["rule"].startswith("generate")
+                 and not j["rule"].startswith("generate_validation")]
+    assert not [j for j in test_jobs if any(m in o for m in ids for o in j["output"])]
+    assert rules.count("merge") == 1  # TIES only
+    # the selection's inputs: validation scores of members and base, split records; nothing else
+    (select,) = [j for j in jobs if j["rule"] == "select"]
+    assert select["output"] == [f"results/selection/{name}.json"]
+    assert select["input"] and all(f.startswith(("results/validation/scores/", "results/splits/"))
+                                   for f in select["input"]), select["input"]
+    assert {f.split("/")[3] for f in select["input"] if f.startswith("results/validation/")} == {*ids, "base"}
+    # every model is evaluated on the test rows; validation generations read the validation rows
+    for job in jobs:
+        if job["rule"] == "generate":
+            assert {f for f in job["input"] if "resources/data" in f} == {
+                "resources/data/splits/gsm8k/test.jsonl", "resources/data/splits/math/test.jsonl"}
+        if job["rule"] == "generate_validation":
+            assert {f for f in job["input"] if "resources/data" in f} == {
+                "resources/data/splits/gsm8k/validation.jsonl", "resources/data/splits/math/validation.jsonl"}
+
+
+def write_validation(work: Path, model: str, values: dict[str, float]) -> None:
+    """What a member's (or the base's) validation jobs leave: generations, scores with the
+    split's validation doc ids (the selection checks them)."""
+    for bench, value in values.items():
+        val_ids = json.loads((work / "results" / "splits" / f"{bench}.json").read_text())["validation"]
+        gen = work / "results" / "validation" / "generations" / model / f"{bench}.jsonl"
+        gen.parent.mkdir(parents=True, exist_ok=True)
+        gen.write_text("")
+        score = work / "results" / "validation" / "scores" / model / f"{bench}.json"
+        score.parent.mkdir(parents=True, exist_ok=True)
+        score.write_text(json.dumps({"benchmark": bench, "scorer": "t", "details": {},
+                                     "rows": [{"metric": HEADLINE[bench], "value": value, "stderr": 0, "n": 3}]}))
+        score.with_name(f"{bench}.samples.jsonl").write_text("".join(json.dumps({"doc_id": d}) + "\n"
+                                                                     for d in val_ids))
+
+
+def write_test(work: Path, jobs: list[dict]) -> None:
+    """Every output of the planned test-side jobs, as if they had run."""
+    for job in jobs:
+        for out in job["output"]:
+            path = work / out
+            if out.startswith("results/merges/"):
+                continue  # temporary: gone after its evaluations
+            if out.startswith(("results/tables", "results/plots")):
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}")
+
+
+@pytest.mark.slow
+def test_selection_run_and_rerun_scope_after_editing_one_swept_value(tmp_path):
+    work = tmp_path
+    for item in ("workflow", "src", "envs"):  # the jobs' wrapper (workflow/scripts/mergeflow)
+        (work / item).symlink_to(ROOT / item)
+    config = sweep_config(work, [0.5, 1.0])
+    name, (low, high) = members(config)
+    # the real split jobs (fetch_data copies the rows; split_data writes the record)
+    snakemake(work, config, "results/splits/gsm8k.json", "results/splits/math.json")
+    write_validation(work, "base", {"gsm8k": 0.5, "math": 0.25})
+    write_validation(work, low, {"gsm8k": 0.5, "math": 0.25})
+    write_validation(work, high, {"gsm8k": 0.6, "math": 0.5})  # the better one: (1.2 + 2) / 2 against 1
+    # test-split score files of the low member, holding numbers that would select it: never read
+    for bench in ("gsm8k", "math"):
+        leak = work / "results" / "scores" / low / f"{bench}.json"
+        leak.parent.mkdir(parents=True, exist_ok=True)
+        leak.write_text(json.dumps({"rows": [{"metric": HEADLINE[bench], "value": 1.0}]}))
+        os.chmod(leak, 0)
+    out = snakemake(work, config, f"results/selection/{name}.json")  # the real select job, alone
+    assert job_counts(out) == {"select": 1}, out[-3000:]
+    selection = json.loads((work / "results" / "selection" / f"{name}.json").read_text())
+    assert selection["selected"] == high and selection["selected_params"] == {"lambda": 1.0}
+    assert all("/validation/" in p or "/splits/" in p for p in selection["opened"]), selection["opened"]
+    for bench in ("gsm8k", "math"):
+        os.chmod(work / "results" / "scores" / low / f"{bench}.json", 0o644)
+        (work / "results" / "scores" / low / f"{bench}.json").unlink()
+
+    # the selection known: the selected member's test jobs, none of the other member's
+    jobs = planned(work, config)
+    outputs = [o for j in jobs for o in j["output"]]
+    assert any(o == f"results/scores/{high}/gsm8k.json" for o in outputs)
+    assert not [o for o in outputs if low in o]
+    assert {j["rule"] for j in jobs if any(high in o for o in j["output"])} == {"merge", "generate", "score"}
+    write_test(work, jobs)
+    assert "Nothing to be done" in snakemake(work, config, "-n")
+
+    # one swept value edited (0.5 -> 0.3): its validation jobs, the selection, the aggregate
+    edited = sweep_config(work, [0.3, 1.0])
+    _, (new, same) = members(edited)
+    assert same == high and new not in (low, high)
+    jobs = planned(work, edited)
+    counts = {}
+    for job in jobs:
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    assert counts == {"merge_validation": 1, "generate_validation": 1, "score_validation": 2, "select": 1,
+                      "aggregate": 1, "all": 1}, counts
+    assert all(new in o for j in jobs if j["rule"].endswith("_validation") for o in j["output"])
+
+    # the new value wins on validation: the selection changes, and only its test jobs join
+    write_validation(work, new, {"gsm8k": 0.9, "math": 0.5})
+    out = snakemake(work, edited, f"results/selection/{name}.json")
+    assert job_counts(out) == {"select": 1}, out[-3000:]
+    assert json.loads((work / "results" / "selection" / f"{name}.json").read_text())["selected"] == new
+    counts = {}
+    for job in planned(work, edited):
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    assert counts == {"merge": 1, "generate": 1, "score": 2, "aggregate": 1, "all": 1}, counts

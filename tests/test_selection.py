@@ -169,3 +169,27 @@ def test_sweep_name_ignores_swept_values_only():
     assert sweep_name(entry) == sweep_name({**entry, "grid": {"lambda": [0.3, 1.0]}})
     assert sweep_name(entry) != sweep_name({**entry, "grid": {"alpha": [0.5, 1.0]}})
     assert sweep_name(entry) != sweep_name({**entry, "select": {"rule": "mean_normalised"}})
+
+
+def test_tables_say_which_value_was_selected_from_which_grid(tmp_path):
+    from mergeflow.selection import write_selection_tables
+
+    scores, splits, _ = selection_fixture(tmp_path)
+    ids = {"a": "task_arithmetic-e1+e2-0000aaaa", "b": "task_arithmetic-e1+e2-0000bbbb"}
+    renamed = {(ids.get(m, m), b): f for (m, b), f in scores.items()}
+    sel = select([(ids["a"], {"lambda": 0.5}), (ids["b"], {"lambda": 1.0})], renamed, ["base"], ["gsm8k", "mbpp"],
+                 "mean_normalised", splits)
+    sel.update(sweep="sweep-task_arithmetic-e1+e2-12345678", grid={"lambda": [0.5, 1.0]}, normalise_by="base")
+    (tmp_path / "sel.json").write_text(json.dumps(sel))
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "merges_e1_e2.md").write_text("# Merge methods on e1 + e2\n\n| method | gsm8k |\n")
+    assert write_selection_tables([tmp_path / "sel.json"], tables) == [tables / "selection.md"]
+    text = (tables / "selection.md").read_text()
+    assert "Grid: lambda ∈ [0.5, 1.0]. Rule: mean_normalised (normalised by base), over gsm8k, mbpp." in text
+    rows = [line for line in text.splitlines() if line.startswith("| lambda")]
+    assert rows == [f"| lambda = 0.5 | {ids['a']} | 60.0 | 10.0 | 0.8500 |  |",
+                    f"| lambda = 1.0 | {ids['b']} | 40.0 | 30.0 | 1.1500 | ✓ |"]
+    note = (tables / "merges_e1_e2.md").read_text().splitlines()[-1]
+    assert note.startswith(f"Validation-selected: {ids['b']} (lambda = 1.0) from grid lambda ∈ [0.5, 1.0]")
+    assert write_selection_tables([], tables) == []

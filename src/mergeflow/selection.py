@@ -290,3 +290,50 @@ def run_select(args) -> int:
     atomic.write_text(args.out, json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"{args.sweep}: selected {result['selected']} {json.dumps(result['selected_params'], sort_keys=True)}")
     return 0
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def _values(params: dict, grid: dict) -> str:
+    return ", ".join(f"{k} = {params.get(k)}" for k in grid)
+
+
+def write_selection_tables(selection_files: list[Path], out_dir: Path) -> list[Path]:
+    """results/tables/selection.md (per sweep: the grid, the rule, each value's validation
+    objective, the selected one), and a line under the merge table of the sweep's experts
+    (merges_<experts>.md, when it exists) saying which value was selected from which grid."""
+    if not selection_files:
+        return []
+    out_dir = Path(out_dir)
+    lines = ["# Validation-selected hyperparameters", "",
+             "Each sweep's members were scored on the validation split only; the rule picked one, and only it was "
+             "evaluated on the test split (the other tables). Source: results/selection/*.json.", ""]
+    notes: dict[Path, list[str]] = {}
+    for path in selection_files:
+        sel = json.loads(Path(path).read_text(encoding="utf-8"))
+        rule = sel["rule"] + (f" (normalised by {sel['normalise_by']})" if sel.get("normalise_by") else "")
+        grid = "; ".join(f"{k} ∈ {v}" for k, v in sel["grid"].items())
+        lines += [f"## {sel['sweep']}", "", f"Grid: {grid}. Rule: {rule}, over {', '.join(sel['benchmarks'])}"
+                  + (f"; left out (reference 0): {', '.join(sel['skipped_benchmarks'])}" if sel["skipped_benchmarks"]
+                     else "") + ".", "",
+                  "| value | merge id | " + " | ".join(f"{b} (val.)" for b in sel["benchmarks"]) + " | objective | selected |",
+                  "|---|---|" + "---|" * len(sel["benchmarks"]) + "---|---|"]
+        for cand in sel["candidates"]:
+            obj = "—" if cand["objective"] is None else f"{cand['objective']:.4f}"
+            lines.append(f"| {_values(cand['params'], sel['grid'])} | {cand['merge_id']} | "
+                         + " | ".join(f"{100 * cand['scores'][b]:.1f}" for b in sel["benchmarks"])
+                         + f" | {obj} | {'✓' if cand['merge_id'] == sel['selected'] else ''} |")
+        lines.append("")
+        # a merge id is <method>-<experts joined by +>-<digest>; method names have no "-"
+        experts = sel["selected"].rsplit("-", 1)[0].split("-", 1)[-1]
+        target = out_dir / f"merges_{experts.replace('+', '_')}.md"
+        if target.is_file():
+            notes.setdefault(target, []).append(
+                f"Validation-selected: {sel['selected']} ({_values(sel['selected_params'], sel['grid'])}) from grid "
+                f"{grid}, rule {rule}; no other grid value was evaluated on test (selection.md).")
+    path = out_dir / "selection.md"
+    atomic.write_text(path, "\n".join(lines))
+    for target, extra in notes.items():
+        atomic.write_text(target, target.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + "\n".join(extra) + "\n")
+    return [path]

@@ -38,5 +38,6 @@ rule aggregate:
     shell:
         "workflow/scripts/mergeflow aggregate --scores {input.scores} {input.selected_scores} "
         "--merges {input.merges} {input.selected_merges} "
-        "--settings {params.settings:q} --agreement {input.agreement} --out {output.csv} --tables {output.tables} "
+        "--settings {params.settings:q} --agreement {input.agreement} --selection {input.selections} "
+        "--out {output.csv} --tables {output.tables} "
         "--plots {output.plots} > {log} 2>&1"

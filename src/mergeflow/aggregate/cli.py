@@ -15,6 +15,8 @@ def add_parser(subparsers) -> None:
                                           "JSON or a JSON file: what the workflow passes")
     p.add_argument("--agreement", nargs="*", default=[], type=Path,
                    help="judge agreement files (mergeflow judge agreement) for tables/judge_agreement.md")
+    p.add_argument("--selection", nargs="*", default=[], type=Path,
+                   help="results/selection/<sweep>.json of validation-selected sweeps (tables/selection.md)")
     p.add_argument("--out", required=True, type=Path, help="tidy CSV to write (Parquet goes beside it)")
     p.add_argument("--tables", required=True, type=Path, help="directory for Markdown/LaTeX tables")
     p.add_argument("--plots", type=Path, help="directory for figures (PNG)")
@@ -55,6 +57,9 @@ def run(args) -> int:
         path.write_text("# Abstract-level claims: ours vs published (points)\n\n" + claims.round(2).to_markdown(index=False) + "\n")
         written.append(path)
     add_judge_note(written, judge_note(frame, config["judge"].get("paper")))
+    from mergeflow.selection import write_selection_tables
+
+    written += write_selection_tables(args.selection, args.tables)
     if args.plots:
         from mergeflow.aggregate.plots import write_plots
 

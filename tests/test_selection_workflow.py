@@ -195,3 +195,52 @@ def test_selection_run_and_rerun_scope_after_editing_one_swept_value(tmp_path):
     for job in planned(work, edited):
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1
     assert counts == {"merge": 1, "generate": 1, "score": 2, "aggregate": 1, "all": 1}, counts
+
+
+@pytest.mark.slow
+def test_a_real_sweep_selects_on_validation_and_tabulates(tiny_model_dir, tmp_path):
+    """The whole chain on tiny checkpoints: split, validation merges / generations / scores,
+    the selection, the selected member on test, the aggregate's tables."""
+    from conftest import build_tiny_llama
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for item in ("workflow", "src", "envs"):
+        (work / item).symlink_to(ROOT / item)
+    build_tiny_llama(tmp_path / "expert", seed=1)
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K))
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["demo"]["enabled"] = False
+    cfg["robustness"] = {"enabled": False}
+    cfg["judge"].pop("agreement", None)
+    cfg["models"] = {"base": {"path": str(tiny_model_dir)}, "e": {"path": str(tmp_path / "expert")}}
+    cfg["benchmarks"] = {"gsm8k": {"path": str(tmp_path / "gsm8k.jsonl")}}
+    cfg["evaluate"] = {"models": "all", "benchmarks": ["gsm8k"], "gsm8k_judge": False}
+    cfg["validation"] = {"fraction": 0.4, "seed": 1}
+    cfg["merges"] = [{"method": "task_arithmetic", "experts": ["e"], "grid": {"lambda": [0.5, 1.0]},
+                      "select": {"rule": "mean"}}]
+    cfg["protocol"]["defaults"]["limit"] = 3
+    cfg["protocol"]["benchmarks"] = {"gsm8k": {**cfg["protocol"]["benchmarks"]["gsm8k"], "max_new_tokens": 4}}
+    name, (low, high) = members(cfg)
+    snakemake(work, cfg)
+    split = json.loads((work / "results" / "splits" / "gsm8k.json").read_text())
+    assert len(split["validation"]) == 4 and len(split["test"]) == 6 and split["source"]["seed"] == 1
+    selection = json.loads((work / "results" / "selection" / f"{name}.json").read_text())
+    assert selection["selected"] in (low, high)
+    unselected = high if selection["selected"] == low else low
+    for member in (low, high):  # both scored on validation docs only
+        docs = [json.loads(line)["doc_id"] for line in (work / "results" / "validation" / "scores" / member
+                                                        / "gsm8k.samples.jsonl").read_text().splitlines()]
+        assert docs and set(docs) <= set(split["validation"])
+    test_docs = [json.loads(line)["doc_id"] for line in (work / "results" / "scores" / selection["selected"]
+                                                         / "gsm8k.samples.jsonl").read_text().splitlines()]
+    assert test_docs and set(test_docs) <= set(split["test"])
+    assert not (work / "results" / "scores" / unselected).exists()
+    assert not (work / "results" / "generations" / unselected).exists()
+    import pandas as pd
+
+    models = set(pd.read_csv(work / "results" / "scores.csv")["model"])
+    assert selection["selected"] in models and unselected not in models
+    assert "✓" in (work / "results" / "tables" / "selection.md").read_text()
+    assert "Validation-selected: " + selection["selected"] in (work / "results" / "tables" / "merges_e.md").read_text()
+    assert "Nothing to be done" in snakemake(work, cfg, "-n")

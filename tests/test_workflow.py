@@ -187,6 +187,8 @@ STAGE_ENTRY = {
     "judge": "mergeflow.judge",
     "aggregate": "mergeflow.aggregate",
     "robustness": "mergeflow.robustness",
+    "split": "mergeflow.selection",
+    "select": "mergeflow.selection",
 }
 
 

@@ -196,6 +196,15 @@ def test_selection_run_and_rerun_scope_after_editing_one_swept_value(tmp_path):
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1
     assert counts == {"merge": 1, "generate": 1, "score": 2, "aggregate": 1, "all": 1}, counts
 
+    # the selected value itself edited away (0.3 -> 0.35) before its test jobs ran: the stale
+    # selection names no member, so nothing is asked of it; the new value's validation and the selection
+    again = sweep_config(work, [0.35, 1.0])
+    counts = {}
+    for job in planned(work, again):
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    assert counts == {"merge_validation": 1, "generate_validation": 1, "score_validation": 2, "select": 1,
+                      "aggregate": 1, "all": 1}, counts
+
 
 @pytest.mark.slow
 def test_a_real_sweep_selects_on_validation_and_tabulates(tiny_model_dir, tmp_path):

@@ -479,9 +479,13 @@ def select_args(wildcards):
 def selected_models():
     """Each sweep's selected member: known once its checkpoint has run (or is up to date)."""
     chosen = []
-    for name in SWEEPS:
+    for name, sweep in SWEEPS.items():
         with open(checkpoints.select.get(sweep=name).output[0], encoding="utf-8") as fh:
-            chosen.append(json.load(fh)["selected"])
+            selected = json.load(fh)["selected"]
+        # a stale selection (its value edited away) names no current member: the select job
+        # reruns, and Snakemake asks again once it has
+        if selected in sweep.members:
+            chosen.append(selected)
     return chosen
 
 

@@ -220,10 +220,10 @@ def plan_union(readers: dict, labels: list[str], reference: str, experts: list[s
             order[s] = {"token": s, "special": bool(a.special), "experts": [label], "_added": a}
     merged = load_tokenizer(paths[reference], names[reference])  # a fresh copy to extend
     run: list = []
-    for k, entry in enumerate(order.values()):  # in order: runs of equal special-ness per call
+    entries = list(order.values())
+    for k, entry in enumerate(entries):  # in order: runs of equal special-ness per call
         run.append(_copy(entry["_added"]))
-        last = k == len(order) - 1
-        if last or list(order.values())[k + 1]["special"] != entry["special"]:
+        if k == len(entries) - 1 or entries[k + 1]["special"] != entry["special"]:
             if entry["special"]:
                 _add_special(merged, run)
             else:

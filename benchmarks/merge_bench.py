@@ -44,6 +44,7 @@ METHODS = {
     "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01}, "breadcrumbs_ties",
                          {"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
     "model_stock": ("model_stock", {}, "model_stock", {}, {}),
+    "sce": ("sce", {"select_topk": 0.5}, "sce", {}, {"select_topk": 0.5}),
     # TSV-M, Iso-C (mergekit has none): against mergekit's task arithmetic, the same reads and writes
     "tsv_m": ("tsv_m", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     "iso_c": ("iso_c", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),

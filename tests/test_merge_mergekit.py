@@ -1,5 +1,5 @@
 """Agreement with mergekit 0.1.5 (PyPI) on tiny real checkpoints: task_arithmetic, ties,
-linear (our `average`), slerp, breadcrumbs, breadcrumbs_ties and model_stock, run through mergekit's own
+linear (our `average`), slerp, breadcrumbs, breadcrumbs_ties, model_stock and sce, run through mergekit's own
 Python entry point."""
 
 from __future__ import annotations
@@ -132,4 +132,16 @@ def test_model_stock_matches_mergekit(zoo, tmp_path):
     theirs = run_mergekit({"merge_method": "model_stock", "base_model": str(base), "dtype": "float32",
                            "models": [{"model": str(experts[e])} for e in EXPERTS]}, tmp_path / "mk")
     ours = run_ours("model_stock", {}, base, experts, tmp_path / "mf")
+    compare(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_matches_mergekit(zoo, tmp_path, select_topk):
+    base, experts = zoo
+    theirs = run_mergekit({"merge_method": "sce", "base_model": str(base), "dtype": "float32",
+                           "parameters": {"select_topk": select_topk},
+                           "models": [{"model": str(experts[e])} for e in EXPERTS]}, tmp_path / "mk")
+    ours = run_ours("sce", {"select_topk": select_topk}, base, experts, tmp_path / "mf")
+    # Same selection, election and fuse order; the coefficients' float32 sums may round apart
     compare(ours, theirs, atol=1e-6)

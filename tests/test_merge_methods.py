@@ -608,3 +608,68 @@ def test_svd_methods_through_the_engine(tiny_model_dir, tmp_path):
         else:
             want = v.double() + tau.double() / 2
         torch.testing.assert_close(out[k].double(), want, rtol=0, atol=2e-6, msg=k)
+
+
+# -- SCE (FuseChat; mergekit 0.1.5 `sce`) ---------------------------------------------------
+
+
+def ref_sce(d, select_topk):
+    """SCE written out (float64): keep the int(select_topk * #(var > 0)) elements of largest
+    variance across experts, c_t = mean(delta_t^2) normalised, keep experts agreeing with
+    sign(sum_t delta_t), tau = sum_t c_t delta_t [kept] / max(sum_t c_t [kept], 1e-6)."""
+    d = d.astype(np.float64)
+    if select_topk < 1:
+        var = d.var(0)
+        k = int(np.count_nonzero(var) * select_topk)
+        keep = np.zeros(var.size, dtype=bool)
+        keep[np.argsort(-var.ravel(), kind="stable")[:k]] = True
+        d = d * keep.reshape(var.shape)
+    c = (d ** 2).reshape(len(d), -1).mean(1)
+    c = c / c.sum() if abs(c.sum()) >= 1e-6 else np.full(len(d), 1 / len(d))
+    kept = np.sign(d) == np.where(d.sum(0) >= 0, 1.0, -1.0)
+    cw = c[:, None, None] * kept
+    return (cw * d).sum(0) / np.maximum(cw.sum(0), 1e-6)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_select_calculate_erase(select_topk):
+    base, ex = inputs(11, rows=7, cols=45)
+    got, m = run("sce", {"select_topk": select_topk, "lambda": 0.8}, base, ex)
+    np.testing.assert_allclose(got, base + 0.8 * ref_sce(deltas32(base, ex), select_topk), atol=ATOL, rtol=0)
+    assert m.granularity == "tensor" and not m.random and m.uses_base
+    if select_topk < 1:  # the selection zeroes all but 30 % of the merged deltas
+        assert np.count_nonzero(got - base) <= int(0.3 * got.size)
+
+
+def test_sce_matches_mergekits_steps_at_the_edges():
+    # mergekit's own helpers composed as its sce_merge does; bit for bit in float32
+    mk = pytest.importorskip("mergekit.merge_methods.sce")
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(9, 31, generator=g)
+    generic = torch.randn(3, 9, 31, generator=g) * 0.01
+    one_zero = generic.clone()
+    one_zero[1] = 0  # an expert equal to the base
+    cases = {"generic": generic, "one expert unchanged": one_zero, "all unchanged": torch.zeros(3, 9, 31),
+             "two experts": generic[:2].clone()}
+    for label, d in cases.items():
+        for topk in (1.0, 0.5, 0.07):
+            ex = base + d
+            tv = ex - base
+            if topk < 1:
+                tv = tv * mk.sce_mask(tv, topk, tv.dtype).unsqueeze(0)
+            erase = mk.sign_consensus_mask(tv, method="sum", mask_dtype=tv.dtype)
+            w = mk.sce_weight(tv).view(-1, 1, 1) * erase
+            want = base + (tv * w).sum(dim=0) / torch.sum(w, dim=0).clamp(min=1e-6)
+            got = methods.build("sce", {"select_topk": topk}, [f"e{i}" for i in range(len(d))], 0).merge(
+                methods.Block(NAME, base.clone(), ex.clone(), 0, 0))
+            assert torch.equal(got, want), (label, topk)
+
+
+def test_sce_params():
+    with pytest.raises(methods.ParamError, match="'select_topk': 0.0 is outside"):
+        methods.build("sce", {"select_topk": 0}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'density'.*use 'select_topk'|'density'.*select_topk"):
+        methods.build("sce", {"density": 0.5}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'weights'.*no weight"):
+        methods.build("sce", {"weights": [1, 2]}, ["a", "b"], 0)
+    assert methods.build("sce", {}, ["a", "b"], 0).params == {"lambda": 1.0, "select_topk": 1.0}

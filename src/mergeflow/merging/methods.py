@@ -228,6 +228,8 @@ K = Param("k", default=2.0, lo=0.0, help="Consensus: keep weights in at least k 
           hints={"prun_thre_k": "use 'k'"})
 GAMMA = Param("gamma", default=0.01, lo=0.0, hi=1.0,
               help="Breadcrumbs: fraction of each tensor's largest |delta| dropped as outliers")
+SELECT_TOPK = Param("select_topk", default=1.0, lo=0.0, hi=1.0, lo_open=True,
+                    help="SCE: fraction of each tensor's elements kept, those of largest variance across experts")
 
 
 # ---------------------------------------------------------------------------------------
@@ -670,6 +672,21 @@ def iso_c(b: Block, p: dict):
     d = b.deltas()
     tau = steps.iso_merge(steps.weighted_sum(d, [1.0] * d.shape[0])) if b.is_matrix else _mean_tau(d)
     return steps.scale_add(b.base, tau, p["lambda"])
+
+
+# SCE (FuseChat, Wan et al. 2024), as mergekit 0.1.5's `sce`: per tensor.
+_SCE_HINTS = {"density": "SCE's selection fraction is 'select_topk' (mergekit's name)",
+              "weights": "SCE computes each expert's coefficient from its deltas (mergekit's sce takes no weight)",
+              "weight": "SCE computes each expert's coefficient from its deltas (mergekit's sce takes no weight)",
+              "int8_mask": "a mergekit memory option; mergeflow's masks need no setting"}
+
+
+@merge_method("sce", (LAMBDA, SELECT_TOPK), granularity="tensor", hints=_SCE_HINTS)
+def sce(b: Block, p: dict):
+    """SCE: per tensor select the `select_topk` elements of largest variance across experts,
+    coefficients c_t from the mean square of each selected task vector, erase minority
+    signs; theta_b + lambda sum_t c_t delta_t [kept] / sum_t c_t [kept] (mergekit `sce`)."""
+    return steps.scale_add(b.base, steps.sce_fuse(b.deltas(), p["select_topk"]), p["lambda"])
 
 
 # ---------------------------------------------------------------------------------------

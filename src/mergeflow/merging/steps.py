@@ -696,3 +696,48 @@ def slerp(v0, v1, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
         theta = math.acos(dot)
         c0, c1 = math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
     return (v0 * f32(c0)).add_(v1 * f32(c1))
+
+
+def sce_fuse(deltas, select_topk: float):
+    """SCE (FuseChat, Wan et al. 2024, arXiv 2408.07990) of one whole tensor's task vectors
+    [N, ...], consumed, as mergekit 0.1.5's `sce`:
+
+    - select: where `select_topk` < 1 keep the int(select_topk · #(var > 0)) elements of
+      largest variance across the experts (population variance), zero the rest (ties: the
+      lower index, `topk_mask`; mergekit's topk leaves them arbitrary);
+    - calculate: c_t = mean(δ_t²) of the selected deltas, normalised to sum 1 (uniform 1/N
+      where the sum is below 1e-6);
+    - erase: γ = sign(Σ_t δ_t) (a zero sum counts as +), expert t kept where sign(δ_t) = γ;
+    - τ = Σ_t c_t δ_t [kept] / max(Σ_t c_t [kept], 1e-6).
+
+    The coefficients' sums are `cascade_sum`s (torch's CPU order, the same on every device);
+    the variance is torch's own `var` as in mergekit.
+    """
+    import numpy as np
+    import torch
+
+    n_tasks = deltas.shape[0]
+    if select_topk < 1:
+        var = torch.var(deltas, dim=0, unbiased=False)
+        # mergekit's k = int(count_nonzero(var) * select_topk), a float32 product
+        k = int(np.float32(int(torch.count_nonzero(var))) * np.float32(select_topk))
+        keep = topk_mask(var.view(1, -1), k).view(var.shape) if k > 0 else torch.zeros_like(var, dtype=torch.bool)
+        del var
+        deltas.mul_(keep.to(deltas.dtype))
+        del keep
+    n = deltas[0].numel()
+    # float32 scalars in mergekit's order: mean = sum / n, then weights / their float32 sum
+    c = np.array([cascade_sum(d * d) for d in deltas], dtype=np.float32) / np.float32(n)
+    total = np.float32(0)
+    for x in c:
+        total = np.float32(total + x)
+    c = np.full(n_tasks, np.float32(1) / np.float32(n_tasks)) if abs(float(total)) < 1e-6 else c / total
+    gamma = elected_sign(deltas)
+    den = None
+    for d, ct in zip(deltas, c.tolist()):
+        # c_t where expert t keeps its sign, else 0: mergekit's erased weights
+        w = (d.sign() == gamma).to(d.dtype).mul_(f32(ct))
+        d.mul_(w)
+        den = w if den is None else den.add_(w)
+    del gamma
+    return sum_experts(deltas).div_(den.clamp_(min=f32(1e-6)))

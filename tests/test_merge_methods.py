@@ -673,3 +673,82 @@ def test_sce_params():
     with pytest.raises(methods.ParamError, match="'weights'.*no weight"):
         methods.build("sce", {"weights": [1, 2]}, ["a", "b"], 0)
     assert methods.build("sce", {}, ["a", "b"], 0).params == {"lambda": 1.0, "select_topk": 1.0}
+
+
+# -- PCB-merging (Du et al., NeurIPS 2024; the authors' PCB_merge) ---------------------------
+
+
+def ref_pcb(d, pcb_ratio=0.1, clamp_ratio=0.0001, w=None):
+    """The authors' PCB_merge (duguodong7/pcb-merging, pcb-merging.py) in float64 numpy on
+    one tensor flattened to [N, d], with their per-task lams as w."""
+    x = d.astype(np.float64).reshape(len(d), -1)
+    n, dim = x.shape
+    w = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+
+    def clamp(v, min_ratio, max_ratio):  # the reference's sort-based clamp
+        srt = np.sort(v, axis=1)
+        return np.clip(v, srt[:, [int(dim * min_ratio)]], srt[:, [int(dim * (1 - max_ratio) - 1)]])
+
+    def normalize(v):
+        lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
+        return (v - lo) / (hi - lo)
+
+    a = clamp(np.abs(x), clamp_ratio, clamp_ratio)
+    score = np.exp(n * normalize(a) ** 2) * np.tanh(x * x.sum(0))
+    scale = normalize(clamp(score, 1 - pcb_ratio, 0))
+    tvs = np.sign(x) * a * w[:, None]
+    return ((tvs * scale).sum(0) / np.maximum(scale.sum(0), 1e-12)).reshape(d.shape[1:])
+
+
+@pytest.mark.parametrize("params", [{}, {"pcb_ratio": 0.3, "clamp_ratio": 0.02, "weights": [1.2, 0.8, 1.0],
+                                         "lambda": 0.7}])
+def test_pcb_balances_drops_and_rescales_as_the_reference(params):
+    base, ex = inputs(13, rows=7, cols=45)
+    got, m = run("pcb", params, base, ex)
+    want = ref_pcb(deltas32(base, ex), params.get("pcb_ratio", 0.1), params.get("clamp_ratio", 0.0001),
+                   params.get("weights"))
+    np.testing.assert_allclose(got, base + params.get("lambda", 1.0) * want, atol=ATOL, rtol=0)
+    assert m.granularity == "tensor" and not m.random
+    # each task keeps about pcb_ratio of its scores: the merge moves at most N times that many
+    kept = int(base.size - int(base.size * (1 - params.get("pcb_ratio", 0.1))))
+    assert 0 < np.count_nonzero(got - base) <= 3 * kept
+
+
+def test_pcb_by_hand_and_where_we_differ():
+    # two experts, four elements, no clamp, keep all but the lowest score (pcb_ratio 0.75)
+    d = np.array([[[0.2, -0.1, 0.4, 0.0]], [[0.2, 0.3, -0.4, 0.1]]], dtype=np.float32)
+    base = np.zeros((1, 4), dtype=np.float32)
+    got, _ = run("pcb", {"pcb_ratio": 0.75, "clamp_ratio": 0.0}, base, d)
+    np.testing.assert_allclose(got[0], ref_pcb(d, 0.75, 0.0)[0], atol=1e-6, rtol=0)
+    # by hand: intra_t = exp(2 minmax(|d_t|)^2), inter_t = tanh(d_t (d_1 + d_2)), the lowest score of
+    # each task scales to 0, the rest min-max; element 3 (opposed 0.4 / -0.4) sums to 0 and scores 0
+    x = d[:, 0].astype(np.float64)
+    a = np.abs(x)
+    score = np.exp(2 * ((a - a.min(1, keepdims=True)) / np.ptp(a, 1, keepdims=True)) ** 2) * np.tanh(x * x.sum(0))
+    lo = np.sort(score, 1)[:, [1]]
+    s = (np.maximum(score, lo) - lo) / (score.max(1, keepdims=True) - lo)
+    np.testing.assert_allclose(got[0], (x * s).sum(0) / np.maximum(s.sum(0), 1e-12), atol=1e-6, rtol=0)
+    assert got[0, 2] == 0.0
+    # an expert equal to the base in a tensor: the reference's min-max divides 0 by 0 (NaN
+    # everywhere); ours normalises that constant row to 0, so the other experts merge
+    d2 = d.copy()
+    d2[1] = 0
+    got, _ = run("pcb", {"pcb_ratio": 0.75, "clamp_ratio": 0.0}, base, d2)
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(ref_pcb(d2, 0.75, 0.0)).all()
+    assert np.isfinite(got).all() and np.count_nonzero(got) > 0
+
+
+def test_pcb_params():
+    with pytest.raises(methods.ParamError, match="'pcb_ratio': 0.0 is outside"):
+        methods.build("pcb", {"pcb_ratio": 0}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'clamp_ratio': 0.5 is outside"):
+        methods.build("pcb", {"clamp_ratio": 0.5}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'min_ratio'.*use 'clamp_ratio'"):
+        methods.build("pcb", {"min_ratio": 0.01}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'density'.*pcb_ratio"):
+        methods.build("pcb", {"density": 0.2}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'scaling_factor'.*use 'lambda'"):
+        methods.build("pcb", {"scaling_factor": 0.3}, ["a", "b"], 0)
+    p = methods.build("pcb", {}, ["a", "b"], 0).params
+    assert p == {"lambda": 1.0, "weights": [1.0, 1.0], "pcb_ratio": 0.1, "clamp_ratio": 0.0001}

@@ -197,7 +197,7 @@ COMBINES = ("average", "task_arithmetic", "ties")
 TRIM_SCOPES = ("tensor", "row", "model")
 
 LAMBDA = Param("lambda", default=1.0, help="scale of the fused task vector",
-               hints={"scaling_coefficient": "use 'lambda'"})
+               hints={"scaling_coefficient": "use 'lambda'", "scaling_factor": "use 'lambda'"})
 WEIGHTS = Param("weights", "weights", default=None, help="per-expert weights (default 1 each)",
                 hints={"weight": "use 'weights' (a list in expert order or {expert: weight})"})
 _DENSITY_HINT = {"param_value_mask_rate": "use 'mask_rate' (or density = 1 - mask_rate)"}
@@ -687,6 +687,26 @@ def sce(b: Block, p: dict):
     coefficients c_t from the mean square of each selected task vector, erase minority
     signs; theta_b + lambda sum_t c_t delta_t [kept] / sum_t c_t [kept] (mergekit `sce`)."""
     return steps.scale_add(b.base, steps.sce_fuse(b.deltas(), p["select_topk"]), p["lambda"])
+
+
+# PCB-merging (Du et al., NeurIPS 2024), as the authors' PCB_merge, per tensor; no evolutionary search.
+PCB_RATIO = Param("pcb_ratio", default=0.1, lo=0.0, hi=1.0, lo_open=True,
+                  help="PCB: fraction of each task's balanced scores kept (the rest get scale 0)")
+CLAMP_RATIO = Param("clamp_ratio", default=0.0001, lo=0.0, hi=0.5, hi_open=True,
+                    help="PCB: fraction of |delta| clamped at each end of each task's tensor (outliers)")
+_PCB_HINTS = {"density": "PCB keeps the top 'pcb_ratio' of its balanced scores",
+              "min_ratio": "use 'clamp_ratio' (both ends of the reference's outlier clamp)",
+              "max_ratio": "use 'clamp_ratio' (both ends of the reference's outlier clamp)",
+              "lams": "use 'weights' (the reference's per-task lams)"}
+
+
+@merge_method("pcb", (LAMBDA, WEIGHTS, PCB_RATIO, CLAMP_RATIO), granularity="tensor", hints=_PCB_HINTS)
+def pcb(b: Block, p: dict):
+    """PCB-merging: per tensor intra- (exp of N x the squared normalised |delta|) and
+    inter-balancing (tanh of delta_t sum_j delta_j), keep the top `pcb_ratio` of the scores
+    per task, theta_b + lambda sum_t w_t delta_t s_t / sum_t s_t (the authors' PCB_merge)."""
+    return steps.scale_add(b.base, steps.pcb_fuse(b.deltas(), p["pcb_ratio"], p["clamp_ratio"], p["weights"]),
+                           p["lambda"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -741,3 +741,59 @@ def sce_fuse(deltas, select_topk: float):
         den = w if den is None else den.add_(w)
     del gamma
     return sum_experts(deltas).div_(den.clamp_(min=f32(1e-6)))
+
+
+def _sorted_at_(x, lo: int, hi: int):
+    """Clamp each row of `x` [N, d] in place to [its lo-th, its hi-th smallest value]
+    (0-based: the values at those positions of the sorted row, as the PCB reference's `clamp`)."""
+    import torch
+
+    d = x.shape[1]
+    lo_v = torch.kthvalue(x, lo + 1, dim=1, keepdim=True).values if lo > 0 else None
+    hi_v = torch.kthvalue(x, hi + 1, dim=1, keepdim=True).values if hi < d - 1 else None
+    return x.clamp_(min=lo_v, max=hi_v) if lo_v is not None or hi_v is not None else x
+
+
+def _minmax_rows_(x):
+    """(x - min) / (max - min) per row of `x` [N, d], in place; a constant row gives 0 (the
+    PCB reference divides 0 by 0 there)."""
+    import torch
+
+    lo = x.amin(dim=1, keepdim=True)
+    span = x.amax(dim=1, keepdim=True).sub_(lo)
+    return x.sub_(lo).div_(torch.where(span > 0, span, torch.ones_like(span)))
+
+
+def pcb_fuse(deltas, pcb_ratio: float, clamp_ratio: float, weights):
+    """PCB-merging (Du et al., NeurIPS 2024, arXiv 2410.02396) of one whole tensor's task
+    vectors [N, ...], as the authors' `PCB_merge` (duguodong7/pcb-merging, pcb-merging.py),
+    the tensor flattened to [N, d]:
+
+    - |δ_t| clamped per task to its sorted values at int(d · c) and int(d · (1 − c) − 1)
+      (c = `clamp_ratio`, outliers), δ̃_t = sign(δ_t) |δ_t|clamped;
+    - intra-balancing exp(N · minmax(|δ̃_t|)²); inter-balancing tanh(δ_t · Σ_j δ_j);
+      score β_t = their product;
+    - drop: β_t clamped below at its sorted value at int(d · (1 − pcb_ratio)), then min-max
+      normalised (the lower 1 − pcb_ratio get 0): the scale s_t;
+    - τ = Σ_t w_t δ̃_t s_t / max(Σ_t s_t, 1e-12) (w_t: the reference's per-task `lams`).
+
+    float32 as the reference; a constant row normalises to 0 instead of 0/0.
+    """
+    n_tasks = deltas.shape[0]
+    shape = deltas.shape[1:]
+    x = deltas.reshape(n_tasks, -1)
+    d = x.shape[1]
+    a = _sorted_at_(x.abs(), int(d * clamp_ratio), int(d * (1 - clamp_ratio) - 1))
+    intra = _minmax_rows_(a.clone()).square_().mul_(n_tasks).exp_()
+    inter = (x * sum_experts(x)).tanh_()
+    score = intra.mul_(inter)
+    del inter
+    min_ratio = 1 - pcb_ratio  # the reference's clamp(task_pcb, min_ratio=1 - pcb_ratio, max_ratio=0)
+    scale = _minmax_rows_(_sorted_at_(score, int(d * min_ratio), int(d * (1 - 0) - 1)))
+    tvs = x.sign_().mul_(a)  # the clamped task vectors, in x's buffer
+    del a
+    for t, w in enumerate(weights):
+        if w != 1.0:
+            tvs[t].mul_(w)
+    den = sum_experts(scale).clamp_(min=f32(1e-12))
+    return sum_experts(tvs.mul_(scale)).div_(den).view(shape)

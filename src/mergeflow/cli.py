@@ -19,6 +19,7 @@ STAGES = [
     ("demo", "mergeflow.demo.cli"),
     ("fetch", "mergeflow.fetch"),
     ("merge", "mergeflow.merging.cli"),
+    ("check", "mergeflow.merging.check"),
     ("generate", "mergeflow.generation.cli"),
     ("likelihood", "mergeflow.generation.likelihood_cli"),
     ("score", "mergeflow.scoring.cli"),

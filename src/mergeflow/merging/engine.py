@@ -559,6 +559,11 @@ class MergeEngine:
             self._open()
             items = self._plan()
             self.timings["plan_s"] = time.time() - t
+            t = time.time()
+            from mergeflow.merging.check import for_engine  # (the pre-merge check: its own module)
+
+            self.check = for_engine(self)  # warnings logged; an error stops the merge before any write
+            self.timings["check_s"] = time.time() - t
             if self.device.type == "cuda":  # start CUDA before timing the merge itself
                 t = time.time()
                 torch.zeros(1, device=self.device)
@@ -767,6 +772,7 @@ class MergeEngine:
             "compute_dtype": "float32",
             "wall_time_s": round(time.time() - self.t0, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "check": self.check.metadata(),  # the pre-merge check's warnings and statistics
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         if self.union is not None:

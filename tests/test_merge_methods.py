@@ -752,3 +752,64 @@ def test_pcb_params():
         methods.build("pcb", {"scaling_factor": 0.3}, ["a", "b"], 0)
     p = methods.build("pcb", {}, ["a", "b"], 0).params
     assert p == {"lambda": 1.0, "weights": [1.0, 1.0], "pcb_ratio": 0.1, "clamp_ratio": 0.0001}
+
+
+# -- Iso-CTS (Marczak et al., ICML 2025; the authors' iso_cts as in FusionBench) ------------
+
+
+def ref_iso_cts(d, f):
+    """The authors' iso_cts on one matrix, float64 numpy: common subspace from the SVD of the
+    sum, each task's top directions of (I - U_c U_c^T) delta_t, U and V orthogonalised by
+    their polar factors, singular values set to their mean."""
+    d = d.astype(np.float64)
+    t, m, n = d.shape
+    r = min(m, n)
+    c = int(r * f)
+    c = r - round((r - c) / t) * t
+    k = int((r - c) / t)
+    u, s, vh = np.linalg.svd(d.sum(0), full_matrices=False)
+    uc = u[:, :c]
+    U, S, V = np.zeros((m, r)), np.zeros(r), np.zeros((r, n))
+    for i in range(t):
+        ui, si, vi = np.linalg.svd(d[i] - uc @ uc.T @ d[i], full_matrices=False)
+        U[:, i * k:(i + 1) * k], S[i * k:(i + 1) * k], V[i * k:(i + 1) * k] = ui[:, :k], si[:k], vi[:k]
+    U[:, t * k:], S[t * k:], V[t * k:] = uc, s[:c], vh[:c]
+
+    def polar(a):
+        p, _, q = np.linalg.svd(a, full_matrices=False)
+        return p @ q
+
+    return S.mean() * polar(U) @ polar(V)
+
+
+@pytest.mark.parametrize("rows,cols,f", [(8, 41, 0.8), (12, 10, 0.5), (9, 30, 0.0)])
+def test_iso_cts_common_and_task_subspaces(rows, cols, f):
+    base, ex = inputs(14, rows=rows, cols=cols)
+    got, m = run("iso_cts", {"common_space_fraction": f, "lambda": 0.6}, base, ex)
+    np.testing.assert_allclose(got, base + 0.6 * ref_iso_cts(deltas32(base, ex), f), atol=ATOL, rtol=0)
+    assert m.granularity == "tensor" and not m.random
+    # the task-specific directions make it another matrix than Iso-C's
+    iso_c, _ = run("iso_c", {"lambda": 0.6}, base, ex)
+    assert not np.allclose(got, iso_c, atol=1e-5)
+
+
+def test_iso_cts_edges():
+    base, ex = inputs(15, rows=8, cols=41)
+    # all of the rank common: Iso-C (the polar factors of orthonormal U, V are themselves)
+    got, _ = run("iso_cts", {"common_space_fraction": 1.0}, base, ex)
+    np.testing.assert_allclose(got, run("iso_c", {}, base, ex)[0], atol=ATOL, rtol=0)
+    # r = 2, 3 tasks, f = 0.1: the reference's rounding asks for 3 task directions of 2 (its
+    # common size goes negative); we give the task subspaces one share less: all common, Iso-C
+    b2, e2 = inputs(16, rows=2, cols=40)
+    got, _ = run("iso_cts", {"common_space_fraction": 0.1}, b2, e2)
+    np.testing.assert_allclose(got, run("iso_c", {}, b2, e2)[0], atol=ATOL, rtol=0)
+    # not a matrix: the mean task vector, as iso_c and the reference
+    d = deltas32(b2, e2).astype(np.float64)
+    for shape in [(80,), (2, 5, 8)]:
+        m = methods.build("iso_cts", {"lambda": 0.5}, ["a", "b", "c"], 0)
+        out = m.merge(methods.Block(NAME, torch.tensor(b2), torch.tensor(e2.copy()), 0, 0, shape=shape))
+        np.testing.assert_allclose(out.numpy(), b2 + 0.5 * d.mean(0), atol=ATOL, rtol=0)
+    with pytest.raises(methods.ParamError, match="'common_space_fraction': 1.5 is outside"):
+        methods.build("iso_cts", {"common_space_fraction": 1.5}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'scaling_factor'.*use 'lambda'"):
+        methods.build("iso_cts", {"scaling_factor": 1.0}, ["a", "b"], 0)

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from mergeflow.merging import methods, rng
-from test_merge_methods import (ATOL, N, NAME, deltas32, inputs, ref_dare, ref_disjoint, ref_magprune, ref_pcb,
-                               ref_sce, ref_trim)
+from test_merge_methods import (ATOL, N, NAME, deltas32, inputs, ref_dare, ref_disjoint, ref_iso_cts, ref_magprune,
+                               ref_pcb, ref_sce, ref_trim)
 
 ROOT = Path(__file__).resolve().parents[1]
 W = [1.0, 0.6, 1.4]
@@ -162,6 +162,7 @@ REFERENCE = {
     "model_stock": ({}, lambda base, ex, s, d: _stock_ref(base, d)),
     "tsv_m": ({"lambda": 0.8}, lambda base, ex, s, d: base + 0.8 * _tsv_ref(base, d)),
     "iso_c": ({"lambda": 1.3}, lambda base, ex, s, d: base + 1.3 * _iso_ref(d)),
+    "iso_cts": ({"lambda": 0.7}, lambda base, ex, s, d: base + 0.7 * ref_iso_cts(d, 0.8)),
     "sce": ({"select_topk": 0.4, "lambda": 0.9}, lambda base, ex, s, d: base + 0.9 * ref_sce(d, 0.4)),
     "pcb": ({"pcb_ratio": 0.3, "weights": W, "lambda": 0.8}, lambda base, ex, s, d: base + 0.8 * ref_pcb(d, 0.3, 0.0001, W)),
     "consensus_ta": ({"tall_mask_lambda": 0.4, "k": 2, "weights": W, "lambda": 0.8},

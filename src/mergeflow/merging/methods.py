@@ -674,6 +674,20 @@ def iso_c(b: Block, p: dict):
     return steps.scale_add(b.base, tau, p["lambda"])
 
 
+COMMON_FRACTION = Param("common_space_fraction", default=0.8, lo=0.0, hi=1.0,
+                        help="Iso-CTS: fraction of each matrix's rank given to the common subspace")
+
+
+@merge_method("iso_cts", (LAMBDA, COMMON_FRACTION), granularity="tensor")
+def iso_cts(b: Block, p: dict):
+    """Iso-CTS (isotropic merging in common and task-specific subspaces): per matrix the
+    common subspace of sum_t delta_t plus each task's top directions outside it, orthogonalised,
+    singular values all set to their mean; theta_b + lambda tau (other tensors: the mean delta)."""
+    d = b.deltas()
+    tau = steps.iso_cts_merge(d, p["common_space_fraction"]) if b.is_matrix else _mean_tau(d)
+    return steps.scale_add(b.base, tau, p["lambda"])
+
+
 # SCE (FuseChat, Wan et al. 2024), as mergekit 0.1.5's `sce`: per tensor.
 _SCE_HINTS = {"density": "SCE's selection fraction is 'select_topk' (mergekit's name)",
               "weights": "SCE computes each expert's coefficient from its deltas (mergekit's sce takes no weight)",

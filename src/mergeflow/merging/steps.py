@@ -797,3 +797,45 @@ def pcb_fuse(deltas, pcb_ratio: float, clamp_ratio: float, weights):
             tvs[t].mul_(w)
     den = sum_experts(scale).clamp_(min=f32(1e-12))
     return sum_experts(tvs.mul_(scale)).div_(den).view(shape)
+
+
+def iso_cts_merge(deltas, common_fraction: float):
+    """Iso-CTS of one matrix (Marczak et al., ICML 2025), as the authors' `iso_cts` (in
+    FusionBench): r = min(rows, cols), T tasks; the common subspace is the top c singular
+    vectors of Σ_t δ_t, c = r − round((r − int(r · f)) / T) · T (f = `common_fraction`, so
+    the rest splits evenly; where that rounding would exceed r, one share less); each task
+    adds the top k = (r − c) / T singular triplets of its δ_t projected off the common left
+    subspace, (I − U_c U_cᵀ) δ_t; U = [U_1 … U_T U_c] and V likewise are replaced by their
+    polar factors, and every singular value by their mean: returns mean(S) U_o V_oᵀ.
+    float32 LAPACK / cuSOLVER, as the reference. The projection is U_c (U_cᵀ δ_t), the
+    reference's (U_c U_cᵀ) δ_t without the rows x rows matrix (float32 rounding apart)."""
+    import torch
+
+    n_tasks, m, n = deltas.shape
+    r = min(m, n)
+    specific = round((r - int(r * common_fraction)) / n_tasks) * n_tasks
+    if specific > r:
+        specific -= n_tasks
+    common = r - specific
+    k = specific // n_tasks
+    u, s, vh = torch.linalg.svd(sum_experts(deltas), full_matrices=False)
+    uc = u[:, :common]
+    u_cat = deltas.new_zeros(m, r)
+    s_cat = deltas.new_zeros(r)
+    v_cat = deltas.new_zeros(r, n)
+    for i in range(n_tasks):
+        if k == 0:
+            break
+        w_ts = deltas[i] - uc @ (uc.T @ deltas[i])
+        ui, si, vi = torch.linalg.svd(w_ts, full_matrices=False)
+        u_cat[:, i * k:(i + 1) * k] = ui[:, :k]
+        s_cat[i * k:(i + 1) * k] = si[:k]
+        v_cat[i * k:(i + 1) * k] = vi[:k]
+        del w_ts, ui, si, vi
+    u_cat[:, specific:] = uc
+    s_cat[specific:] = s[:common]
+    v_cat[specific:] = vh[:common]
+    del u, s, vh
+    pu, _, qu = torch.linalg.svd(u_cat, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(v_cat, full_matrices=False)
+    return (pu @ qu).mul_(s_cat.mean()) @ (pv @ qv)

@@ -44,9 +44,9 @@ SAMPLE_WINDOWS = 4  # evenly spaced row windows a sampled tensor is read in
 FULL_BLOCK_ELEMENTS = 1 << 21  # --stats full: rows read per step (bounded memory)
 SHOW = 8  # token strings / tensor names listed in one message
 # Resident memory of a merge process before any block: the interpreter with torch and the
-# engine imported (`python -c "import mergeflow.merging.engine, torch"`: 0.33 GiB peak RSS
+# engine imported (`python -c "import mergeflow.merging.engine, torch"`: 0.22 GiB peak RSS
 # here, benchmarks/README.md "Pre-merge check"), rounded up.
-PROCESS_BYTES = 400 << 20
+PROCESS_BYTES = 256 << 20
 # A CUDA merge process also maps the CUDA libraries: 1.33-1.60 GiB peak RSS at 2.7 B on an H200
 # (benchmarks/measured/2026-12-02-h200-2.7b-one-engine.jsonl) less its 0.31 GiB of pinned slabs.
 CUDA_PROCESS_BYTES = 1280 << 20

@@ -45,6 +45,7 @@ METHODS = {
                          {"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
     "model_stock": ("model_stock", {}, "model_stock", {}, {}),
     "sce": ("sce", {"select_topk": 0.5}, "sce", {}, {"select_topk": 0.5}),
+    "multislerp": ("multislerp", {"interpolate": "task_vectors"}, "multislerp", {"weight": 1.0}, {}),
     # TSV-M, Iso-C (mergekit has none): against mergekit's task arithmetic, the same reads and writes
     "tsv_m": ("tsv_m", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     "iso_c": ("iso_c", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),

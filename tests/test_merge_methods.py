@@ -813,3 +813,100 @@ def test_iso_cts_edges():
         methods.build("iso_cts", {"common_space_fraction": 1.5}, ["a", "b"], 0)
     with pytest.raises(methods.ParamError, match="'scaling_factor'.*use 'lambda'"):
         methods.build("iso_cts", {"scaling_factor": 1.0}, ["a", "b"], 0)
+
+
+# -- NuSLERP and Multi-SLERP (mergekit 0.1.5 `nuslerp`, `multislerp`) ------------------------
+
+
+def ref_nuslerp(v0, v1, t):
+    """mergekit's nuslerp (flattened) in float64: normalised vectors (norms clamped at 1e-7),
+    linear where 1 - cos^2 <= 1e-16, else (sin((1 - t) O) v0 + sin(t O) v1) / sin O."""
+    v0, v1 = v0.astype(np.float64), v1.astype(np.float64)
+    cos = np.clip((v0 / max(np.linalg.norm(v0), 1e-7) * (v1 / max(np.linalg.norm(v1), 1e-7))).sum(), -1, 1)
+    if 1 - cos ** 2 <= 1e-16:
+        return (1 - t) * v0 + t * v1
+    th = np.arccos(cos)
+    return (np.sin((1 - t) * th) * v0 + np.sin(t * th) * v1) / np.sin(th)
+
+
+def ref_multislerp(x, w, eps=1e-8):
+    """mergekit's multislerp in float64: the normalised weighted mean of the unit vectors,
+    the weighted tangent there, the exponential map, scaled by the weighted mean norm."""
+    shape = x.shape[1:]
+    x = x.astype(np.float64).reshape(len(x), -1)
+    w = np.asarray(w, dtype=np.float64) / sum(w)
+    norms = np.linalg.norm(x, axis=1)
+    u = x / (norms[:, None] + eps)
+    m = (u * w[:, None]).sum(0)
+    m /= np.linalg.norm(m)
+    g = ((u - (u @ m)[:, None] * m) * w[:, None]).sum(0)
+    gn = np.linalg.norm(g) + eps
+    return ((m * np.cos(gn) + g * np.sin(gn) / gn) * (norms * w).sum()).reshape(shape)
+
+
+def test_nuslerp_matches_mergekits_function():
+    mk = pytest.importorskip("mergekit.merge_methods.nuslerp")
+    g = torch.Generator().manual_seed(17)
+    a = torch.randn(7, 33, generator=g)
+    cases = {"generic": torch.randn(7, 33, generator=g), "parallel": a * 2.5, "antiparallel": -a,
+             "near parallel": a + 1e-3 * torch.randn(7, 33, generator=g), "zero": torch.zeros(7, 33)}
+    for label, b in cases.items():
+        for w in ([1.0, 1.0], [0.3, 0.7], [2.0, -0.5], [1.0, -1.0]):
+            t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+            ours = methods.build("nuslerp", {"weights": w}, ["a", "b"], 0).merge(
+                methods.Block(NAME, None, torch.stack([a, b]), 0, 0))
+            theirs = mk.nuslerp(t, a, b, flatten=True)
+            # antiparallel: float32 cos = -0.99999994 in both, not colinear, so both take the
+            # spherical branch, where 1 / sin(theta) ~ 3e3 magnifies the float32 rounding
+            tol = 2e-3 if label == "antiparallel" else 1e-5
+            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=f"{label} w={w}")
+            if label == "antiparallel" and 0 < t < 1:  # ... whose limit is not the linear interpolation
+                assert not torch.allclose(ours, (1 - t) * a + t * b, atol=1e-2) or t == 0.5
+            if label != "antiparallel":  # (in float64 cos is -1 there: the linear branch)
+                np.testing.assert_allclose(ours.numpy(), ref_nuslerp(a.numpy(), b.numpy(), t), rtol=1e-5, atol=1e-5)
+
+
+def test_nuslerp_of_task_vectors_and_params():
+    base, ex = inputs(18, rows=5, cols=30, n=2)
+    got, m = run("nuslerp", {"weights": [0.25, 0.75], "interpolate": "task_vectors"}, base, ex)
+    d = deltas32(base, ex)
+    np.testing.assert_allclose(got, base + ref_nuslerp(d[0], d[1], 0.75), atol=ATOL, rtol=0)
+    assert m.uses_base and m.granularity == "tensor"
+    got, m = run("nuslerp", {}, None, ex)
+    np.testing.assert_allclose(got, ref_nuslerp(ex[0], ex[1], 0.5), atol=ATOL, rtol=0)
+    assert not m.uses_base
+    with pytest.raises(methods.ParamError, match="exactly two experts"):
+        methods.build("nuslerp", {}, ["a", "b", "c"], 0)
+    with pytest.raises(methods.ParamError, match="'t'.*takes 'weights'"):
+        methods.build("nuslerp", {"t": 0.3}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'nuslerp_flatten'.*one vector"):
+        methods.build("nuslerp", {"nuslerp_flatten": False}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'interpolate'"):
+        methods.build("nuslerp", {"interpolate": "rows"}, ["a", "b"], 0)
+
+
+def test_multislerp_on_the_sphere_and_its_edges():
+    base, ex = inputs(19, rows=6, cols=25)
+    w = [0.5, 1.0, 1.5]
+    got, m = run("multislerp", {"weights": w}, None, ex)
+    np.testing.assert_allclose(got, ref_multislerp(ex, w), atol=ATOL, rtol=0)
+    assert not m.uses_base and m.granularity == "tensor"
+    got, _ = run("multislerp", {"weights": w, "interpolate": "task_vectors"}, base, ex)
+    np.testing.assert_allclose(got, base + ref_multislerp(deltas32(base, ex), w), atol=ATOL, rtol=0)
+    # two experts: the same great circle as NuSLERP's at t = 1/2 where the norms are equal
+    a = ex[0] / np.linalg.norm(ex[0])
+    b = ex[1] / np.linalg.norm(ex[1])
+    two = np.stack([a, b]).astype(np.float32)
+    np.testing.assert_allclose(run("multislerp", {}, None, two)[0], ref_nuslerp(a, b, 0.5), atol=1e-6, rtol=0)
+    # antipodal pair with equal weights: the linear mean (0), as mergekit; three experts: an error
+    anti = np.stack([a, -a]).astype(np.float32)
+    np.testing.assert_array_equal(run("multislerp", {}, None, anti)[0], np.zeros_like(a))
+    with pytest.raises(MergeflowError, match=f"tensor '{NAME}'.*weighted mean of the normalised experts is zero"):
+        run("multislerp", {"weights": [1.0, 1.0, 2.0]}, None, np.stack([a, -a, np.zeros_like(a)]).astype(np.float32),
+            name=NAME)
+    with pytest.raises(methods.ParamError, match="weights sum to zero"):
+        methods.build("multislerp", {"weights": [1, -1]}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="'normalize_weights'.*always normalises"):
+        methods.build("multislerp", {"normalize_weights": False}, ["a", "b"], 0)
+    with pytest.raises(methods.ParamError, match="at least two experts"):
+        methods.build("multislerp", {}, ["a"], 0)

@@ -15,7 +15,7 @@ import yaml
 
 from mergeflow.merging import methods, rng
 from test_merge_methods import (ATOL, N, NAME, deltas32, inputs, ref_dare, ref_disjoint, ref_iso_cts, ref_magprune,
-                               ref_pcb, ref_sce, ref_trim)
+                               ref_multislerp, ref_nuslerp, ref_pcb, ref_sce, ref_trim)
 
 ROOT = Path(__file__).resolve().parents[1]
 W = [1.0, 0.6, 1.4]
@@ -154,6 +154,9 @@ REFERENCE = {
     "nodrop_noelect": ({"weights": W}, lambda base, ex, s, d: base + 1.1 * _wmean(d, W)),
     "m3": ({"alpha": 0.5, "lambda": 0.8}, _m3_ref),
     "slerp": ({"t": 0.3}, lambda base, ex, s, d: _slerp_ref(ex[0], ex[1], 0.3)),
+    "nuslerp": ({"weights": [1.0, 0.6], "interpolate": "task_vectors"},
+                lambda base, ex, s, d: base + ref_nuslerp(d[0], d[1], 0.6 / 1.6)),
+    "multislerp": ({"weights": W}, lambda base, ex, s, d: ref_multislerp(ex, W)),
     "breadcrumbs": ({"density": 0.6, "gamma": 0.05, "weights": W, "lambda": 0.9},
                     lambda base, ex, s, d: base + 0.9 * _wsum(np.stack([_crumbs(x, 0.6, 0.05) for x in d]), W)),
     "breadcrumbs_ties": ({"density": 0.5, "gamma": 0.1, "weights": W, "lambda": 1.2},
@@ -183,7 +186,7 @@ def _run(method, params, base, ex, seed=5, row0=0, experts=None):
 
 def _inputs_for(method, seed=3):
     base, ex = inputs(seed, rows=8, cols=41)
-    return (base, ex[:2]) if method == "slerp" else (base, ex)
+    return (base, ex[:2]) if method in ("slerp", "nuslerp") else (base, ex)
 
 
 def test_every_registered_method_has_a_reference():

@@ -580,6 +580,61 @@ def slerp(b: Block, p: dict):
     return steps.slerp(b.experts[0], b.experts[1], p["t"])
 
 
+# NuSLERP and Multi-SLERP, as mergekit 0.1.5's `nuslerp` and `multislerp`: per tensor.
+INTERPOLATE = Param("interpolate", "choice", default="weights", choices=("weights", "task_vectors"),
+                    help="NuSLERP / Multi-SLERP: the experts' weights (no base), or their task vectors, "
+                         "added to the base (mergekit with a base_model)")
+_NUSLERP_HINTS = {
+    "t": "nuslerp takes 'weights' (t = w_2 / (w_1 + w_2)); method 'slerp' takes t",
+    "nuslerp_flatten": "mergeflow's nuslerp treats each tensor as one vector (mergekit's default, true)",
+    "nuslerp_row_wise": "mergeflow's nuslerp treats each tensor as one vector (mergekit's nuslerp_flatten)",
+    "normalize_weights": "multislerp always normalises the weights to sum 1 (mergekit's default)",
+    "eps": "fixed at mergekit's 1e-8"}
+
+
+def _to_base(p: dict) -> bool:
+    return p["interpolate"] == "task_vectors"
+
+
+def _nuslerp_check(m: str, p: dict, experts, seed) -> dict:
+    if len(experts) != 2:
+        raise ParamError(m, "experts", f"NuSLERP interpolates exactly two experts, got {len(experts)}")
+    return p
+
+
+@merge_method("nuslerp", (WEIGHTS, INTERPOLATE), uses_base=_to_base, granularity="tensor", check=_nuslerp_check,
+              hints=_NUSLERP_HINTS)
+def nuslerp(b: Block, p: dict):
+    """NuSLERP: spherical interpolation of two experts (or their task vectors, added to the
+    base) at t = w_2 / (w_1 + w_2), each tensor one vector (mergekit `nuslerp`)."""
+    w = p["weights"]
+    t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    if _to_base(p):
+        d = b.deltas()
+        return steps.nuslerp(d[0], d[1], t).add_(b.base)
+    return steps.nuslerp(b.experts[0], b.experts[1], t)
+
+
+def _multislerp_check(m: str, p: dict, experts, seed) -> dict:
+    if len(experts) < 2:
+        raise ParamError(m, "experts", f"Multi-SLERP interpolates at least two experts, got {len(experts)}")
+    return _nonzero_sum(m, p, experts, seed)
+
+
+@merge_method("multislerp", (WEIGHTS, INTERPOLATE), uses_base=_to_base, granularity="tensor",
+              check=_multislerp_check, hints=_NUSLERP_HINTS)
+def multislerp(b: Block, p: dict):
+    """Multi-SLERP: barycentric interpolation on the hypersphere of the experts (or their task
+    vectors, added to the base) with the normalised weights, each tensor one vector (mergekit
+    `multislerp`)."""
+    x = b.deltas() if _to_base(p) else b.experts
+    try:
+        out = steps.multislerp(x, p["weights"])
+    except steps.InterpolationError as e:
+        raise MergeflowError(f"merge method 'multislerp': tensor {b.name!r}: {e}") from None
+    return out.add_(b.base) if _to_base(p) else out
+
+
 # Model Breadcrumbs (Davari & Belilovsky 2023) as mergekit 0.1.5 runs it: per tensor.
 BREADCRUMBS_PARAMS = (LAMBDA, WEIGHTS, DENSITY, MASK_RATE, GAMMA)
 

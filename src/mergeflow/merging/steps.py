@@ -839,3 +839,66 @@ def iso_cts_merge(deltas, common_fraction: float):
     pu, _, qu = torch.linalg.svd(u_cat, full_matrices=False)
     pv, _, qv = torch.linalg.svd(v_cat, full_matrices=False)
     return (pu @ qu).mul_(s_cat.mean()) @ (pv @ qv)
+
+
+def _norm(v) -> float:
+    """The L2 norm of a tensor seen as a vector, from a fixed-order `cascade_sum` (float64 on the host)."""
+    import math
+
+    return math.sqrt(cascade_sum(v * v))
+
+
+def nuslerp(v0, v1, t: float, eps: float = 1e-8):
+    """mergekit's `nuslerp` with `nuslerp_flatten` (its default): each tensor one vector,
+    normalised with norms clamped at 1e-7; cos Ω clamped to [−1, 1]; linear
+    (1 − t) v0 + t v1 where 1 − cos² Ω <= eps² (exactly (anti)parallel in float32), else
+    (sin((1 − t)Ω) v0 + sin(tΩ) v1) / sin Ω. Scalars in float64 on the host (`cascade_sum`)."""
+    import math
+
+    n0, n1 = max(_norm(v0), 1e-7), max(_norm(v1), 1e-7)
+    cos = max(-1.0, min(1.0, cascade_sum(div_exact_(v0.clone(), f32(n0)).mul_(div_exact_(v1.clone(), f32(n1))))))
+    if 1.0 - f32(cos) ** 2 <= eps ** 2:
+        c0, c1 = 1.0 - t, t
+    else:
+        theta = math.acos(cos)
+        c0, c1 = math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return (v0 * f32(c0)).add_(v1 * f32(c1))
+
+
+class InterpolationError(ValueError):
+    """Multi-SLERP cannot place the experts' mean on the sphere (it is zero)."""
+
+
+def multislerp(x, weights, eps: float = 1e-8):
+    """mergekit's `multislerp` (barycentric interpolation on the hypersphere) of the stack
+    x [N, ...] (weights or task vectors), each tensor one vector; `weights` normalised to
+    sum 1. u_t = x_t / (‖x_t‖ + eps); m = Σ w_t u_t / ‖Σ w_t u_t‖; tangents
+    g_t = u_t − (u_t · m) m, g = Σ w_t g_t; the exponential map
+    m cos ‖g‖ + g sin ‖g‖ / ‖g‖ (‖g‖ + eps), scaled by Σ w_t ‖x_t‖. Where Σ w_t u_t is 0:
+    two experts interpolate linearly, more raise InterpolationError. Consumes x. Scalars in
+    float64 on the host from `cascade_sum`s."""
+    import math
+
+    total = sum(weights)
+    w = [wt / total for wt in weights]
+    norms = [_norm(v) for v in x]
+    mean = None
+    for v, nrm, wt in zip(x, norms, w):
+        u = div_exact_(v.clone(), f32(nrm + eps)).mul_(f32(wt))
+        mean = u if mean is None else mean.add_(u)
+        del u
+    mean_norm = _norm(mean)
+    if mean_norm < eps:
+        if len(w) == 2:
+            return (x[0] * f32(w[0])).add_(x[1] * f32(w[1]))
+        raise InterpolationError("the weighted mean of the normalised experts is zero (antipodal experts "
+                                 "with balancing weights): change the weights")
+    div_exact_(mean, f32(mean_norm))
+    for v, nrm in zip(x, norms):
+        div_exact_(v, f32(nrm + eps))  # x now holds the unit vectors
+    for u in x:
+        u.sub_(mean * f32(cascade_sum(u * mean)))  # the tangent at the mean
+    g = weighted_sum(x, w)
+    gn = _norm(g) + eps
+    out = (mean * f32(math.cos(gn))).add_(g.mul_(f32(math.sin(gn) / gn)))
+    return out.mul_(f32(sum(nrm * wt for nrm, wt in zip(norms, w))))

@@ -93,10 +93,27 @@ class VocabUnion:
     files: dict[str, str]  # tokenizer files of the merged tokenizer (name -> text)
     sources: dict[str, dict] = field(default_factory=dict)  # tensor -> label -> LongTensor (-1: fill)
     filled: dict[str, dict[str, int]] = field(default_factory=dict)  # tensor -> label -> rows filled
+    _pair_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_tokens(self) -> int:
         return max(self.merged_vocab.values()) + 1
+
+    def _pairs(self, label: str):
+        """(output ids, this input's ids) of the tokens the input has, matched by string; its token ids."""
+        import numpy as np
+        import torch
+
+        if "" not in self._pair_cache:  # the output ids, in merged_vocab's order
+            self._pair_cache[""] = np.fromiter(self.merged_vocab.values(), dtype=np.int64, count=len(self.merged_vocab))
+        if label not in self._pair_cache:
+            vocab = self.vocabs[label]
+            out_ids = self._pair_cache[""]
+            in_ids = np.fromiter((vocab.get(s, -1) for s in self.merged_vocab), dtype=np.int64, count=out_ids.size)
+            has = in_ids >= 0
+            self._pair_cache[label] = (torch.from_numpy(out_ids[has]), torch.from_numpy(in_ids[has]),
+                                       torch.from_numpy(np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))))
+        return self._pair_cache[label]
 
     def rows_for(self, name: str, shapes: dict[str, tuple[int, ...]]) -> int | None:
         """Rows of output tensor `name` (None: unchanged), after planning its row sources."""
@@ -106,69 +123,73 @@ class VocabUnion:
         import torch
 
         rows = max(ref[0], self.n_tokens)
-        out_tokens = {i: s for s, i in self.merged_vocab.items()}
+        out_token = torch.zeros(rows, dtype=torch.bool)
+        self._pairs(self.reference)
+        out_token[torch.from_numpy(self._pair_cache[""])] = True
+        r = torch.arange(rows)
         identity = all(s[0] == rows for s in shapes.values())
         sources, filled = {}, {}
         for label in self.labels:
             n = shapes[label][0]
-            vocab = self.vocabs[label]
-            token_rows = set(vocab.values())
-            idx = [-1] * rows
-            for i in range(rows):
-                s = out_tokens.get(i)
-                if s is None:  # a row with no token in the output: same index, if untaken there
-                    if i < n and i not in token_rows:
-                        idx[i] = i
-                    continue
-                j = vocab.get(s)
-                if j is None:
-                    continue
-                if j >= n:
-                    raise MergeflowError(f"{POLICY}: token {s!r} has id {j} in the tokenizer of "
-                                         f"{self.input_labels[label]}, but its tensor {name!r} has only {n} rows")
-                idx[i] = j
-            identity = identity and idx == list(range(rows))
-            sources[label] = torch.tensor(idx, dtype=torch.long)
-            filled[label] = idx.count(-1)
+            out_ids, in_ids, token_ids = self._pairs(label)
+            if in_ids.numel() and int(in_ids.max()) >= n:
+                j = int(in_ids.max())
+                s = next(t for t, i in self.vocabs[label].items() if i == j)
+                raise MergeflowError(f"{POLICY}: token {s!r} has id {j} in the tokenizer of "
+                                     f"{self.input_labels[label]}, but its tensor {name!r} has only {n} rows")
+            in_token = torch.zeros(max(n, rows), dtype=torch.bool)
+            in_token[token_ids] = True
+            idx = torch.full((rows,), -1, dtype=torch.long)
+            # a row with no token in the output: the same index, where that row holds no token either
+            pad = ~out_token & (r < n) & ~in_token[:rows]
+            idx[pad] = r[pad]
+            idx[out_ids] = in_ids
+            identity = identity and torch.equal(idx, r)
+            sources[label] = idx
+            filled[label] = int((idx < 0).sum())
         if identity:
             return None
         self.sources[name], self.filled[name] = sources, filled
         return rows
 
     def assemble(self, name: str, raw: dict):
-        """{label: float32 [rows_in, cols]} -> {label: float32 [rows_out, cols]} by token string."""
+        """{label: float32 [rows_in, cols]} -> {label: float32 [rows_out, cols]} by token string.
+
+        Rows are gathered and filled by index (exact copies); only the few filled rows are computed."""
         import torch
 
         src = self.sources[name]
-        out, have = {}, {}
+        out, miss = {}, {}
         for label, t in raw.items():
             idx = src[label].to(t.device)
-            ok = idx >= 0
-            o = torch.empty((idx.numel(), t.shape[1]), dtype=torch.float32, device=t.device)
-            o[ok] = t.index_select(0, idx[ok])
-            out[label], have[label] = o, ok
+            out[label] = t.index_select(0, idx.clamp(min=0))  # rows at -1 are filled below
+            miss[label] = (idx < 0).nonzero().squeeze(1)
         if self.uses_base:
-            base, ok = out["base"], have["base"]
-            if not bool(ok.all()):  # the mean on the CPU: a CUDA reduction orders it otherwise (as pad_mean)
+            base, m = out["base"], miss["base"]
+            if m.numel():  # the mean on the CPU: a CUDA reduction orders it otherwise (as pad_mean)
                 mean = raw["base"].cpu().mean(dim=0, keepdim=True, dtype=torch.float64).to(torch.float32)
-                base[~ok] = mean.to(base.device).expand(int((~ok).sum()), -1)
+                base.index_copy_(0, m, mean.to(base.device).expand(m.numel(), -1))
             for label in self.experts:
-                miss = ~have[label]
-                if bool(miss.any()):
-                    out[label][miss] = base[miss]  # a zero task vector where the expert lacks the token
+                m = miss[label]
+                if m.numel():  # a zero task vector where the expert lacks the token
+                    out[label].index_copy_(0, m, base.index_select(0, m))
+            return out
+        need = torch.unique(torch.cat([miss[label] for label in self.experts]))  # rows some expert lacks
+        if not need.numel():
             return out
         total, count = None, None
         for label in self.experts:  # fixed order, float64: the same sum on every device
-            t = torch.where(have[label][:, None], out[label].double(), 0.0)
+            have = ~torch.isin(need, miss[label])
+            t = torch.where(have[:, None], out[label].index_select(0, need).double(), 0.0)
             total = t if total is None else total + t
-            count = have[label].double() if count is None else count + have[label].double()
+            count = have.double() if count is None else count + have.double()
         if bool((count == 0).any()):  # cannot happen: every output token comes from some input
-            raise MergeflowError(f"{POLICY}: tensor {name!r}: row {int((count == 0).nonzero()[0])} has no source")
+            raise MergeflowError(f"{POLICY}: tensor {name!r}: row {int(need[count == 0][0])} has no source")
         fill = (total / count[:, None]).to(torch.float32)
         for label in self.experts:
-            miss = ~have[label]
-            if bool(miss.any()):
-                out[label][miss] = fill[miss]
+            m = miss[label]
+            if m.numel():  # the mean of the experts that have the token
+                out[label].index_copy_(0, m, fill[torch.searchsorted(need, m)])
         return out
 
     def metadata(self) -> dict:

@@ -46,9 +46,11 @@ METHODS = {
     "model_stock": ("model_stock", {}, "model_stock", {}, {}),
     "sce": ("sce", {"select_topk": 0.5}, "sce", {}, {"select_topk": 0.5}),
     "multislerp": ("multislerp", {"interpolate": "task_vectors"}, "multislerp", {"weight": 1.0}, {}),
-    # TSV-M, Iso-C (mergekit has none): against mergekit's task arithmetic, the same reads and writes
+    # TSV-M, Iso-C, Iso-CTS, PCB (mergekit has none): against mergekit's task arithmetic, the same reads and writes
     "tsv_m": ("tsv_m", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     "iso_c": ("iso_c", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
+    "iso_cts": ("iso_cts", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
+    "pcb": ("pcb", {}, "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     # M3 (mergekit has none): against mergekit's method doing the same work with fixed weights
     "m3_ta": ("m3", {"alpha": 0.5}, "task_arithmetic", {"weight": 0.33}, {"lambda": 1.0}),
     "m3_ties": ("m3", {"alpha": 0.5, "combine": "ties", "density": 0.5}, "ties",

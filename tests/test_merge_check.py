@@ -378,3 +378,25 @@ def test_a_merge_of_incompatible_inputs_via_the_cli_exits_2(good, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and repr(HEAD) in err
     assert not out.exists()
+
+
+def test_vocabulary_of_the_real_llama2_tokenizer(tmp_path):
+    """tokenizer.json, tokenizer.model (sentencepiece) and transformers agree on the real
+    Llama-2 vocabulary; CodeLlama's added tokens (tokenizer_config.json) are read."""
+    from transformers import AutoTokenizer
+
+    from real_assets import llama2_tokenizer_dir
+
+    src = llama2_tokenizer_dir()
+    spm = tmp_path / "spm"
+    spm.mkdir()
+    shutil.copy(src / "tokenizer.model", spm / "tokenizer.model")
+    from_json, from_spm = check.load_vocab(src), check.load_vocab(spm)
+    assert (from_json.source, from_spm.source) == ("tokenizer.json", "tokenizer.model")
+    want = {i: t for t, i in AutoTokenizer.from_pretrained(str(src)).get_vocab().items()}
+    assert from_json.tokens == want and from_spm.tokens == want and len(want) == 32000
+    (spm / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(32000 + i): {"content": t, "special": False} for i, t in enumerate(["▁<PRE>", "▁<SUF>", "▁<MID>"])}}))
+    code = check.load_vocab(spm)
+    assert [code.tokens[i] for i in (32000, 32001, 32002)] == ["▁<PRE>", "▁<SUF>", "▁<MID>"]
+    assert code.added == {32000, 32001, 32002}

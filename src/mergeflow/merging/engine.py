@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import threading
@@ -49,6 +50,7 @@ OUTPUT_DTYPES = methods.OUTPUT_DTYPES
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 MAX_ELEMENTS = 1 << 32
 SLAB_BYTES = 8 << 20  # pinned staging buffer size for GPU transfers
+HEAD_TENSOR = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")  # an output head a model may tie away
 
 
 class PinnedPool:
@@ -172,6 +174,14 @@ def _disk_full(out: Path, err: BaseException) -> MergeflowError | None:
     return None
 
 
+def _tie_hint(names: list[str], tied: str, untied: str) -> str:
+    """Where an output head is the one tensor in one input only: one ties it to the embedding."""
+    if len(names) != 1 or not HEAD_TENSOR.search(names[0]):
+        return ""
+    return (f": {tied} ties its output head to its input embedding (one tensor), {untied} stores its own; "
+            f"merge models tied alike (`mergeflow check` says which)")
+
+
 def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) <= 1:
         n = shape[0] if shape else 1
@@ -238,11 +248,13 @@ class MergeEngine:
             missing = sorted(ref_names - names, key=natural_key)
             if missing:
                 raise MergeflowError(f"tensor {missing[0]!r} is missing from {r.label} ({r.path})"
-                                     + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+                                     + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                                     + _tie_hint(missing, r.label, self.readers[self.reference].label))
             extra = sorted(names - ref_names, key=natural_key)
             if extra:
                 raise MergeflowError(f"tensor {extra[0]!r} of {r.label} ({r.path}) is not in "
-                                     f"{self.readers[self.reference].label}")
+                                     f"{self.readers[self.reference].label}"
+                                     + _tie_hint(extra, self.readers[self.reference].label, r.label))
         out_dtype = self.params.get("dtype")
         if out_dtype is not None and out_dtype not in OUTPUT_DTYPES:
             raise MergeflowError(f"param 'dtype': {out_dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")

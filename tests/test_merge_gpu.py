@@ -121,6 +121,7 @@ def zoo(tiny_model_dir, tmp_path_factory):
     ("consensus_ties", {"density": 0.5, "tall_mask_lambda": [0.3, 0.5, 0.4], "dtype": "float32"}),
     ("consensus_ties", {"mask_rate": 0.5, "trim_scope": "model", "tall_mask_lambda": 0.4, "k": 1}),
     ("m3", {"combine": "ties", "density": 0.5, "lambda_m": [0.2, 0.5, 0.3]}),
+    ("multislerp", {"interpolate": "task_vectors", "weights": [1.0, 0.5, 0.25], "dtype": "float32"}),
 ])
 def test_cpu_and_cuda_merges_are_identical(zoo, tmp_path, method, params):
     base, experts = zoo
@@ -149,7 +150,7 @@ def test_cuda_blocks_and_bin_inputs_merge_like_the_cpu(zoo, tmp_path):
     assert sorted(cpu) == sorted(gpu) and all(torch.equal(cpu[k], gpu[k]) for k in cpu)
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "iso_c"])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
 def test_svd_merges_agree_on_cpu_and_cuda_to_rounding(zoo, tmp_path, method):
     """LAPACK and cuSOLVER round differently: the SVD methods agree, not bit for bit."""
     base, experts = zoo
@@ -167,5 +168,6 @@ def test_svd_merges_agree_on_cpu_and_cuda_to_rounding(zoo, tmp_path, method):
 
     b = load_file(f"{base}/model.safetensors")["lm_head.weight"].double()
     d = torch.stack([load_file(f"{e}/model.safetensors")["lm_head.weight"].double() - b for e in experts.values()])
-    merge = steps.tsv_merge if method == "tsv_m" else lambda x: steps.iso_merge(x.sum(0))
+    merge = {"tsv_m": steps.tsv_merge, "iso_c": lambda x: steps.iso_merge(x.sum(0)),
+             "iso_cts": lambda x: steps.iso_cts_merge(x, 0.8)}[method]
     torch.testing.assert_close(merge(d.cuda()).cpu(), merge(d.clone()), rtol=0, atol=1e-12)

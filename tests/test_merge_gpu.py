@@ -171,3 +171,93 @@ def test_svd_merges_agree_on_cpu_and_cuda_to_rounding(zoo, tmp_path, method):
     merge = {"tsv_m": steps.tsv_merge, "iso_c": lambda x: steps.iso_merge(x.sum(0)),
              "iso_cts": lambda x: steps.iso_cts_merge(x, 0.8)}[method]
     torch.testing.assert_close(merge(d.cuda()).cpu(), merge(d.clone()), rtol=0, atol=1e-12)
+
+
+def test_nuslerp_merges_match_on_cpu_and_cuda(zoo, tmp_path):
+    base, experts = zoo
+    two = {k: experts[k] for k in ("lm", "math")}
+    for interpolate in ("weights", "task_vectors"):
+        outs = {}
+        for dev in ("cpu", "cuda"):
+            out = tmp_path / f"{interpolate}-{dev}"
+            run_merge("nuslerp", two, str(out), base=str(base), params={"weights": [0.7, 0.3], "interpolate": interpolate,
+                      "dtype": "float32"}, device=dev, progress=False)
+            outs[dev] = load_file(out / "model.safetensors")
+        for name, t in outs["cpu"].items():
+            assert torch.equal(t, outs["cuda"][name]), (interpolate, name)
+
+
+# Methods whose CPU and CUDA results may part by rounding: LAPACK vs cuSOLVER singular
+# vectors (TSV-M, Iso-C, Iso-CTS), torch.var's reduction order (SCE), exp/tanh's last ulp
+# (PCB). Rounding moves an output element by at most 2 ulps of its dtype; SCE and PCB may
+# also move a few elements across their selection threshold (up to a task vector's size).
+ROUNDING = {"tsv_m", "iso_c", "iso_cts"}
+SELECTION = {"sce", "pcb"}
+
+
+def _compare(cpu: dict, gpu: dict, case: str, scale: float) -> tuple[str, str | None]:
+    """(a report line, the failure or None)."""
+    assert sorted(cpu) == sorted(gpu), case
+    method = case.split("[")[0]
+    n = diff = far = 0
+    worst = 0.0
+    for name, t in cpu.items():
+        g = gpu[name]
+        assert g.dtype == t.dtype and g.shape == t.shape, (case, name)
+        d = (g.float() - t.float()).abs()
+        # 2 ulps of the value, plus the float32 results' own difference (SVD: <= 2e-5, above)
+        ulps2 = 2 * torch.finfo(t.dtype).eps * t.float().abs() + (1e-4 if method in ROUNDING else 0)
+        n += t.numel()
+        diff += int((d > 0).sum())
+        far += int((d > ulps2).sum())
+        worst = max(worst, d.max().item())
+    line = f"{case}: {diff}/{n} elements differ, {far} beyond rounding, max {worst:.3g}"
+    ok = (diff == 0 if method not in ROUNDING | SELECTION
+          else far == 0 if method in ROUNDING
+          else far <= n // 1000 and worst <= 4 * scale)
+    return line, None if ok else line
+
+
+@pytest.mark.parametrize("family,extend", [("qwen3", False), ("gemma2", False), ("llama3", True)])
+def test_every_method_on_model_families_on_cuda(family, extend, tiny_model_dir, tmp_path_factory):
+    """Every registered method (and the engine-path variants) of tests/test_model_families.py,
+    on a family's tiny sharded bf16 checkpoints, merged on CUDA and on the CPU: the same bytes,
+    or for the ROUNDING methods the same to rounding. `llama3` with an expert 8 rows longer,
+    under pad_mean."""
+    import test_model_families as fam
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp(f"gpu-{family}")
+    base, experts = fam.build_family(family, root, AutoTokenizer.from_pretrained(tiny_model_dir), extend)
+    policy = "pad_mean" if extend else None
+    report, failed = [], []
+    for case, (method, params) in fam.CASES.items():
+        default, names = fam.method_case(method)
+        outs = {}
+        for dev in ("cpu", "cuda"):
+            out = root / f"{case}-{dev}"
+            run_merge(method, {n: experts[n] for n in names}, str(out), base=str(base), params=params or default,
+                      seed=5, device=dev, vocab_policy=policy, shard_size=fam.SHARD, chunk_elements=fam.CHUNK,
+                      progress=False)
+            outs[dev] = fam.tensors(out)
+        line, bad = _compare(outs["cpu"], outs["cuda"], case, fam.SCALE)
+        report.append(line)
+        failed += [bad] if bad else []
+    print("\n".join(report))
+    assert not failed, failed
+
+
+def test_union_vocabulary_merges_match_on_cpu_and_cuda(tiny_model_dir, tmp_path):
+    import test_vocab_union as union
+
+    experts = {n: str(union.make_expert(tiny_model_dir, tmp_path / n, i + 1, union.ADDS[n]))
+               for i, n in enumerate(union.ADDS)}
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        run_merge("ties", experts, str(tmp_path / dev), base=str(tiny_model_dir), params={"density": 0.5},
+                  vocab_policy="union", device=dev, progress=False)
+        outs[dev] = load_file(tmp_path / dev / "model.safetensors")
+    assert outs["cpu"]["model.embed_tokens.weight"].shape[0] == outs["cuda"]["model.embed_tokens.weight"].shape[0]
+    line, bad = _compare(outs["cpu"], outs["cuda"], "ties[union]", 0.02)
+    print(line)
+    assert bad is None, bad

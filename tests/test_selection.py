@@ -188,8 +188,31 @@ def test_tables_say_which_value_was_selected_from_which_grid(tmp_path):
     text = (tables / "selection.md").read_text()
     assert "Grid: lambda ∈ [0.5, 1.0]. Rule: mean_normalised (normalised by base), over gsm8k, mbpp." in text
     rows = [line for line in text.splitlines() if line.startswith("| lambda")]
-    assert rows == [f"| lambda = 0.5 | {ids['a']} | 60.0 | 10.0 | 0.8500 |  |",
-                    f"| lambda = 1.0 | {ids['b']} | 40.0 | 30.0 | 1.1500 | ✓ |"]
+    assert rows == [f"| lambda = 0.5 | {ids['a']} | 60.0 | 10.0 | 0.8500 | 0.8500 |  |",
+                    f"| lambda = 1.0 | {ids['b']} | 40.0 | 30.0 | 1.1500 | 1.1500 | ✓ |"]
     note = (tables / "merges_e1_e2.md").read_text().splitlines()[-1]
     assert note.startswith(f"Validation-selected: {ids['b']} (lambda = 1.0) from grid lambda ∈ [0.5, 1.0]")
     assert write_selection_tables([], tables) == []
+
+
+def test_seed_replicates_are_selected_together_by_their_mean_objective(tmp_path):
+    """Two seeds per value (merges[].seeds): a value's objective is the mean of its seeds';
+    the one seed of lambda 0.5 that beats both of lambda 1.0 (a2: 1.3) does not win alone.
+    mean_normalised by base (gsm8k 0.5, mbpp 0.2): a = 0.85, a2 = (1.6 + 1.0) / 2 = 1.3,
+    b = 1.15, b2 = (1.0 + 1.5) / 2 = 1.25; values: 0.5 -> 1.075, 1.0 -> 1.2."""
+    scores, splits, _ = selection_fixture(tmp_path)
+    val = {"gsm8k": ids(ROWS[:4]), "mbpp": ["1", "2"]}
+    for model, (g, m) in {"a2": (0.8, 0.2), "b2": (0.5, 0.3)}.items():
+        scores[(model, "gsm8k")] = score_file(tmp_path / "validation" / model / "gsm8k.json", "gsm8k", GSM, g, val["gsm8k"])
+        scores[(model, "mbpp")] = score_file(tmp_path / "validation" / model / "mbpp.json", "mbpp", MBPP, m, val["mbpp"])
+    cands = [("a", {"lambda": 0.5}), ("a2", {"lambda": 0.5}), ("b", {"lambda": 1.0}), ("b2", {"lambda": 1.0})]
+    out = select(cands, scores, ["base"], ["gsm8k", "mbpp"], "mean_normalised", splits)
+    assert [c["objective"] for c in out["candidates"]] == pytest.approx([0.85, 1.3, 1.15, 1.25])
+    assert [(v["merge_ids"], v["params"]) for v in out["values"]] == [(["a", "a2"], {"lambda": 0.5}),
+                                                                      (["b", "b2"], {"lambda": 1.0})]
+    assert [v["objective"] for v in out["values"]] == pytest.approx([1.075, 1.2])
+    assert out["selected_ids"] == ["b", "b2"] and out["selected"] == "b" and out["selected_params"] == {"lambda": 1.0}
+    # without the second seeds, lambda 1.0 still wins (1.15 against 0.85); with a2 alone 0.5 would
+    alone = select([("a2", {"lambda": 0.5}), ("b", {"lambda": 1.0})], scores, ["base"], ["gsm8k", "mbpp"],
+                   "mean_normalised", splits)
+    assert alone["selected_ids"] == ["a2"]

@@ -253,3 +253,38 @@ def test_a_real_sweep_selects_on_validation_and_tabulates(tiny_model_dir, tmp_pa
     assert "✓" in (work / "results" / "tables" / "selection.md").read_text()
     assert "Validation-selected: " + selection["selected"] in (work / "results" / "tables" / "merges_e.md").read_text()
     assert "Nothing to be done" in snakemake(work, cfg, "-n")
+
+
+@pytest.mark.slow
+def test_a_sweep_with_seeds_selects_a_value_by_its_seeds_mean_and_tests_every_seed(tmp_path):
+    """merges[].seeds with select: every grid value merged once per seed on validation; the
+    value with the better mean over its seeds wins (not the best single seed), and each of
+    its seeds, none of the other value's, is evaluated on test."""
+    work = tmp_path
+    for item in ("workflow", "src", "envs"):
+        (work / item).symlink_to(ROOT / item)
+    config = sweep_config(work, [0.5, 1.0])
+    config["merges"][0] = {"method": "dare", "experts": ["e1", "e2"], "seeds": [1, 2],
+                           "params": {"combine": "task_arithmetic", "lambda": 1.0}, "grid": {"drop_rate": [0.3, 0.6]},
+                           "select": {"on": "validation", "rule": "mean_normalised", "normalise_by": "base"}}
+    name, ids = members(config)
+    assert len(ids) == 4  # 2 values x 2 seeds
+    low, high = ids[:2], ids[2:]  # drop_rate 0.3 (seeds 1, 2), 0.6 (seeds 1, 2)
+    snakemake(work, config, "results/splits/gsm8k.json", "results/splits/math.json")
+    write_validation(work, "base", {"gsm8k": 0.5, "math": 0.25})
+    # 0.3: one seed best of all (2.0) and one poor (0.5): mean 1.25; 0.6: 1.4 and 1.4
+    write_validation(work, low[0], {"gsm8k": 1.0, "math": 0.5})
+    write_validation(work, low[1], {"gsm8k": 0.25, "math": 0.125})
+    for m in high:
+        write_validation(work, m, {"gsm8k": 0.7, "math": 0.35})
+    out = snakemake(work, config, f"results/selection/{name}.json")
+    assert job_counts(out) == {"select": 1}, out[-3000:]
+    selection = json.loads((work / "results" / "selection" / f"{name}.json").read_text())
+    assert selection["selected_ids"] == high and selection["selected_params"]["drop_rate"] == 0.6
+    assert [v["objective"] for v in selection["values"]] == pytest.approx([1.25, 1.4])
+    jobs = planned(work, config)
+    outputs = [o for j in jobs for o in j["output"]]
+    for m in high:
+        assert f"results/scores/{m}/gsm8k.json" in outputs
+    assert not [o for o in outputs if any(m in o for m in low)]
+    assert sum(j["rule"] == "merge" for j in jobs) == 3  # the two seeds of 0.6, and TIES

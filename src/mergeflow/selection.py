@@ -127,9 +127,6 @@ def sweeps(config: dict, specs: dict) -> dict[str, Sweep]:
             continue
         if not merge.get("grid"):
             raise MergeflowError(f"config key 'merges[{i}].select': needs a grid (merges[{i}].grid) to select from")
-        if "seeds" in merge or "n_seeds" in merge:  # one member per value; seeds would need pooling first
-            raise MergeflowError(f"config key 'merges[{i}].select': not with seeds or n_seeds (selection picks one "
-                                 "merge per grid value)")
         select = {**SELECT_DEFAULTS, **merge["select"]}
         base = merge.get("base", config["base_model"])
         members = []
@@ -178,11 +175,13 @@ def _scored_doc_ids(score_file: Path) -> set[str]:
 def select(candidates: list[tuple[str, dict]], scores: dict[tuple[str, str], Path], references: list[str],
            benchmarks: list[str], rule: str, splits: dict[str, Path] | None = None,
            headline: dict | None = None) -> dict:
-    """Pick one candidate (merge id, params) by `rule` from validation score files
-    {(model, benchmark): path}. mean: the mean over benchmarks of the headline score;
-    mean_normalised: the mean over benchmarks of score / reference, the reference being the
-    best of `references` on that benchmark (one model: the base; several: the experts),
-    benchmarks with a zero reference left out. Ties go to the first candidate. With `splits`
+    """Pick one grid value by `rule` from validation score files {(model, benchmark): path}.
+    Candidates are (merge id, params); candidates with equal params are the seed replicates of
+    one value (merges[].seeds), and a value's objective is the mean of theirs. mean: the mean
+    over benchmarks of the headline score; mean_normalised: the mean over benchmarks of score /
+    reference, the reference being the best of `references` on that benchmark (one model: the
+    base; several: the experts), benchmarks with a zero reference left out. Ties go to the
+    first value. `selected_ids` are the chosen value's merge ids (one per seed). With `splits`
     ({benchmark: split record}), a score file holding any doc outside that benchmark's
     validation ids is refused: the selection never reads a test-set number."""
     if rule not in RULES:
@@ -218,14 +217,24 @@ def select(candidates: list[tuple[str, dict]], scores: dict[tuple[str, str], Pat
         parts = [per_bench[b] / refs[b] if rule == "mean_normalised" else per_bench[b] for b in used]
         rows.append({"merge_id": merge_id, "params": params, "scores": per_bench,
                      "objective": sum(parts) / len(parts) if parts else None})
-    scored = [r for r in rows if r["objective"] is not None]
+    values: dict[str, dict] = {}  # canonical params -> the value's seed replicates, grid order
+    for r in rows:
+        key = json.dumps(r["params"], sort_keys=True)
+        values.setdefault(key, {"params": r["params"], "merge_ids": [], "objectives": []})
+        values[key]["merge_ids"].append(r["merge_id"])
+        values[key]["objectives"].append(r["objective"])
+    for v in values.values():
+        objs = v.pop("objectives")
+        v["objective"] = None if None in objs else sum(objs) / len(objs)
+    scored = [v for v in values.values() if v["objective"] is not None]
     if not scored:
         raise MergeflowError(f"select rule {rule}: every reference score is 0 on {skipped}; nothing to normalise "
                              "(use rule: mean)")
-    best = max(scored, key=lambda r: r["objective"])  # max keeps the first of equal objectives
+    best = max(scored, key=lambda v: v["objective"])  # max keeps the first of equal objectives
     return {"rule": rule, "references": {m: {b: value(m, b) for b in benchmarks} for m in references},
             "normaliser": refs, "skipped_benchmarks": skipped, "benchmarks": list(benchmarks),
-            "candidates": rows, "selected": best["merge_id"], "selected_params": best["params"],
+            "candidates": rows, "values": list(values.values()), "selected": best["merge_ids"][0],
+            "selected_ids": best["merge_ids"], "selected_params": best["params"],
             "opened": list(dict.fromkeys(opened))}
 
 
@@ -288,7 +297,8 @@ def run_select(args) -> int:
     result = {"sweep": args.sweep, "grid": parse_settings(args.grid, "--grid"), "normalise_by":
               args.normalise_by if args.rule != "mean" else None, **result}
     atomic.write_text(args.out, json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(f"{args.sweep}: selected {result['selected']} {json.dumps(result['selected_params'], sort_keys=True)}")
+    print(f"{args.sweep}: selected {' '.join(result['selected_ids'])} "
+          f"{json.dumps(result['selected_params'], sort_keys=True)}")
     return 0
 
 
@@ -317,20 +327,25 @@ def write_selection_tables(selection_files: list[Path], out_dir: Path) -> list[P
         lines += [f"## {sel['sweep']}", "", f"Grid: {grid}. Rule: {rule}, over {', '.join(sel['benchmarks'])}"
                   + (f"; left out (reference 0): {', '.join(sel['skipped_benchmarks'])}" if sel["skipped_benchmarks"]
                      else "") + ".", "",
-                  "| value | merge id | " + " | ".join(f"{b} (val.)" for b in sel["benchmarks"]) + " | objective | selected |",
-                  "|---|---|" + "---|" * len(sel["benchmarks"]) + "---|---|"]
+                  "| value | merge id | " + " | ".join(f"{b} (val.)" for b in sel["benchmarks"])
+                  + " | objective | value's objective (mean over seeds) | selected |",
+                  "|---|---|" + "---|" * len(sel["benchmarks"]) + "---|---|---|"]
+        chosen = set(sel.get("selected_ids", [sel["selected"]]))
+        of_value = {m: v["objective"] for v in sel.get("values", []) for m in v["merge_ids"]}
         for cand in sel["candidates"]:
             obj = "—" if cand["objective"] is None else f"{cand['objective']:.4f}"
+            vobj = of_value.get(cand["merge_id"], cand["objective"])
             lines.append(f"| {_values(cand['params'], sel['grid'])} | {cand['merge_id']} | "
                          + " | ".join(f"{100 * cand['scores'][b]:.1f}" for b in sel["benchmarks"])
-                         + f" | {obj} | {'✓' if cand['merge_id'] == sel['selected'] else ''} |")
+                         + f" | {obj} | {'—' if vobj is None else f'{vobj:.4f}'} | "
+                         + f"{'✓' if cand['merge_id'] in chosen else ''} |")
         lines.append("")
         # a merge id is <method>-<experts joined by +>-<digest>; method names have no "-"
         experts = sel["selected"].rsplit("-", 1)[0].split("-", 1)[-1]
         target = out_dir / f"merges_{experts.replace('+', '_')}.md"
         if target.is_file():
             notes.setdefault(target, []).append(
-                f"Validation-selected: {sel['selected']} ({_values(sel['selected_params'], sel['grid'])}) from grid "
+                f"Validation-selected: {', '.join(sorted(chosen))} ({_values(sel['selected_params'], sel['grid'])}) from grid "
                 f"{grid}, rule {rule}; no other grid value was evaluated on test (selection.md).")
     path = out_dir / "selection.md"
     atomic.write_text(path, "\n".join(lines))

@@ -477,15 +477,17 @@ def select_args(wildcards):
 
 
 def selected_models():
-    """Each sweep's selected member: known once its checkpoint has run (or is up to date)."""
+    """Each sweep's selected members (the chosen value, one per seed): known once its
+    checkpoint has run (or is up to date)."""
     chosen = []
     for name, sweep in SWEEPS.items():
         with open(checkpoints.select.get(sweep=name).output[0], encoding="utf-8") as fh:
-            selected = json.load(fh)["selected"]
+            sel = json.load(fh)
+        selected = sel.get("selected_ids", [sel["selected"]])
         # a stale selection (its value edited away) names no current member: the select job
         # reruns, and Snakemake asks again once it has
-        if selected in sweep.members:
-            chosen.append(selected)
+        if all(m in sweep.members for m in selected):
+            chosen += selected
     return chosen
 
 

@@ -288,3 +288,28 @@ def test_a_sweep_with_seeds_selects_a_value_by_its_seeds_mean_and_tests_every_se
         assert f"results/scores/{m}/gsm8k.json" in outputs
     assert not [o for o in outputs if any(m in o for m in low)]
     assert sum(j["rule"] == "merge" for j in jobs) == 3  # the two seeds of 0.6, and TIES
+
+
+def test_plan_counts_a_sweeps_validation_jobs_as_the_dry_run_does(tiny_model_dir, tmp_path):
+    """`mergeflow plan` of a config with a seeded sweep: the validation merges and generate jobs
+    are the dry run's; on test, the dry run's jobs plus the chosen value's seeds (known only
+    after the selection), and the split benchmarks' test / validation doc counts."""
+    from mergeflow.plan import build_plan
+
+    config = sweep_config(tmp_path, [0.5, 1.0])
+    config["models"] = {n: {"path": str(tiny_model_dir)} for n in ("base", "e1", "e2")}
+    config["merges"][0].update(method="dare", seeds=[1, 2], params={"combine": "task_arithmetic", "lambda": 1.0})
+    config["merges"][0]["grid"] = {"drop_rate": [0.3, 0.6]}
+    jobs = planned(tmp_path, config)
+    counts = {}
+    for job in jobs:
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    plan = build_plan(mfconfig.prepare(config), root=tmp_path, concurrent=1)
+    v = plan["validation"]
+    assert v["sweeps"] == 1 and v["members"] == v["merge_jobs"] == counts["merge_validation"] == 4
+    assert v["generate_jobs"] == sum(n for r, n in counts.items() if r.startswith("generate_validation")) == 5
+    assert plan["generate_jobs"] == counts["generate"] + 2  # base, e1, e2, TIES + the chosen value's 2 seeds
+    assert plan["merges"] == 4 + 1 + 2  # validation members, TIES, the chosen value again for test
+    # 10 rows each, fraction 0.3: 3 validation, 7 test
+    assert v["split_benchmarks"] == {"gsm8k": {"test": 7, "validation": 3}, "math": {"test": 7, "validation": 3}}
+    assert v["prompts"] == 5 * 6 and plan["prompts"] == 6 * 14

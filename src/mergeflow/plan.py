@@ -18,6 +18,7 @@ import yaml
 
 from mergeflow import benchmarks as mfbenchmarks
 from mergeflow import config as mfconfig
+from mergeflow import selection
 from mergeflow.errors import MergeflowError
 
 RATES_PATH = mfconfig.REPO_ROOT / "benchmarks" / "rates.yaml"
@@ -115,42 +116,39 @@ def _step_s(table: dict, batch: int) -> float:
     return float(table[nearest])
 
 
-def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None = None,
-               concurrent: int | None = None) -> dict:
-    rates = rates or load_rates()
-    specs = mfconfig.merge_specs(cfg)
-    models = mfconfig.eval_models(cfg, specs)
-    if concurrent is None:
-        concurrent = int((yaml.safe_load(PROFILE_PATH.read_text()) or {}).get("jobs", 1))
-    gpu = cfg["resources"]["generate_gpus"] > 0
-    merge_gpu = cfg["resources"]["merge_gpus"] > 0
+def _first_value(sweep, specs: dict) -> list[str]:
+    """A sweep's first grid value's members (one per seed): what its test side costs, whichever
+    value the selection picks."""
+    first = specs[sweep.members[0]].params
+    return [m for m in sweep.members if specs[m].params == first]
 
-    # sizes
-    sources = {name: model_size(cfg, name, rates, root) for name in cfg["models"]}
-    merge_dtype = cfg["merge"].get("dtype")
-    # a merge has its base's shape, in merge.dtype (null: the base's dtype)
-    merge_sizes = {m: (int(sources[s.base][1] * DTYPE_BYTES[merge_dtype]) if merge_dtype else sources[s.base][0])
-                   for m, s in specs.items()}
-    params_of = {**{n: p for n, (_, p, _) in sources.items()}, **{m: sources[s.base][1] for m, s in specs.items()}}
-    largest_merge = max(merge_sizes.values(), default=0)
-    sources_bytes = sum(b for b, _, _ in sources.values())
-    alive = min(len(specs), concurrent)
 
-    # generation
+def _split_counts(cfg: dict, bench: str, root: Path, fraction: float) -> tuple[int, int]:
+    """(test docs, validation docs) of a split benchmark: its own validation split (all rows
+    test) or the seeded split of its rows."""
+    n = doc_count(cfg, bench, root)
+    own = cfg["benchmarks"][bench].get("validation")
+    if own:
+        return n, doc_count({**cfg, "benchmarks": {**cfg["benchmarks"], bench: own}}, bench, root)
+    n_val = selection.validation_size(n, fraction)
+    return n - n_val, n_val
+
+
+def _generation(cfg: dict, work: dict, params_of: dict, rates: dict, gpu: bool):
+    """(jobs, prompts, per-benchmark rows, backends, GPU-seconds) of generating
+    work = {model: [(benchmark, docs)]}: one job per model, one engine start per backend."""
     gen_rates = rates["generation"]
     per_bench = {}
     generate_jobs = prompts = 0
     gen_gpu_s = 0.0
     backends = set()
-    for model in models:
+    for model, benches in work.items():
         params_b = params_of[model] / 1e9
-        benches = mfconfig.benchmarks_of(cfg, model, specs)
         if benches:
             generate_jobs += 1  # one job per model: its benchmarks share one model load (issue 21)
         started = set()  # backends this model's job starts: one engine start each
-        for bench in benches:
+        for bench, n in benches:
             settings = mfconfig.generation_settings(cfg, bench)
-            n = doc_count(cfg, bench, root)
             prompts += n
             row = per_bench.setdefault(bench, {"models": 0, "prompts": 0, "docs_per_job": n,
                                                "max_new_tokens": settings["max_new_tokens"],
@@ -178,6 +176,54 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             start = 0.0 if backend in started else gen_rates["engine_start_s"]["vllm" if backend == "vllm" else "transformers"]
             started.add(backend)
             gen_gpu_s += (decode + start) * cfg["resources"]["generate_gpus"]
+    return generate_jobs, prompts, per_bench, backends, gen_gpu_s
+
+
+def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None = None,
+               concurrent: int | None = None) -> dict:
+    rates = rates or load_rates()
+    specs = mfconfig.merge_specs(cfg)
+    models = mfconfig.eval_models(cfg, specs)
+    if concurrent is None:
+        concurrent = int((yaml.safe_load(PROFILE_PATH.read_text()) or {}).get("jobs", 1))
+    gpu = cfg["resources"]["generate_gpus"] > 0
+    merge_gpu = cfg["resources"]["merge_gpus"] > 0
+
+    # sizes
+    sources = {name: model_size(cfg, name, rates, root) for name in cfg["models"]}
+    merge_dtype = cfg["merge"].get("dtype")
+    # a merge has its base's shape, in merge.dtype (null: the base's dtype)
+    merge_sizes = {m: (int(sources[s.base][1] * DTYPE_BYTES[merge_dtype]) if merge_dtype else sources[s.base][0])
+                   for m, s in specs.items()}
+    params_of = {**{n: p for n, (_, p, _) in sources.items()}, **{m: sources[s.base][1] for m, s in specs.items()}}
+    largest_merge = max(merge_sizes.values(), default=0)
+    sources_bytes = sum(b for b, _, _ in sources.values())
+    alive = min(len(specs), concurrent)
+
+    # validation-selected sweeps (docs/selection.md): every grid member merged and evaluated on
+    # the validation rows; on test, the chosen value's seeds alone (counted as the first value's)
+    sweeps = selection.sweeps(cfg, specs)
+    members = {m for sw in sweeps.values() for m in sw.members}
+    chosen = [m for sw in sweeps.values() for m in _first_value(sw, specs)]
+    test_models = [m for m in models if m not in members] + chosen
+    split = {b for sw in sweeps.values() for b in sw.benchmarks}
+    fraction = (cfg.get("validation") or {}).get("fraction", selection.SPLIT_DEFAULTS["fraction"])
+    counts = {}  # benchmark -> (test docs, validation docs)
+    for model in set(test_models) | set(selection.validation_benchmarks(sweeps)):
+        for bench in mfconfig.benchmarks_of(cfg, model, specs):
+            if bench not in counts:
+                counts[bench] = _split_counts(cfg, bench, root, fraction) if bench in split else (
+                    doc_count(cfg, bench, root), 0)
+
+    # generation
+    test_work = {m: [(b, counts[b][0]) for b in mfconfig.benchmarks_of(cfg, m, specs)] for m in test_models}
+    generate_jobs, prompts, per_bench, backends, gen_gpu_s = _generation(cfg, test_work, params_of, rates, gpu)
+    val_work = {m: [(b, counts[b][1]) for b in benches]
+                for m, benches in selection.validation_benchmarks(sweeps).items()}
+    val_jobs, val_prompts, _, val_backends, val_gpu_s = _generation(cfg, val_work, params_of, rates, gpu)
+    backends |= val_backends
+    gen_gpu_s += val_gpu_s
+    models = test_models
 
     # likelihood
     lik = rates["likelihood"]
@@ -188,13 +234,15 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             if benches:
                 likelihood_jobs += 1
                 if gpu:
-                    docs = sum(doc_count(cfg, b, root) for b in benches)
+                    docs = sum(counts[b][0] for b in benches)
                     lik_gpu_s += math.ceil(docs / lik["batch_size"]) * lik["step_s"] * cfg["resources"]["generate_gpus"]
 
     # merges
     merge_gpu_s = 0.0
+    merged = list(specs) + chosen  # the chosen members are merged again for test
     if merge_gpu:
-        for m, spec in specs.items():
+        for m in merged:
+            spec = specs[m]
             params = params_of[m] * (len(spec.experts) + 2)  # read base + experts, write one
             merge_gpu_s += params / rates["merge"]["params_per_s"] * cfg["resources"]["merge_gpus"]
 
@@ -203,8 +251,12 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
 
     return {
         "config": cfg.get("protocol", {}).get("name"),
-        "merges": len(specs),
+        "merges": len(merged),
         "models_evaluated": len(models),
+        "validation": {"sweeps": len(sweeps), "members": len(members), "merge_jobs": len(members),
+                       "generate_jobs": val_jobs, "prompts": val_prompts,
+                       "split_benchmarks": {b: {"test": counts[b][0], "validation": counts[b][1]}
+                                            for b in sorted(split)}},
         "generate_jobs": generate_jobs,
         "prompts": prompts,
         "benchmarks": per_bench,
@@ -311,6 +363,17 @@ def render(plan: dict) -> str:
         f"  models evaluated          {plan['models_evaluated']:>8}",
         f"  generate jobs             {plan['generate_jobs']:>8}   (one per model; {plan['prompts']:,} prompts; backend {', '.join(plan['backends'])})",
         f"  likelihood jobs           {plan['likelihood_jobs']:>8}",
+    ]
+    v = plan["validation"]
+    if v["sweeps"]:
+        lines += [
+            f"  validation sweeps         {v['sweeps']:>8}   ({v['members']} grid members merged and generated on "
+            f"validation rows: {v['generate_jobs']} generate jobs, {v['prompts']:,} prompts; on test, each sweep's "
+            "chosen value, counted as its first)",
+            "  split benchmarks: " + ", ".join(f"{b} {r['test']} test / {r['validation']} validation docs"
+                                               for b, r in v["split_benchmarks"].items()),
+        ]
+    lines += [
         "",
         "  benchmark    models  docs/model  prompts  max_new_tokens  batch",
     ]

@@ -39,7 +39,7 @@ def seeded_split(doc_ids: list[str], fraction: float, seed: int) -> tuple[set[st
         raise MergeflowError(f"validation.fraction must lie in (0, 1), got {fraction}")
     if len(doc_ids) < 2:
         raise MergeflowError(f"cannot split {len(doc_ids)} doc(s) into validation and test")
-    n_val = min(max(1, round(fraction * len(doc_ids))), len(doc_ids) - 1)
+    n_val = validation_size(len(doc_ids), fraction)
     ranked = sorted(doc_ids, key=lambda d: (_rank(seed, d), d))
     return set(ranked[:n_val]), set(ranked[n_val:])
 
@@ -143,6 +143,21 @@ def sweeps(config: dict, specs: dict) -> dict[str, Sweep]:
             raise MergeflowError(f"config key 'merges[{i}]': same sweep as merges[{out[sweep.name].index}]")
         out[sweep.name] = sweep
     return out
+
+
+def validation_benchmarks(sweeps_: dict[str, Sweep]) -> dict[str, tuple[str, ...]]:
+    """model -> the benchmarks it is scored on for validation: each grid member its sweep's,
+    each reference model (base or experts) the union over the sweeps it normalises."""
+    out: dict[str, set] = {}
+    for sweep in sweeps_.values():
+        for model in sweep.members + sweep.references:
+            out.setdefault(model, set()).update(sweep.benchmarks)
+    return {m: tuple(sorted(b)) for m, b in out.items()}
+
+
+def validation_size(n: int, fraction: float) -> int:
+    """Docs a seeded split puts on validation out of n (seeded_split's count)."""
+    return min(max(1, round(fraction * n)), n - 1)
 
 
 # --- the selection -----------------------------------------------------------------------

@@ -437,13 +437,8 @@ def validation_score(model, benchmark):
 
 
 def validation_benchmarks():
-    """model -> the benchmarks it is scored on for validation: each grid member its sweep's,
-    each reference model (base or experts) the union over the sweeps it normalises."""
-    out = {}
-    for sweep in SWEEPS.values():
-        for model in sweep.members + sweep.references:
-            out.setdefault(model, set()).update(sweep.benchmarks)
-    return {m: tuple(sorted(b)) for m, b in out.items()}
+    """model -> the benchmarks it is scored on for validation (mergeflow.selection)."""
+    return mfselection.validation_benchmarks(SWEEPS)
 
 
 def selection_file(sweep):

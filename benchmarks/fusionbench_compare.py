@@ -338,19 +338,15 @@ def write_models(workdir: Path, size: str) -> dict[str, Path]:
     """Base + 3 experts, float32, one model.safetensors each, Llama names and config."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
-    from merge_bench import SIZES, llama_tensors
+    from merge_bench import SIZES, llama_config, llama_tensors
 
     hidden, inter, layers, vocab = SIZES[size]
     names = ("base", *EXPERTS)
     dirs = {n: workdir / f"{size}-f32-{n}" for n in names}
     if all((d / "model.safetensors").exists() for d in dirs.values()):
         return dirs
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                      vocab_size=vocab, tie_word_embeddings=False, dtype="float32",
-                      architectures=["LlamaForCausalLM"])
+    cfg = llama_config(size, "float32")
     g = torch.Generator().manual_seed(0)
     sds = {n: {} for n in names}
     for tname, shape in llama_tensors(hidden, inter, layers, vocab):

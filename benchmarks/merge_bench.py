@@ -75,21 +75,27 @@ def llama_tensors(hidden, inter, layers, vocab):
     yield "lm_head.weight", (vocab, hidden)
 
 
+def llama_config(size: str, dtype: str):
+    """The transformers config of the synthetic Llama checkpoints of `size` (SIZES)."""
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, vocab = SIZES[size]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+                       vocab_size=vocab, tie_word_embeddings=False, dtype=dtype, architectures=["LlamaForCausalLM"])
+
+
 def write_models(workdir: Path, size: str, shard_bytes: int, device: str) -> dict[str, Path]:
     """Base + 3 experts (expert = base + small seeded noise), bf16, sharded safetensors."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     hidden, inter, layers, vocab = SIZES[size]
     names = ["base", "lm", "math", "code"]
     dirs = {n: workdir / f"{size}-{n}" for n in names}
     if all((d / "model.safetensors.index.json").exists() for d in dirs.values()):
         return dirs
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                      vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16",
-                      architectures=["LlamaForCausalLM"])
+    cfg = llama_config(size, "bfloat16")
     for d in dirs.values():
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)

@@ -43,11 +43,19 @@ def program(doc: dict, completion: str) -> str:
     return f"{completion}\n{doc.get('test_setup_code') or ''}\n{imports}{tests}\n"
 
 
-def reference_response(doc: dict) -> str:
-    """The dataset's reference solution, on its own lines."""
-    if not doc.get("code"):
-        raise MergeflowError(f"mbpp task {doc.get('task_id')}: no 'code' field, so no reference response")
-    return f"\n{doc['code']}\n"
+def reference_response_of(name: str):
+    """The reference-response function of an MBPP-shaped benchmark `name` (mbpp, mbppplus)."""
+
+    def reference_response(doc: dict) -> str:
+        """The dataset's reference solution, on its own lines."""
+        if not doc.get("code"):
+            raise MergeflowError(f"{name} task {doc.get('task_id')}: no 'code' field, so no reference response")
+        return f"\n{doc['code']}\n"
+
+    return reference_response
+
+
+reference_response = reference_response_of("mbpp")
 
 
 BENCHMARK = Benchmark(

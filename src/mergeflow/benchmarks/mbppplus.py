@@ -6,6 +6,7 @@ Run as bigcode-evaluation-harness's `mbppplus` runs it: the completion, then `te
 
 from __future__ import annotations
 
+from mergeflow.benchmarks import mbpp
 from mergeflow.benchmarks.base import Benchmark, HubSource
 from mergeflow.errors import MergeflowError
 
@@ -22,10 +23,6 @@ def program(doc: dict, completion: str) -> str:
     return f"{completion}\n\n{doc['test']}\n"
 
 
-def reference_response(doc: dict) -> str:
-    if not doc.get("code"):
-        raise MergeflowError(f"mbppplus task {doc.get('task_id')}: no 'code' field, so no reference response")
-    return f"\n{doc['code']}\n"
 
 
 BENCHMARK = Benchmark(
@@ -39,5 +36,5 @@ BENCHMARK = Benchmark(
     sizes={"": 378},  # v0.2.0; bigcode's harness asserted 399 (v0.1.0)
     derive=derive,
     program=program,
-    reference_response=reference_response,
+    reference_response=mbpp.reference_response_of("mbppplus"),
 )

@@ -785,25 +785,20 @@ class Checker:
         host = available_host_memory()
         est["host_available_bytes"] = host
         worst = est["largest_block"]
-        if host is not None and est["host_bytes"] > host:
-            self.add("warning", "resources", f"tensor {worst!r}",
-                     f"the merge may need {_gib(est['host_bytes'])} of host memory ({how}; largest block in tensor "
-                     f"{worst!r}), {_gib(host)} is available")
-        else:
-            self.add("info", "resources", f"tensor {worst!r}",
-                     f"host memory: about {_gib(est['host_bytes'])} needed ({how}; largest block in tensor {worst!r})"
-                     + (f", {_gib(host)} available" if host is not None else ""))
+        self._memory("host", est["host_bytes"], host, worst, f"{how}; largest block in tensor {worst!r}", "available")
         if est.get("gpu_bytes") is not None:
             gpu = available_gpu_memory(self.s.device)
             est["gpu_available_bytes"] = gpu
-            if gpu is not None and est["gpu_bytes"] > gpu:
-                self.add("warning", "resources", f"tensor {worst!r}",
-                         f"the merge may need {_gib(est['gpu_bytes'])} of GPU memory (largest tensor {worst!r}), "
-                         f"{_gib(gpu)} is free on {self.s.device}")
-            else:
-                self.add("info", "resources", f"tensor {worst!r}",
-                         f"GPU memory: about {_gib(est['gpu_bytes'])} needed (largest tensor {worst!r})"
-                         + (f", {_gib(gpu)} free" if gpu is not None else ""))
+            self._memory("GPU", est["gpu_bytes"], gpu, worst, f"largest tensor {worst!r}", f"free on {self.s.device}")
+
+    def _memory(self, kind: str, need: int, have: int | None, tensor: str, why: str, where: str) -> None:
+        """A warning where `need` bytes of `kind` memory exceed what is `have` (None: unknown), else a note."""
+        if have is not None and need > have:
+            self.add("warning", "resources", f"tensor {tensor!r}",
+                     f"the merge may need {_gib(need)} of {kind} memory ({why}), {_gib(have)} {where}")
+        else:
+            self.add("info", "resources", f"tensor {tensor!r}", f"{kind} memory: about {_gib(need)} needed ({why})"
+                     + (f", {_gib(have)} {where}" if have is not None else ""))
 
     def estimate(self) -> dict:
         """Disk, host and GPU memory of the merge, from tensor sizes and the engine's plan."""

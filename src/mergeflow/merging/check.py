@@ -43,13 +43,10 @@ SAMPLE_ELEMENTS = 1 << 16  # per tensor and input in --stats sample
 SAMPLE_WINDOWS = 4  # evenly spaced row windows a sampled tensor is read in
 FULL_BLOCK_ELEMENTS = 1 << 21  # --stats full: rows read per step (bounded memory)
 SHOW = 8  # token strings / tensor names listed in one message
-# Resident memory of a merge process before any block: the interpreter with torch and the
-# engine imported (`python -c "import mergeflow.merging.engine, torch"`: 0.22 GiB peak RSS
-# here, benchmarks/README.md "Pre-merge check"), rounded up.
+# A merge process before any block (interpreter, torch, engine), rounded up from the peak RSS
+# measured in benchmarks/README.md, "Pre-merge check".
 PROCESS_BYTES = 256 << 20
-# A CUDA merge process also maps the CUDA libraries: 1.33-1.60 GiB peak RSS at 2.7 B on an H200
-# (benchmarks/measured/2026-12-02-h200-2.7b-one-engine.jsonl) less its 0.31 GiB of pinned slabs.
-CUDA_PROCESS_BYTES = 1280 << 20
+CUDA_PROCESS_BYTES = 1280 << 20  # the same on CUDA, which maps its libraries too (same section)
 CUDA_CONTEXT_BYTES = 600 << 20  # the CUDA context's own memory, outside torch's allocations
 
 

@@ -90,6 +90,12 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def model_dir(path: str | os.PathLike) -> Path:
+    """The directory of a checkpoint given as a directory or as one of its weight files."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
 def natural_key(name: str) -> list:
     """Sort key that puts `layers.2` before `layers.10`."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -22,7 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from mergeflow.checkpoints import ITEMSIZE, VOCAB_POLICIES, CheckpointReader, is_vocab_tensor, natural_key
+from mergeflow.checkpoints import ITEMSIZE, VOCAB_POLICIES, CheckpointReader, is_vocab_tensor, model_dir, natural_key
 from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
@@ -135,14 +135,9 @@ class Report:
 # ---------------------------------------------------------------------------------------
 
 
-def _model_dir(path) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
 def load_config(path) -> tuple[dict | None, str | None]:
     """(config.json as a dict or None, why it could not be read or None)."""
-    f = _model_dir(path) / "config.json"
+    f = model_dir(path) / "config.json"
     if not f.exists():
         return None, None
     try:
@@ -156,7 +151,7 @@ def load_vocab(path) -> Vocab | None:
     """The vocabulary of a model directory's tokenizer files (tokenizer.json; else vocab.json
     with added_tokens.json; else tokenizer.model through sentencepiece), with
     tokenizer_config.json's added tokens on top; None without any of them."""
-    d = _model_dir(path)
+    d = model_dir(path)
     tokens: dict[int, str] = {}
     added: set[int] = set()
     source = None

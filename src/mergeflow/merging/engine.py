@@ -33,6 +33,7 @@ from mergeflow.checkpoints import (
     ShardedWriter,
     _pread_into,
     fit_rows,
+    model_dir,
     model_revision,
     natural_key,
     parse_size,
@@ -727,7 +728,7 @@ class MergeEngine:
         return "base" if "base" in self.readers else self.expert_names[0]
 
     def _config_updates(self, donor: Path) -> dict:
-        cfg_path = (donor if donor.is_dir() else donor.parent) / "config.json"
+        cfg_path = model_dir(donor) / "config.json"
         if not cfg_path.exists():
             return {}
         cfg = json.loads(cfg_path.read_text())

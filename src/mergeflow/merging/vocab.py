@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergeflow.checkpoints import CONFIG_FILES, is_vocab_tensor, vocab_rows
+from mergeflow.checkpoints import CONFIG_FILES, is_vocab_tensor, model_dir, vocab_rows
 from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 POLICY = "vocab policy 'union'"
 
 
-def tokenizer_dir(path: str | Path) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
 def load_tokenizer(path: str | Path, label: str):
     """The tokenizer next to the checkpoint at `path`, or a one-line error naming `label`."""
-    d = tokenizer_dir(path)
+    d = model_dir(path)
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise MergeflowError(f"{POLICY}: {label} ({d}) has no tokenizer file ({', '.join(TOKENIZER_FILES)}); "
                              f"union maps embedding rows by token string, so every input needs its tokenizer")

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from mergeflow.cli import spare_exit_collection
 from mergeflow.errors import MergeflowError
 from mergeflow.merging import cli
 
@@ -17,6 +18,8 @@ def main(argv=None) -> int:
     except MergeflowError as err:
         print(f"mergeflow merge: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        spare_exit_collection()
 
 
 if __name__ == "__main__":

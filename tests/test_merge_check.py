@@ -112,6 +112,31 @@ def test_relative_norm_and_cosine_match_a_direct_computation(good, tmp_path):
         assert sampled.derivation["rel_norm"][n] == pytest.approx(report.derivation["rel_norm"][n], rel=0.3)
 
 
+def test_nan_or_inf_in_a_sampled_window_names_the_input_and_tensor(good):
+    base, experts, root = good
+    b = load_file(base / "model.safetensors")
+    rows = b[Q].shape[0]
+
+    def poisoned(value, row):
+        def edit(sd):
+            t = sd[Q].clone()
+            t[row, 3] = value
+            return {**sd, Q: t}
+        return edit
+    # row 0 lies in the first sampled window; an Inf in e1 and a NaN in the base at the same tensor: the base is named
+    bad_e1 = variant(Path(experts["e1"]), root / "inf_e1", tensors=poisoned(float("inf"), 0))
+    report = run_check(base, {"e0": experts["e0"], "e1": bad_e1}, sample_elements=512)
+    err = found(report, "derivation", "error")
+    assert len(err) == 1 and err[0].culprit == f"tensor {Q!r}" and "expert 'e1'" in err[0].message, loud(report)
+    assert "NaN or Inf" in err[0].message and "rel_norm" not in (report.derivation or {})
+    bad_base = variant(base, root / "nan_base", tensors=poisoned(float("nan"), rows - 1))  # the last window
+    report = run_check(bad_base, {"e0": experts["e0"], "e1": bad_e1}, sample_elements=512)
+    err = found(report, "derivation", "error")
+    assert len(err) == 1 and "base" in err[0].message and err[0].culprit == f"tensor {Q!r}", loud(report)
+    # finite inputs: no such error
+    assert not found(run_check(base, experts, sample_elements=512), "derivation", "error")
+
+
 def test_an_expert_of_another_base_an_outlier_and_an_empty_task_vector_are_flagged(good):
     base, experts, root = good
     g = torch.Generator().manual_seed(11)

@@ -658,6 +658,7 @@ class Checker:
             if all(s == shapes[0] for s in shapes) or (
                     is_vocab_tensor(name) and all(len(s) == 2 and s[1:] == shapes[0][1:] for s in shapes)):
                 names.append(name)
+        keys = ["base", *self.experts]
         d2 = [0.0] * n
         b2 = 0.0
         gram = torch.zeros((n, n), dtype=torch.float64)
@@ -671,26 +672,34 @@ class Checker:
             for s in shape[1:]:
                 cols *= s
             windows = _windows(rows, cols, mode, sample_elements) if len(shape) >= 1 else [None]
-            got = sum((b - a) * cols for a, b in windows) if windows != [None] else 1
+            sizes = [(b - a) * cols for a, b in windows] if windows != [None] else [1]
+            got = sum(sizes)
             weight = rows * cols / got  # a sampled tensor stands for all its elements
+            # every window of every input in one float64 buffer: a few operations per tensor
+            # (per-window ones cost more than the arithmetic: benchmarks/README.md, "The pre-merge check")
             t_d2, t_b2 = [0.0] * n, 0.0
-            for w in windows:
-                b = base.read(name, rows=w).to(torch.float64).reshape(-1)
-                if not bool(torch.isfinite(b).all()):
-                    self._not_finite(name, "base")
-                    return
-                dl = torch.empty((n, b.numel()), dtype=torch.float64)
-                for i, e in enumerate(self.experts):
-                    x = self.readers[e].read(name, rows=w).to(torch.float64).reshape(-1)
-                    if not bool(torch.isfinite(x).all()):
-                        self._not_finite(name, e)
-                        return
-                    torch.sub(x, b, out=dl[i])
-                gram += weight * (dl @ dl.T)
-                sq = (dl * dl).sum(1)
+            for chunk in _batches(windows, sizes, FULL_BLOCK_ELEMENTS):
+                buf = torch.empty((n + 1, sum(m for _, m in chunk)), dtype=torch.float64)
+                for k, key in enumerate(keys):
+                    off = 0
+                    for w, m in chunk:
+                        buf[k, off:off + m].copy_(self.readers[key].read(name, rows=w).reshape(-1))
+                        off += m
+                b = buf[0]
+                dl = buf[1:].sub_(b)
+                sq = (dl * dl).sum(1).tolist()
+                sb = float((b * b).sum())
+                # NaN/Inf in an input makes its sums NaN/Inf (squares of bf16/float32 values cannot
+                # overflow float64): only then look for the culprit, base first
+                if not all(map(math.isfinite, [*sq, sb])):
+                    for key in keys:
+                        if any(not bool(torch.isfinite(self.readers[key].read(name, rows=w)).all()) for w, _ in chunk):
+                            self._not_finite(name, key)
+                            return
+                gram.add_(dl @ dl.T, alpha=weight)
                 for i in range(n):
-                    t_d2[i] += float(sq[i])
-                t_b2 += float((b * b).sum())
+                    t_d2[i] += sq[i]
+                t_b2 += sb
             for i in range(n):
                 d2[i] += weight * t_d2[i]
                 if t_b2 > 0:
@@ -868,6 +877,20 @@ def estimate_resources(tensors: list[tuple[str, int, int, int, bool]], n_experts
                f"{_gib(PROCESS_BYTES)} for the process")
     return {"disk_bytes": disk, "host_bytes": host, "gpu_bytes": gpu, "largest_block": name,
             "largest_block_elements": e, "bytes_per_element": per_elem[name], "read_ahead_bytes": ahead, "how": how}
+
+
+def _batches(windows: list, sizes: list[int], limit: int):
+    """Consecutive (window, elements) groups of at most `limit` elements (one window at least)."""
+    group: list = []
+    total = 0
+    for w, m in zip(windows, sizes):
+        if group and total + m > limit:
+            yield group
+            group, total = [], 0
+        group.append((w, m))
+        total += m
+    if group:
+        yield group
 
 
 def _windows(rows: int, cols: int, mode: str, sample_elements: int) -> list[tuple[int, int]]:

@@ -203,9 +203,9 @@ def test_published_figures_parse_and_name_their_source():
     from mergeflow.aggregate.compare import load_published
 
     pub = load_published([ROOT / "config" / "published" / "mergebench.csv"])
-    assert len(pub) == 3 and pub["source"].str.contains("uiuctml/MergeBench@b245648").all()
+    assert len(pub) == 4 and pub["source"].str.contains("uiuctml/MergeBench@b245648").all()
     assert set(pub["benchmark"]) <= set(benchmarks.NAMES)
     assert set(pub["experts"].iloc[0].split("+")) == set(EXPERTS)
     # the repository's files, as recorded (fractions -> percent)
     values = dict(zip(pub["benchmark"], pub["value"]))
-    assert values == {"gsm8k_cot": 35.10, "mbppplus": 43.04, "humanevalplus": 31.04}
+    assert values == {"gsm8k_cot": 35.10, "mbppplus": 43.04, "humanevalplus": 31.04, "ifeval": 6.84}

@@ -144,9 +144,12 @@ def per_doc(payload: dict, row: dict, samples: list[dict] | None) -> tuple[PerDo
         return None, "no per-doc results (<score>.samples.jsonl) beside the score file"
     if scorer == "lm_eval" and "," in metric:
         name, filt = metric.split(",", 1)
-        vals = {s["doc_id"]: float(s["filters"][filt][name]) for s in samples
-                if name in (s.get("filters") or {}).get(filt, {})}
-        return (PerDoc(vals, "binary"), None) if vals else (None, f"samples hold no {metric} per doc")
+        got = {s["doc_id"]: s["filters"][filt][name] for s in samples if name in (s.get("filters") or {}).get(filt, {})}
+        if not got:
+            return None, f"samples hold no {metric} per doc"
+        if any(isinstance(v, list) for v in got.values()):  # a list per doc (IFEval's instructions): a ratio
+            return PerDoc({d: (float(sum(v)), float(len(v))) for d, v in got.items()}, "ratio"), None
+        return PerDoc({d: float(v) for d, v in got.items()}, "binary"), None
     if scorer == "execution" and metric == "pass@1":
         return PerDoc({s["doc_id"]: float(bool(s["passed"])) for s in samples}, "binary"), None
     if scorer == "llm_judge" and metric in ("judge_accuracy", "judge_accuracy_unparsed_as_wrong"):

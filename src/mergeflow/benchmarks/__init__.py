@@ -12,7 +12,8 @@ import importlib
 from mergeflow.benchmarks.base import Benchmark
 from mergeflow.errors import MergeflowError
 
-NAMES = ("gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_cot", "mbppplus", "humanevalplus")
+NAMES = ("gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_cot", "mbppplus", "humanevalplus",
+         "ifeval")
 
 
 def get(name: str) -> Benchmark:

@@ -122,6 +122,9 @@ def fetch(category: str, release_date: str, revision: str | None = None) -> list
 # ----------------------------------------------------------------------------- instruction following
 def score_instruction_following(doc: dict, response: str) -> dict:
     """LiveBench's strict IFEval check: score = (all followed + fraction followed) / 2."""
+    from mergeflow.scoring.nltk_data import ensure_punkt_tab
+
+    ensure_punkt_tab()  # before lm-eval's ifeval module tries to download it
     from lm_eval.tasks.ifeval import instructions_registry
 
     ids, kwargs_list = doc["instruction_id_list"], doc["kwargs"]
@@ -145,7 +148,7 @@ def score_instruction_following(doc: dict, response: str) -> dict:
         except LookupError as err:  # nltk's punkt sentence model is not installed
             raise MergeflowError(
                 f"instruction {instruction_id!r} needs nltk data that is not installed ({str(err).split()[0]}...): "
-                "run `python -m nltk.downloader punkt punkt_tab` where the internet is reachable"
+                "run `python -m nltk.downloader punkt_tab` where the internet is reachable"
             ) from err
         followed.append(ok)
     score = ((1.0 if all(followed) else 0.0) + sum(followed) / len(followed)) / 2 if followed else 0.0

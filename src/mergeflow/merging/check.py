@@ -637,9 +637,15 @@ class Checker:
         own = {k: CheckpointReader(r.path, r.label) for k, r in self.readers.items() if r.format == "bin"}
         saved = self.readers
         self.readers = {**self.readers, **own}
+        import torch
+
+        threads = torch.get_num_threads()
+        if mode == "sample":  # small windows: waking torch's thread pool for each costs more than the sums
+            torch.set_num_threads(1)
         try:
             self._derivation(mode, sample_elements)
         finally:
+            torch.set_num_threads(threads)
             self.readers = saved
             for r in own.values():
                 r.close()

@@ -7,6 +7,7 @@ so the CLI stays a thin dispatcher and stages stay independent of each other.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import logging
@@ -63,21 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    spare_exit_collection()
     try:
         return int(args.func(args) or 0)
     except MergeflowError as err:  # bad input: a clear message, no traceback
         print(f"mergeflow {args.command}: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        spare_exit_collection()
+
+
+_SPARED = False
 
 
 def spare_exit_collection() -> None:
-    """Keep the interpreter's last garbage collection off what is still alive when the
-    command is done: it would walk every object torch, transformers or lm-eval made at
-    import, 0.4-0.7 s per process (benchmarks/README.md, "Process exit"). Atexit handlers,
+    """At interpreter exit, keep the last garbage collection off what is still alive: it would
+    walk every object torch, transformers or lm-eval made at import, 0.4-0.7 s per process
+    (benchmarks/README.md, "Process exit"). An atexit handler, so a process that runs commands
+    in-process (tests, a notebook) collects as usual until it exits; the other atexit handlers,
     stream flushing and module teardown still run."""
-    gc.freeze()
+    global _SPARED
+    if not _SPARED:
+        atexit.register(gc.freeze)
+        _SPARED = True
 
 
 if __name__ == "__main__":

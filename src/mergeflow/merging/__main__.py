@@ -13,13 +13,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parser(sub)
     args = parser.parse_args(["merge", *(sys.argv[1:] if argv is None else argv)])
+    spare_exit_collection()
     try:
         return int(args.func(args) or 0)
     except MergeflowError as err:
         print(f"mergeflow merge: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        spare_exit_collection()
 
 
 if __name__ == "__main__":

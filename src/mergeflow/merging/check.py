@@ -681,8 +681,8 @@ class Checker:
             sizes = [(b - a) * cols for a, b in windows] if windows != [None] else [1]
             got = sum(sizes)
             weight = rows * cols / got  # a sampled tensor stands for all its elements
-            # every window of every input in one float64 buffer: a few operations per tensor
-            # (per-window ones cost more than the arithmetic: benchmarks/README.md, "The pre-merge check")
+            # every window of every input in one float64 buffer: a few operations per tensor (per-window
+            # ones cost more than the arithmetic: benchmarks/README.md, "Run 4: the pre-merge check's cost")
             t_d2, t_b2 = [0.0] * n, 0.0
             for chunk in _batches(windows, sizes, FULL_BLOCK_ELEMENTS):
                 buf = torch.empty((n + 1, sum(m for _, m in chunk)), dtype=torch.float64)

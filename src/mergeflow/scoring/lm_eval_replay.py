@@ -155,10 +155,10 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
     records, ids = {}, []
     schema = benchmarks.get(benchmark).schema
     typed_fields = {k for k, t in schema.items() if t in (int, list)}
-    # IFEval's per-instruction kwargs: one struct type for the column (every key, unset ones None,
-    # as the Hub rows hold them; lm-eval's checks drop the unset ones)
-    kwarg_keys = sorted({key for doc, _ in pairs for kw in (doc.get("kwargs") or []) if isinstance(kw, dict)
-                         for key in kw}) if schema.get("kwargs") is list else []
+    # a list of objects (IFEval's per-instruction kwargs) needs one struct type per column: every
+    # key in every object, unset ones None, as the Hub rows hold them (lm-eval's checks drop those)
+    struct_keys = {k: sorted({key for doc, _ in pairs for item in doc.get(k) or [] if isinstance(item, dict)
+                              for key in item}) for k, t in schema.items() if t is list}
     with tempfile.TemporaryDirectory(prefix="mergeflow-lmeval-") as tmp:
         docs_file = Path(tmp) / "docs.jsonl"
         with open(docs_file, "w", encoding="utf-8") as fh:
@@ -171,8 +171,10 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
                 # key and instructions; validated, so one type per column, as the json loader needs)
                 row = {k: v for k, v in doc.items() if not k.startswith("mergeflow_") and (
                     isinstance(v, str) or k in typed_fields)}
-                if "kwargs" in row and isinstance(row["kwargs"], list):
-                    row["kwargs"] = _same_keys(row["kwargs"], kwarg_keys)
+                for k, keys in struct_keys.items():
+                    if keys and k in row:
+                        row[k] = [{key: item.get(key) for key in keys} if isinstance(item, dict) else item
+                                  for item in row[k]]
                 row.update(mergeflow_prompt=gen["prompt"], mergeflow_doc_id=did)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         config = load_task_config(benchmark, docs_file, settings.get("task_file"))
@@ -208,10 +210,6 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
     samples = _samples(out["samples"][task_name], ids)
     details = {"task": task_name, "lm_eval_version": _version("lm_eval"), "n_docs": n}
     return rows, details, samples
-
-
-def _same_keys(kwargs: list, keys: list[str]) -> list:
-    return [{key: kw.get(key) for key in keys} if isinstance(kw, dict) else kw for kw in kwargs]
 
 
 def _samples(lm_samples: list[dict], ids: list[str]) -> list[dict]:

@@ -107,6 +107,8 @@ def math_process_results(doc: dict, results_: list[str]) -> dict[str, int]:
     return {"exact_match": int(matched)}
 
 
+# The task file names these two, not lm-eval's own functions: loading the YAML imports what it
+# names, and lm-eval's ifeval module tries to download nltk data at import.
 def ifeval_process_results(doc: dict, results_: list[str]) -> dict:
     """lm-eval's IFEval checks of one response (strict and loose, prompt and instruction level)."""
     from mergeflow.scoring.nltk_data import ensure_punkt_tab

@@ -20,7 +20,7 @@ from mergeflow.cli import main
 from mergeflow.errors import MergeflowError
 from mergeflow.merging import check
 from mergeflow.merging.check import Thresholds, check_inputs, estimate_resources
-from mergeflow.merging.engine import METADATA_FILE, run_merge
+from mergeflow.merging.engine import METADATA_FILE, MergeEngine, run_merge
 
 META_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -391,6 +391,46 @@ def test_a_merge_runs_the_check(good, extended, tmp_path, caplog):
     assert meta["check"]["resources"]["disk_bytes"] == meta["output"]["bytes"]
     assert any("pre-merge check" in r.message and "<fim_prefix>" in r.message for r in caplog.records)
     assert math.isfinite(meta["timings"]["check_s"])
+
+
+def merge_with_check(base, experts, out, background: bool):
+    """A CPU merge whose check's weight statistics run as on the GPU (beside the merge) or before it."""
+    engine = MergeEngine("task_arithmetic", {k: str(v) for k, v in experts.items()}, str(base), {"lambda": 0.5}, 42,
+                         "cpu", "truncate", str(out), progress=False)
+    engine.check_in_background = background
+    with torch.inference_mode():
+        return engine, engine.run()
+
+
+def test_the_check_beside_the_merge_reports_as_the_check_before_it(good, extended, tmp_path, caplog):
+    base, experts, root = good
+    fim, _ = extended
+    ex = {"e0": experts["e0"], "fim": str(fim)}
+    before, meta_before = merge_with_check(base, ex, tmp_path / "before", background=False)
+    beside, meta_beside = merge_with_check(base, ex, tmp_path / "beside", background=True)
+    assert "check_stats_s" in meta_beside["timings"] and "check_stats_s" not in meta_before["timings"]
+    live = ("host_available_bytes", "gpu_available_bytes", "disk_free_bytes")  # what the machine has now
+    for meta in (meta_before, meta_beside):
+        for k in live:
+            meta["check"]["resources"].pop(k, None)
+    assert meta_beside["check"] == meta_before["check"] and meta_beside["check"]["derivation"]["rel_norm"]
+    # every finding, in the same order (the free disk space in the resources' note aside)
+    said = lambda r: [(f.severity, f.check, f.culprit, f.message if f.check != "resources" else "")  # noqa: E731
+                      for f in r.findings]
+    assert said(beside.check) == said(before.check) and beside.check.derivation == before.check.derivation
+    assert (tmp_path / "before" / "model.safetensors").read_bytes() == (tmp_path / "beside" / "model.safetensors").read_bytes()
+    # a NaN the statistics find while the merge runs: the check's error (it names the input), and
+    # the previous output at --out is left as it was
+    def poison(sd):
+        t = sd[Q].clone()
+        t[0, 3] = float("nan")
+        return {**sd, Q: t}
+    bad = variant(Path(experts["e1"]), root / "nan_beside", tensors=poison)
+    kept = (tmp_path / "beside" / "model.safetensors").read_bytes()
+    with pytest.raises(MergeflowError, match=r"pre-merge check: tensor .*q_proj.* of expert 'bad' .*NaN or Inf"):
+        merge_with_check(base, {"e0": experts["e0"], "bad": bad}, tmp_path / "beside", background=True)
+    assert (tmp_path / "beside" / "model.safetensors").read_bytes() == kept
+    assert not list(tmp_path.glob("beside.tmp-*"))
 
 
 def test_a_merge_of_incompatible_inputs_via_the_cli_exits_2(good, tmp_path, capsys):

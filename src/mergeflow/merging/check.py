@@ -19,6 +19,8 @@ import math
 import os
 import re
 import shutil
+import threading
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -281,7 +283,9 @@ class Checker:
         return "base" if self.has_base else self.experts[0]
 
     # -- run ------------------------------------------------------------------------------
-    def run(self, stats: str = "sample", sample_elements: int = SAMPLE_ELEMENTS) -> Report:
+    def run(self, stats: str = "sample", sample_elements: int = SAMPLE_ELEMENTS, defer_stats: bool = False) -> Report:
+        """Every check; with `defer_stats` all but the weight statistics, which `run_stats` adds
+        later in the same place of the findings (so the report reads as if run at once)."""
         for key in self.keys:
             cfg, err = load_config(self.readers[key].path)
             self.configs[key] = cfg
@@ -296,9 +300,20 @@ class Checker:
         self.check_dtypes()
         self.check_tied()
         self.check_vocab()
-        if stats != "off":
+        self._stats_at = len(self.report.findings)
+        if stats != "off" and not defer_stats:
             self.check_derivation(stats, sample_elements)
         self.check_resources()
+        return self.report
+
+    def run_stats(self, stats: str = "sample", sample_elements: int = SAMPLE_ELEMENTS) -> Report:
+        """The weight statistics a `run(defer_stats=True)` left out."""
+        after = self.report.findings[self._stats_at:]
+        del self.report.findings[self._stats_at:]
+        try:
+            self.check_derivation(stats, sample_elements)
+        finally:
+            self.report.findings.extend(after)
         return self.report
 
     # -- architecture ---------------------------------------------------------------------
@@ -949,21 +964,72 @@ def available_gpu_memory(device) -> int | None:
 # ---------------------------------------------------------------------------------------
 
 
-def for_engine(engine) -> Report:
-    """The check of a merge about to run (after its plan): warnings logged, an error raised as
-    a one-line MergeflowError before anything is written."""
+def for_engine(engine, background: bool = False) -> PendingCheck:
+    """The check of a merge about to run (after its plan). An error is raised as a one-line
+    MergeflowError before anything is written; warnings are logged once the check is done.
+
+    `background`: only the checks that read no weights run now; the weight statistics run in a
+    thread beside the merge (a GPU merge: they would otherwise cost it about 0.5 s,
+    benchmarks/README.md), and `PendingCheck.wait()` must succeed before the output is committed.
+    """
     s = Settings(method=engine.method.name, uses_base=engine.method.uses_base, tensor_wide=engine.method.tensor_wide,
                  device_type=engine.device.type, device=engine.device, chunk_elements=engine.chunk_elements,
                  read_ahead_bytes=engine.read_ahead_bytes, io_threads=engine.io_threads,
                  write_threads=engine.write_threads, out_dtype=engine.params.get("dtype"),
                  donor=engine.params.get("donor") if engine.params.get("donor") in engine.readers else None,
                  out=str(engine.out), plan=engine.plan)  # (an unknown donor: the engine's own error, later)
-    report = Checker(engine.readers, engine.expert_names, s, engine.vocab_policy).run("sample")
+    checker = Checker(engine.readers, engine.expert_names, s, engine.vocab_policy)
+    report = checker.run("sample", defer_stats=background)
     if report.errors:  # (alone: the CLI's error is one line)
         raise MergeflowError(report.error_line("pre-merge check: "))
-    for f in report.warnings:
-        log.warning("pre-merge check: %s", f.line())
-    return report
+    return PendingCheck(checker, background)
+
+
+class PendingCheck:
+    """A merge's pre-merge check, maybe still computing its weight statistics in a thread."""
+
+    def __init__(self, checker: Checker, background: bool):
+        self.report = checker.report
+        self.seconds = 0.0  # the background part's own time
+        self._error: BaseException | None = None
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._stats, args=(checker,), name="mergeflow-check", daemon=True)
+            self._thread.start()
+        else:
+            self._conclude()
+
+    def _stats(self, checker: Checker) -> None:
+        t = time.time()
+        try:
+            checker.run_stats("sample")
+        except BaseException as err:  # (raised again by wait(), in the merge's thread)
+            self._error = err
+        self.seconds = time.time() - t
+
+    def _conclude(self) -> None:
+        if self.report.errors:
+            raise MergeflowError(self.report.error_line("pre-merge check: "))
+        for f in self.report.warnings:
+            log.warning("pre-merge check: %s", f.line())
+
+    def wait(self) -> Report:
+        """The whole report; its error, if any, as the one-line MergeflowError."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            self._conclude()
+        return self.report
+
+    def error(self) -> BaseException | None:
+        """After a failed merge: wait, and return the check's own error (it names the input), if any."""
+        try:
+            self.wait()
+        except BaseException as err:
+            return err
+        return None
 
 
 def check_inputs(base: str | None, experts: dict[str, str], *, method: str | None = None, params: dict | None = None,

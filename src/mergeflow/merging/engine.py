@@ -214,6 +214,8 @@ class MergeEngine:
         # Blocks read ahead live in host memory on the CPU, in GPU memory on CUDA.
         self.read_ahead_bytes = (256 << 20) if self.device.type == "cpu" else (4 << 30)
         self.progress = progress
+        # on the GPU the check's weight statistics run beside the merge (CPU merges need the cores)
+        self.check_in_background = self.device.type == "cuda"
         if self.method.uses_base and base is None:
             raise MergeflowError(f"merge method {method!r} needs a base model (--base)")
         self.base_path = base
@@ -576,7 +578,7 @@ class MergeEngine:
             t = time.time()
             from mergeflow.merging.check import for_engine  # (the pre-merge check: its own module)
 
-            self.check = for_engine(self)  # warnings logged; an error stops the merge before any write
+            self._check = for_engine(self, background=self.check_in_background)
             self.timings["check_s"] = time.time() - t
             if pinning is not None:  # start CUDA before timing the merge itself
                 t = time.time()
@@ -598,8 +600,11 @@ class MergeEngine:
                 self.zero_sign = self._majority_sign(items, thresholds)
                 self.timings["majority_sign_s"] = time.time() - t
             donor_label, writer = self._open_output()
-        except BaseException:
+        except BaseException as err:
+            found = self._check_error(err)  # (waits for the check's thread before the readers close)
             self._close()
+            if found is not None:
+                raise found from None
             raise
         finally:
             if pinning is not None:  # (an error above: the thread's own error is not the one to report)
@@ -628,6 +633,11 @@ class MergeEngine:
             t = time.time()
             merge()
             self.timings["merge_s"] = time.time() - t
+            t = time.time()
+            self.check = self._check.wait()
+            if self._check.seconds:
+                self.timings["check_stats_s"] = round(self._check.seconds, 3)  # in the background
+                self.timings["check_wait_s"] = time.time() - t
             meta = self._metadata(thresholds, donor_label, writer)
             donor_path = self.readers[donor_label].path
             extra = dict(self.union.files) if self.union is not None else {}  # the merged tokenizer
@@ -639,9 +649,21 @@ class MergeEngine:
             full = _disk_full(self.out, err)
             if full is not None:
                 raise full from None
+            found = self._check_error(err)
+            if found is not None:
+                raise found from None
             raise
         finally:
             self._close()
+
+    def _check_error(self, err: BaseException) -> MergeflowError | None:
+        """When a merge fails: the pre-merge check's error, if it found one (it names the input
+        behind, say, a NaN in the output), to report instead of `err`. Waits for its thread first."""
+        pending, self._check = getattr(self, "_check", None), None
+        found = pending.error() if pending is not None else None  # (always joined: it reads the inputs)
+        if isinstance(err, KeyboardInterrupt) or not isinstance(found, MergeflowError) or found is err:
+            return None
+        return found
 
     def _pin_timed(self) -> None:
         t = time.time()

@@ -310,6 +310,7 @@ def main(argv=None) -> int:
                        "--no-write-model-card", "--no-copy-tokenizer", "--random-seed", "42"]
                 if args.device == "cuda":
                     cmd.append("--cuda")
+            os.sync()  # the previous run's output written back now, not during this one
             wall, rss, rc = run_child(cmd, env, log)
             res[tool] = {"wall_s": round(wall, 2), "peak_rss_gib": round(rss / 2**30, 2), "rc": rc}
             if rc != 0:

@@ -591,7 +591,7 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
         den.add_(agree, alpha=m)
     mixed = num.div_(torch.where(den == 0, 1.0, den))
     fallback = (den == 0) & (cnt > 0)
-    if bool(fallback.any()):
+    if mixed.device.type != "cpu" or bool(fallback.any()):  # (asking a GPU would stall it every block)
         mixed = torch.where(fallback, plain / cnt.clamp(min=1), mixed)
     return mixed
 

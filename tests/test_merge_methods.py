@@ -481,7 +481,7 @@ def test_topk_mask_keeps_the_first_of_tied_values_as_a_stable_sort():
 
 
 def test_device_radix_select_matches_a_sort():
-    # The CUDA trim's sync-free threshold (a sort of the float bits), run here on the CPU.
+    # The CUDA trim's sync-free threshold (a radix select of the float bits), run here on the CPU.
     g = torch.Generator().manual_seed(2)
     for ties in (False, True):
         a = torch.randint(0, 300, (90_001,), generator=g).float() * 1e-3 if ties else torch.rand(90_001, generator=g)

@@ -200,18 +200,17 @@ def kth_largest_flat(a, k: int) -> tuple[float, int, int]:
 
 def _kth_largest_device(a, k: int):
     """k-th largest (1-based) of flat `a` (values >= 0) as a 0-dim device tensor, without
-    a host sync: one radix sort of the float bits (non-negative floats order like their
-    int32 bit patterns), then a device-side pick.
+    a host sync: the smallest of the k largest float bits (non-negative floats order like
+    their int32 bit patterns), by torch.topk's radix select, unsorted.
 
-    A histogram radix select was tried first and lost badly on real deltas: differences
-    of bf16 weights have few distinct values, so millions of atomic increments land on a
-    handful of bins and serialise (benchmarks/README.md has the timings).
+    A full sort of the bits did the same and cost more (benchmarks/kth_bench.py); a histogram
+    radix select lost badly on real deltas: differences of bf16 weights have few distinct
+    values, so millions of atomic increments land on a handful of bins and serialise
+    (benchmarks/README.md has the timings).
     """
     import torch
 
-    n = a.numel()
-    srt = torch.sort(a.reshape(-1).view(torch.int32)).values
-    return srt[n - k].view(torch.float32)
+    return torch.topk(a.reshape(-1).view(torch.int32), k, sorted=False).values.min().view(torch.float32)
 
 
 def _keep_first_(flags, need: int, block: int = 1 << 16):

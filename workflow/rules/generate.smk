@@ -61,3 +61,4 @@ rule likelihood:
     shell:
         "workflow/scripts/mergeflow likelihood --model {input.model} {params.tasks} --out {output} "
         "--gpus {resources.gpu} > {log} 2>&1"
+

@@ -122,9 +122,9 @@ class CachedLoglikelihoods(LM):
     The key hashes the model's identity, the set-up and the request (context, continuation)."""
 
     def __init__(self, load: Callable[[], LM], cache: PromptCache, fingerprint: str, setup: dict,
-                 chunk: int = CHUNK) -> None:
+                 chunk: int | None = None) -> None:
         super().__init__()
-        self.load, self.cache, self.chunk, self.setup = load, cache, chunk, setup
+        self.load, self.cache, self.chunk, self.setup = load, cache, chunk or CHUNK, setup
         self.prefix = json.dumps({"model": fingerprint, "setup": setup}, sort_keys=True)
         self.computed = self.reused = 0
 

@@ -71,7 +71,7 @@ class LoglikSettings:
 def resolve_setup(settings: LoglikSettings, model_dir: Path) -> dict:
     """The set-up that decides the log-likelihoods besides the model and the request: lm-eval's
     model class and versions, dtype, batching (hf pads per batch), tensor-parallel size."""
-    from importlib.metadata import version
+    import importlib
 
     import torch
 
@@ -89,8 +89,9 @@ def resolve_setup(settings: LoglikSettings, model_dir: Path) -> dict:
         tp = tensor_parallel_size(torch.cuda.device_count(), heads)
     return {
         "backend": backend,
-        "backend_version": version("vllm" if backend == "vllm" else "transformers"),
-        "lm_eval_version": version("lm_eval"),
+        # the module's own __version__, as generation records it (a vLLM build may lack dist metadata)
+        "backend_version": str(importlib.import_module("vllm" if backend == "vllm" else "transformers").__version__),
+        "lm_eval_version": _version("lm_eval"),
         "dtype": resolve_dtype(settings.dtype, backend),
         "batch_size": settings.batch_size if backend == "hf" else "auto",  # vLLM's scheduler batches a chunk
         "tensor_parallel_size": tp,
@@ -110,9 +111,11 @@ def load_lm(model_dir: Path, setup: dict, settings: LoglikSettings) -> LM:
     from mergeflow.generation.vllm import memory_args
 
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # as the vLLM generation backend: a clean engine core
+    cuda = torch.cuda.is_available()
     return get_model("vllm")(pretrained=str(model_dir), dtype=setup["dtype"], batch_size="auto",
                              tensor_parallel_size=setup["tensor_parallel_size"],
-                             **memory_args(settings.gpu_memory_utilization, torch.cuda.is_available()))
+                             **memory_args(settings.gpu_memory_utilization, cuda),
+                             **({} if cuda else {"enforce_eager": True}))  # as generation: no inductor compile on a CPU
 
 
 # --------------------------------------------------------------------------- the cached LM

@@ -61,4 +61,3 @@ rule likelihood:
     shell:
         "workflow/scripts/mergeflow likelihood --model {input.model} {params.tasks} --out {output} "
         "--gpus {resources.gpu} > {log} 2>&1"
-

@@ -1,4 +1,4 @@
-# mergeflow: fetch -> merge -> generate -> score -> aggregate.
+# mergeflow: fetch -> merge -> generate (or loglik_mc) -> score -> aggregate.
 # Only includes rule files; logic lives in the mergeflow package (src/mergeflow).
 
 # The config: --configfile FILE...; without one, Snakemake's default workflow profile
@@ -13,6 +13,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/generate.smk"
+include: "workflow/rules/loglik.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/robustness.smk"
 include: "workflow/rules/selection.smk"

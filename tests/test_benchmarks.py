@@ -30,8 +30,10 @@ def _run(program: str) -> int:
 
 
 def test_registry():
+    okapi = {f"{task}_{lang}" for task in ("m_mmlu", "arc", "hellaswag") for lang in ("fr", "es", "de", "ru")}
     assert set(benchmarks.NAMES) == {"gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_cot", "mbppplus",
-                                 "humanevalplus", "ifeval"}
+                                 "humanevalplus", "ifeval"} | okapi
+    assert set(benchmarks.loglik_benchmarks()) == okapi
     for name in benchmarks.NAMES:
         assert benchmarks.get(name).name == name
     assert benchmarks.get("mbpp").is_code and benchmarks.get("humaneval").is_code
@@ -133,12 +135,12 @@ def test_the_registry_is_the_one_list_of_benchmarks():
     from mergeflow.errors import MergeflowError
     from mergeflow.scoring.cli import SCORERS
 
-    assert set(SCORERS) == set(benchmarks.NAMES)
+    assert set(SCORERS) == set(benchmarks.NAMES) - set(benchmarks.loglik_benchmarks())
     assert benchmarks.code_benchmarks() == ("mbpp", "humaneval", "mbppplus", "humanevalplus")
     demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
     for name in benchmarks.NAMES:
         bench = benchmarks.get(name)
-        assert bench.scorer in ("lm_eval", "execution", "alpaca_eval") and bench.headline, name
+        assert bench.scorer in ("lm_eval", "execution", "alpaca_eval", "loglik_mc") and bench.headline, name
         assert headline_metric(name, set(bench.headline)) == bench.headline[0]
     unknown = copy.deepcopy(demo)
     unknown["evaluate"]["benchmarks"] = ["gsm8k", "squad"]

@@ -97,6 +97,15 @@ BASE2 = put("models", "base2", {"path": f"{D}/models/judge"})
 GEN = {"template": "alpaca", "instruction": "Q: {question}", "max_new_tokens": 40, "stop": ["\n\n"],
        "postprocess": "code", "limit": 5, "batch_size": 4, "backend": "hf", "dtype": "float32", "seed": 7,
        "vllm_chunk_size": 16, "gpu_memory_utilization": 0.5, "hf_decoding": "static"}
+LOGLIK = {"backend": "hf", "dtype": "float32", "batch_size": 4, "limit": 5, "gpu_memory_utilization": 0.5}
+
+
+def with_loglik_benchmark(cfg):
+    """arc_fr evaluated too, so that there are loglik_mc jobs (a dry run reads no rows: any file)."""
+    cfg["benchmarks"]["arc_fr"] = {"path": f"{D}/data/gsm8k.jsonl"}
+    cfg["evaluate"]["benchmarks"].append("arc_fr")
+
+
 # merges[0] as a sweep, without and with validation selection (merges[].select)
 GRID = both(put("merges", 0, "params", "lambda", ...), put("merges", 0, "grid", {"lambda": [0.5, 1.5]}))
 SWEEP = both(GRID, put("merges", 0, "select", {}))
@@ -257,6 +266,8 @@ VARIANTS = {
 for _key, _value in GEN.items():
     VARIANTS[f"protocol.defaults.{_key}"] = gen_default(_key, _value)
     VARIANTS[f"protocol.benchmarks.*.{_key}"] = put("protocol", "benchmarks", "gsm8k", _key, _value)
+for _key, _value in LOGLIK.items():
+    VARIANTS[f"protocol.loglik_mc.{_key}"] = (with_loglik_benchmark, put("protocol", "loglik_mc", _key, _value))
 for _kind, (_where, _other) in SOURCES.items():
     VARIANTS[f"{_kind}.path"] = put(*_where, {"path": _other})
     VARIANTS[f"{_kind}.hub"] = put(*_where, dict(HUB))

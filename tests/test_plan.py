@@ -99,6 +99,9 @@ def test_configs_plan_and_match_the_dry_run(name, snakemake_dry_run):
     # one generate rule per benchmark set (generate, generate_<set>), one job per model
     assert plan["generate_jobs"] == sum(n for rule, n in jobs.items() if rule.startswith("generate"))
     assert plan["likelihood_jobs"] == jobs.get("likelihood", 0)
+    # one loglik_mc rule per benchmark set (loglik_mc, loglik_mc_<set>), one job per model
+    assert plan["loglik_mc_jobs"] == sum(n for rule, n in jobs.items() if rule.startswith("loglik_mc"))
+    assert plan["loglik_mc_jobs"] == (13 if name == "mergebench" else 0)
     assert plan["judge"].get("gsm8k_judge", {}).get("models", 0) == jobs.get("judge_gsm8k", 0)
     text = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120).stdout

@@ -159,7 +159,7 @@ def rule_envs() -> list[tuple[str, str, Path]]:
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
         for block in re.split(r"\n(?=\s*rule )", text):
-            cmd = re.search(r"workflow/scripts/mergeflow (\w+)", block)
+            cmd = re.search(r"workflow/scripts/mergeflow ([\w-]+)", block)
             env = re.search(r'conda:\s*\n\s*("([^"]+)"|([A-Z_]+))', block)
             if cmd:
                 assert env, f"a rule in {smk.name} runs mergeflow {cmd.group(1)} without a conda env"
@@ -187,6 +187,7 @@ STAGE_ENTRY = {
     "generate": "mergeflow.generation",
     "likelihood": "mergeflow.generation",
     "score": "mergeflow.scoring",
+    "loglik-mc": "mergeflow.scoring.loglik_mc_cli",
     "judge": "mergeflow.judge",
     "aggregate": "mergeflow.aggregate",
     "robustness": "mergeflow.robustness",

@@ -25,6 +25,7 @@ STAGES = [
     ("generate", "mergeflow.generation.cli"),
     ("likelihood", "mergeflow.generation.likelihood_cli"),
     ("score", "mergeflow.scoring.cli"),
+    ("loglik-mc", "mergeflow.scoring.loglik_mc_cli"),
     ("judge", "mergeflow.judge.cli"),
     ("aggregate", "mergeflow.aggregate.cli"),
     ("compare", "mergeflow.aggregate.paired"),

@@ -74,6 +74,17 @@ GENERATION_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Settings of the log-likelihood multiple-choice jobs (protocol.loglik_mc; one block for every
+# loglik_mc benchmark, since one job per model scores them all on one model load).
+LOGLIK_MC_DEFAULTS: dict[str, Any] = {
+    "backend": "auto",
+    "dtype": "auto",
+    "batch_size": 16,
+    "limit": None,
+    "gpu_memory_utilization": None,
+}
+
+
 def load_schema() -> dict:
     """The config schema, its benchmark names from the benchmark registry (their one source)."""
     from mergeflow.benchmarks import NAMES  # light: the registry imports a module per name on demand
@@ -124,6 +135,8 @@ def _check_references(config: dict) -> None:
         for bench in merge.get("benchmarks", []):
             if bench not in config["benchmarks"]:
                 raise MergeflowError(f"config key 'merges[{i}].benchmarks': '{bench}' has no data source under 'benchmarks'")
+        if "select" in merge:
+            _check_selectable(config, i, merge)
         for expert in merge["experts"]:
             if expert not in models:
                 raise MergeflowError(f"config key 'merges[{i}].experts': '{expert}' is not a name under 'models'")
@@ -132,9 +145,13 @@ def _check_references(config: dict) -> None:
         _check_merge_params(config, i, merge)
     protocol = config["protocol"]
     templates = _templates(config)
+    from mergeflow.benchmarks import get as benchmark  # light: declarations only
+
     for bench in config.get("evaluate", {}).get("benchmarks", []):
         if bench not in config["benchmarks"]:
             raise MergeflowError(f"config key 'evaluate.benchmarks': '{bench}' has no data source under 'benchmarks'")
+        if not benchmark(bench).generates:  # scored on log-likelihoods: protocol.loglik_mc, no template
+            continue
         settings = protocol["benchmarks"].get(bench)
         if settings is None:
             raise MergeflowError(f"config key 'protocol.benchmarks.{bench}': missing (needed to generate for '{bench}')")
@@ -148,6 +165,17 @@ def _check_references(config: dict) -> None:
                 f"config key 'protocol.benchmarks.{bench}.template': '{tpl}' is neither a name under "
                 f"'protocol.templates' or of the package ({', '.join(templates)}) nor a template containing {{instruction}}"
             )
+
+
+def _check_selectable(config: dict, i: int, merge: dict) -> None:
+    # validation selection scores grid members on generations (rules generate_validation*, score_validation)
+    from mergeflow.benchmarks import get as benchmark
+
+    for bench in merge.get("benchmarks") or config.get("evaluate", {}).get("benchmarks", []):
+        if not benchmark(bench).generates:
+            raise MergeflowError(f"config key 'merges[{i}].select': benchmark '{bench}' is scored by log-likelihood "
+                                 "(rule loglik_mc), which validation selection does not run; select on generated "
+                                 "benchmarks (merges[].benchmarks)")
 
 
 def _check_merge_params(config: dict, i: int, merge: dict) -> None:
@@ -417,6 +445,25 @@ def _instructions() -> dict[str, str]:
 def generation_settings(config: dict, benchmark: str) -> dict:
     """The resolved generation settings of one benchmark."""
     return resolve_generation(config, config["protocol"]["benchmarks"][benchmark])
+
+
+def loglik_mc_settings(config: dict) -> dict:
+    """The settings of the log-likelihood multiple-choice jobs: LOGLIK_MC_DEFAULTS, then protocol.loglik_mc."""
+    return {**LOGLIK_MC_DEFAULTS, **(config["protocol"].get("loglik_mc") or {})}
+
+
+def generated_benchmarks(config: dict, model: str, specs: dict[str, MergeSpec] | None = None) -> list[str]:
+    """A model's benchmarks that are generated and then scored (rules generate, score)."""
+    from mergeflow.benchmarks import get as benchmark
+
+    return [b for b in benchmarks_of(config, model, specs) if benchmark(b).generates]
+
+
+def loglik_benchmarks_of(config: dict, model: str, specs: dict[str, MergeSpec] | None = None) -> list[str]:
+    """A model's benchmarks scored on its log-likelihoods of their choices (rule loglik_mc)."""
+    from mergeflow.benchmarks import get as benchmark
+
+    return [b for b in benchmarks_of(config, model, specs) if not benchmark(b).generates]
 
 
 def livebench_settings(config: dict) -> dict:

@@ -38,7 +38,8 @@ def load_rates(path: Path = RATES_PATH) -> dict:
 
 
 def doc_count(cfg: dict, benchmark: str, root: Path) -> int:
-    """Docs a generate job of `benchmark` runs: the registry's size (or the local file's rows), capped by `limit`."""
+    """Docs a generate (or loglik_mc) job of `benchmark` runs: the registry's size (or the local
+    file's rows), capped by `limit`."""
     source = cfg["benchmarks"][benchmark]
     n = mfbenchmarks.get(benchmark).size_of(source)
     if n is None and "path" in source:
@@ -52,7 +53,8 @@ def doc_count(cfg: dict, benchmark: str, root: Path) -> int:
     if n is None:
         raise MergeflowError(f"config key 'benchmarks.{benchmark}': size unknown (not in the benchmark registry "
                              "and no local file yet); for a demo config, build the demo data first")
-    limit = mfconfig.generation_settings(cfg, benchmark)["limit"]
+    generated = mfbenchmarks.get(benchmark).generates
+    limit = (mfconfig.generation_settings(cfg, benchmark) if generated else mfconfig.loglik_mc_settings(cfg))["limit"]
     return min(n, limit) if limit else n
 
 
@@ -179,6 +181,26 @@ def _generation(cfg: dict, work: dict, params_of: dict, rates: dict, gpu: bool):
     return generate_jobs, prompts, per_bench, backends, gen_gpu_s
 
 
+def _loglik(cfg: dict, work: dict, params_of: dict, rates: dict, gpu: bool):
+    """(jobs, docs, per-benchmark rows, GPU-seconds) of scoring work = {model: [(benchmark, docs)]}
+    by log-likelihood: one job per model (rule loglik_mc), charged docs at the loglik_mc rate."""
+    rate = rates["loglik_mc"]
+    jobs = docs = 0
+    per_bench: dict[str, dict] = {}
+    gpu_s = 0.0
+    for model, benches in work.items():
+        jobs += bool(benches)
+        for bench, n in benches:
+            docs += n
+            row = per_bench.setdefault(bench, {"models": 0, "docs_per_job": n, "docs": 0})
+            row["models"] += 1
+            row["docs"] += n
+            if gpu:
+                scale = params_of[model] / 1e9 / rate["reference_params_b"]
+                gpu_s += n / rate["docs_per_s"] * scale * cfg["resources"]["generate_gpus"]
+    return jobs, docs, per_bench, gpu_s
+
+
 def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None = None,
                concurrent: int | None = None) -> dict:
     rates = rates or load_rates()
@@ -216,7 +238,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
                     doc_count(cfg, bench, root), 0)
 
     # generation
-    test_work = {m: [(b, counts[b][0]) for b in mfconfig.benchmarks_of(cfg, m, specs)] for m in test_models}
+    test_work = {m: [(b, counts[b][0]) for b in mfconfig.generated_benchmarks(cfg, m, specs)] for m in test_models}
     generate_jobs, prompts, per_bench, backends, gen_gpu_s = _generation(cfg, test_work, params_of, rates, gpu)
     val_work = {m: [(b, counts[b][1]) for b in benches]
                 for m, benches in selection.validation_benchmarks(sweeps).items()}
@@ -224,6 +246,13 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
     backends |= val_backends
     gen_gpu_s += val_gpu_s
     models = test_models
+
+    # log-likelihood multiple choice (rule loglik_mc; never on validation rows: mergeflow.config)
+    loglik_work = {m: [(b, counts[b][0]) for b in mfconfig.loglik_benchmarks_of(cfg, m, specs)] for m in models}
+    loglik_jobs, loglik_docs, loglik_bench, loglik_gpu_s = _loglik(cfg, loglik_work, params_of, rates, gpu)
+    loglik_backend = mfconfig.loglik_mc_settings(cfg)["backend"]
+    if loglik_backend == "auto":
+        loglik_backend = "vllm" if gpu else "hf"
 
     # likelihood
     lik = rates["likelihood"]
@@ -261,6 +290,10 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
         "prompts": prompts,
         "benchmarks": per_bench,
         "likelihood_jobs": likelihood_jobs,
+        "loglik_mc_jobs": loglik_jobs,
+        "loglik_mc_docs": loglik_docs,
+        "loglik_mc_backend": loglik_backend if loglik_jobs else None,
+        "loglik_mc": loglik_bench,
         "backends": sorted(backends),
         "judge": judge,
         "disk": {
@@ -276,9 +309,10 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             "merge": merge_gpu_s / 3600,
             "generate": gen_gpu_s / 3600,
             "likelihood": lik_gpu_s / 3600,
-            "total": (merge_gpu_s + gen_gpu_s + lik_gpu_s) / 3600,
+            "loglik_mc": loglik_gpu_s / 3600,
+            "total": (merge_gpu_s + gen_gpu_s + lik_gpu_s + loglik_gpu_s) / 3600,
         },
-        "rates": _rate_sources(rates, backends if gpu else set()),
+        "rates": _rate_sources(rates, backends if gpu else set(), loglik=bool(loglik_jobs and gpu)),
     }
 
 
@@ -331,7 +365,7 @@ def _cost(requests: int, tokens_in: int, tokens_out: int, prices: dict, launch, 
     return row
 
 
-def _rate_sources(rates: dict, backends: set[str]) -> list[dict]:
+def _rate_sources(rates: dict, backends: set[str], loglik: bool = False) -> list[dict]:
     used = [("merge", rates["merge"]), ("likelihood", rates["likelihood"]),
             ("engine start", rates["generation"]["engine_start_s"])]
     if "hf" in backends:
@@ -339,6 +373,8 @@ def _rate_sources(rates: dict, backends: set[str]) -> list[dict]:
         used.append(("generate (transformers, compiled)", rates["generation"]["transformers_compiled"]))
     if "vllm" in backends:
         used.append(("generate (vLLM)", rates["generation"]["vllm"]))
+    if loglik:
+        used.append(("loglik_mc", rates["loglik_mc"]))
     used += [("judge tokens: alpaca_eval", rates["judge_tokens"]["alpaca_eval"]),
              ("judge tokens: gsm8k_judge", rates["judge_tokens"]["gsm8k_judge"])]
     return [{"stage": stage, "kind": r["kind"], "source": r["source"]} for stage, r in used]
@@ -363,6 +399,9 @@ def render(plan: dict) -> str:
         f"  models evaluated          {plan['models_evaluated']:>8}",
         f"  generate jobs             {plan['generate_jobs']:>8}   (one per model; {plan['prompts']:,} prompts; backend {', '.join(plan['backends'])})",
         f"  likelihood jobs           {plan['likelihood_jobs']:>8}",
+        f"  loglik_mc jobs            {plan['loglik_mc_jobs']:>8}"
+        + (f"   (one per model; {plan['loglik_mc_docs']:,} docs of {len(plan['loglik_mc'])} benchmarks; "
+           f"backend {plan['loglik_mc_backend']})" if plan["loglik_mc_jobs"] else ""),
     ]
     v = plan["validation"]
     if v["sweeps"]:
@@ -380,6 +419,10 @@ def render(plan: dict) -> str:
     for bench, row in plan["benchmarks"].items():
         lines.append(f"  {bench:<13}{row['models']:>6}{row['docs_per_job']:>12}{row['prompts']:>9}"
                      f"{row['max_new_tokens']:>16}{row['batch_size']:>7}")
+    if plan["loglik_mc"]:
+        lines += ["", "  loglik_mc    models  docs/model     docs"]
+        for bench, row in plan["loglik_mc"].items():
+            lines.append(f"  {bench:<13}{row['models']:>6}{row['docs_per_job']:>12}{row['docs']:>9}")
     lines += ["", "  judge          models  calls/model    calls   input tok  output tok   cost"]
     for kind, row in plan["judge"].items():
         cost = "unpriced" if row["cost_usd"] is None else f"${row['cost_usd']:,.2f}"
@@ -399,7 +442,9 @@ def render(plan: dict) -> str:
         f"{'   <- this config' if d['keep_merges'] else ''}",
         "",
         f"  GPU-hours: merge {g['merge']:,.1f}, generate {g['generate']:,.1f}, likelihood {g['likelihood']:,.1f}, "
-        f"total {g['total']:,.1f}" + ("   (upper bound: every prompt decodes its full max_new_tokens)" if g["total"]
+        f"loglik_mc {g['loglik_mc']:,.1f}, total {g['total']:,.1f}"
+        + ("   (upper bound: every prompt decodes its full max_new_tokens"
+           + ("; loglik_mc at the whole-run rate" if g["loglik_mc"] else "") + ")" if g["total"]
                                       else "   (no GPU in this config's resources)"),
         "",
         "  rates (benchmarks/rates.yaml):",

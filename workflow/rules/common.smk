@@ -87,7 +87,8 @@ for _note in mfconfig.seed_notes(CFG):  # seeds of a deterministic method: merge
 
 # vLLM lives in its own env (it pins its own torch): generation uses it when the protocol
 # asks for vllm, or for auto on GPU jobs; otherwise the transformers env.
-_BACKENDS = {mfconfig.generation_settings(CFG, b)["backend"] for b in CFG["evaluate"]["benchmarks"]}
+_BACKENDS = {mfconfig.generation_settings(CFG, b)["backend"] for b in CFG["evaluate"]["benchmarks"]
+             if mfbenchmarks.get(b).generates}
 USES_VLLM = "vllm" in _BACKENDS or ("auto" in _BACKENDS and CFG["resources"]["generate_gpus"] > 0)
 GENERATE_ENV = "../../envs/vllm.yaml" if USES_VLLM else "../../envs/generate.yaml"
 
@@ -114,6 +115,13 @@ GENERATE_THREADS = max(2, CFG["resources"]["generate_gpus"] + 1) if CFG["resourc
 MODELS = CFG["models"]
 BASE = CFG["base_model"]
 BENCHMARKS = CFG["evaluate"]["benchmarks"]
+# Multiple-choice benchmarks scored on each model's log-likelihoods (rule loglik_mc), not generated
+LOGLIK_BENCHMARKS = mfbenchmarks.loglik_benchmarks()
+LOGLIK_SETTINGS = mfconfig.loglik_mc_settings(CFG)
+# lm-eval's vllm model class runs in vLLM's env (lm-eval beside it); hf in the scoring env (lm-eval[hf], CUDA torch)
+LOGLIK_ON_VLLM = LOGLIK_SETTINGS["backend"] == "vllm" or (
+    LOGLIK_SETTINGS["backend"] == "auto" and CFG["resources"]["generate_gpus"] > 0)
+LOGLIK_ENV = "../../envs/vllm.yaml" if LOGLIK_ON_VLLM else "../../envs/score.yaml"
 DEMO_OUT = CFG["demo"]["out"]
 
 
@@ -189,7 +197,8 @@ JUDGE_ON_VLLM = JUDGE_SERVER == "vllm"
 JUDGE_ENV = "../../envs/vllm.yaml" if JUDGE_ON_VLLM else "../../envs/judge.yaml"
 JUDGE_GPUS = CFG["resources"]["judge_gpus"]
 # Benchmarks scored by rule score; AlpacaEval moves to judge_alpaca_eval when a vLLM judge runs it
-SCORED_BENCHMARKS = "|".join(b for b in mfbenchmarks.NAMES if not (JUDGE_ON_VLLM and b == "alpaca_eval"))
+SCORED_BENCHMARKS = "|".join(b for b in mfbenchmarks.NAMES if mfbenchmarks.get(b).generates
+                             and not (JUDGE_ON_VLLM and b == "alpaca_eval"))
 
 
 def judge_model_dir():
@@ -279,16 +288,41 @@ def likelihood_tasks(wildcards):
     )
 
 
-def generation_sets():
-    """{benchmark set (sorted tuple): models evaluated on it}, in first-seen order."""
+def _benchmark_sets(benchmarks_of_model):
+    """{benchmark set (sorted tuple): models with that set}, in first-seen order; empty sets left out."""
     sets = {}
     for model in eval_models() + sorted(SWEEP_MEMBERS):  # any member may be the one selected
-        sets.setdefault(tuple(sorted(benchmarks_of(model))), []).append(model)
+        benches = tuple(sorted(benchmarks_of_model(model)))
+        if benches:
+            sets.setdefault(benches, []).append(model)
     return sets
 
 
+def generation_sets():
+    """{generated benchmark set: models evaluated on it} (rule generate / generate_<set>)."""
+    return _benchmark_sets(lambda m: mfconfig.generated_benchmarks(CFG, m, MERGES))
+
+
 def generate_rule_name(benches):
-    return "generate" if benches == tuple(sorted(BENCHMARKS)) else "generate_" + "_".join(benches)
+    main = tuple(sorted(b for b in BENCHMARKS if b not in LOGLIK_BENCHMARKS))
+    return "generate" if benches == main else "generate_" + "_".join(benches)
+
+
+def loglik_sets():
+    """{log-likelihood benchmark set: models evaluated on it} (rule loglik_mc / loglik_mc_<set>)."""
+    return _benchmark_sets(lambda m: mfconfig.loglik_benchmarks_of(CFG, m, MERGES))
+
+
+def loglik_rule_name(benches):
+    main = tuple(sorted(b for b in BENCHMARKS if b in LOGLIK_BENCHMARKS))
+    return "loglik_mc" if benches == main else "loglik_mc_" + "_".join(benches)
+
+
+def loglik_tasks(model, benches):
+    """`--task BENCHMARK DATA CACHE OUT` per benchmark: its log-likelihoods are cached per model
+    outside the outputs, so a failed or killed job keeps what it computed."""
+    return " ".join(f"--task {b} {data_file(b)} results/cache/loglik_mc/{model}/{b}.jsonl results/scores/{model}/{b}.json"
+                    for b in benches)
 
 
 def generation_tasks(model, benches):

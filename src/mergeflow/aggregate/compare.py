@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergeflow.aggregate.tables import BENCHMARK_ORDER, headline
+from mergeflow.aggregate.tables import headline, table_benchmarks
 from mergeflow.errors import MergeflowError
 
 PUBLISHED_COLUMNS = ["paper", "experts", "method", "dare", "m3", "benchmark", "value", "source"]
@@ -73,7 +73,7 @@ def layout(comp: pd.DataFrame, experts: str) -> pd.DataFrame:
     sub = sub.drop_duplicates(["variant", "model", "benchmark"])
     wide = sub.pivot_table(index=["variant", "model"], columns="benchmark", values=["score", "published", "diff"], aggfunc="first")
     wide = wide.swaplevel(0, 1, axis=1)
-    benches = [b for b in BENCHMARK_ORDER if b in set(sub["benchmark"])]
+    benches = table_benchmarks(sub["benchmark"])
     order = [(b, k) for b in benches for k in ("score", "published", "diff") if (b, k) in wide.columns]
     return wide[order]
 

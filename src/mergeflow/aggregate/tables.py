@@ -16,6 +16,13 @@ HEADLINE_METRICS: dict[str, list[str]] = {
     "gsm8k_judge": ["judge_accuracy"],
 }
 BENCHMARK_ORDER = ["alpaca_eval", "gsm8k", "gsm8k_judge", "math", "humaneval", "mbpp"]
+
+
+def table_benchmarks(names) -> list[str]:
+    """The evaluation benchmarks among `names`, in the tables' order: the DELLA / M3 papers'
+    (BENCHMARK_ORDER), then the registry's (MergeBench's, okapi's); robustness rows have their own table."""
+    present = set(names)
+    return [b for b in dict.fromkeys([*BENCHMARK_ORDER, *benchmarks.NAMES]) if b in present]
 ROLE_ORDER = {"base": 0, "expert": 1, "merge": 2}
 
 
@@ -148,7 +155,7 @@ def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: 
     top = headline(frame[(frame["role"] == "merge") & (frame["experts"] == experts)])
     if cells:
         top["cell"] = _cells(top, marks)
-    benches = [b for b in BENCHMARK_ORDER if b in set(top["benchmark"])]
+    benches = table_benchmarks(top["benchmark"])
     derived = []
     if own_tasks is not None and not top.empty:
         refs = headline(frame[frame["role"].isin(["base", "expert"])])
@@ -162,7 +169,7 @@ def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: 
     table = table.dropna(how="all", axis=0)
     for bench in set(top["benchmark"]) - set(table.columns):
         table[bench] = float("nan")
-    cols = [b for b in BENCHMARK_ORDER if b in table.columns] + normalised.column_order(derived, benches)
+    cols = [b for b in benches if b in table.columns] + normalised.column_order(derived, benches)
     table = table[cols]
     if cells:  # undefined derived values (and pooled seeds that are all undefined) read as an em dash
         for col in normalised.column_order(derived, benches):
@@ -230,8 +237,7 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     metric_note = "; ".join(
         f"{b}: {frame[frame.benchmark == b].pipe(headline)['headline_metric'].iloc[0]}"
-        for b in BENCHMARK_ORDER
-        if b in set(frame["benchmark"])
+        for b in table_benchmarks(frame["benchmark"])
     )
     written = []
     path = out_dir / "scores.md"

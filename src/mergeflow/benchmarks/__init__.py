@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import importlib
 
+from mergeflow.benchmarks import okapi  # light: declarations only
 from mergeflow.benchmarks.base import Benchmark
 from mergeflow.errors import MergeflowError
 
 NAMES = ("gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_cot", "mbppplus", "humanevalplus",
-         "ifeval")
+         "ifeval", *okapi.BENCHMARKS)
 
 
 def get(name: str) -> Benchmark:
     if name not in NAMES:
+        family = next((task for task in okapi.SIZES if name.startswith(f"{task}_")), None)
+        if family is not None:  # an okapi task in a language not declared
+            raise MergeflowError(f"unknown benchmark {name!r}: language {name[len(family) + 1:]!r} of okapi's {family} "
+                                 f"is not declared (mergeflow.benchmarks.okapi.LANGUAGES: {', '.join(okapi.LANGUAGES)})")
         raise MergeflowError(f"unknown benchmark {name!r}; known: {', '.join(NAMES)}")
+    if name in okapi.BENCHMARKS:  # one module declares every okapi task and language
+        return okapi.BENCHMARKS[name]
     return importlib.import_module(f"mergeflow.benchmarks.{name}").BENCHMARK
+
+
+def loglik_benchmarks() -> tuple[str, ...]:
+    """Benchmarks scored by log-likelihood multiple choice on the model (rule loglik_mc), not on generations."""
+    return tuple(n for n in NAMES if not get(n).generates)
 
 
 def code_benchmarks() -> tuple[str, ...]:
@@ -27,4 +39,4 @@ def code_benchmarks() -> tuple[str, ...]:
     return tuple(n for n in NAMES if get(n).scorer == "execution")
 
 
-__all__ = ["NAMES", "Benchmark", "code_benchmarks", "get"]
+__all__ = ["NAMES", "Benchmark", "code_benchmarks", "get", "loglik_benchmarks"]

@@ -30,7 +30,8 @@ class HubSource:
 class Benchmark:
     name: str
     schema: dict[str, type | tuple[type, ...]]  # required field -> type, as in the Hub dataset
-    # How `mergeflow score` scores it: lm_eval (replay), execution (sandbox) or alpaca_eval (judge)
+    # How it is scored: by `mergeflow score` on generations, with lm_eval (replay), execution
+    # (sandbox) or alpaca_eval (judge); or loglik_mc: `mergeflow loglik-mc` runs `lm_eval_task` on the model
     scorer: str = "lm_eval"
     # The number the papers report, first metric present wins (aggregate tables' headline)
     headline: tuple[str, ...] = ()
@@ -49,6 +50,13 @@ class Benchmark:
     # Docs in the evaluation split, by Hub subset or dataset id ("" = the default `hub`
     # source): what `mergeflow plan` counts before anything is downloaded.
     sizes: dict[str, int] = field(default_factory=dict)
+    # loglik_mc: lm-eval's own task YAML (under lm_eval/tasks/) whose prompt, choices and metrics run as they are
+    lm_eval_task: str | None = None
+    # What is wrong with a row beyond its fields' types (None: nothing), e.g. an answer letter with no option
+    check_row: Callable[[dict], str | None] | None = None
+    # False: identical rows may occur (translated MMLU repeats questions); they score alike, so
+    # the k-th copy's id is the first's with "#k" (doc_ids) instead of a duplicate-row error
+    unique_rows: bool = True
 
     def size_of(self, source: dict) -> int | None:
         """Docs of a config's `benchmarks.<name>` source; None if the registry does not know it."""
@@ -62,6 +70,12 @@ class Benchmark:
     @property
     def is_code(self) -> bool:
         return self.program is not None
+
+    @property
+    def generates(self) -> bool:
+        """Whether it is scored on generations (rule generate, then score); loglik_mc benchmarks
+        are scored on the model's log-likelihoods of their choices instead (rule loglik_mc)."""
+        return self.scorer != "loglik_mc"
 
     def doc_id(self, doc: dict) -> str:
         if self.id_field is not None:
@@ -92,14 +106,28 @@ class Benchmark:
         for group in self.one_of:
             if all(row.get(key) is None for key in group):
                 raise MergeflowError(f"{where}: {self.name} row lacks field {' or '.join(map(repr, group))}")
+        problem = self.check_row(row) if self.check_row is not None else None
+        if problem:
+            raise MergeflowError(f"{where}: {self.name} row {problem}")
         return row
+
+    def doc_ids(self, docs: list[dict]) -> list[str]:
+        """Ids of rows in file order: `doc_id` of each, identical rows (unique_rows False) told
+        apart by their occurrence ("#2", "#3", ...)."""
+        seen: dict[str, int] = {}
+        ids = []
+        for doc in docs:
+            did = self.doc_id(doc)
+            seen[did] = seen.get(did, 0) + 1
+            ids.append(did if seen[did] == 1 or self.unique_rows else f"{did}#{seen[did]}")
+        return ids
 
     def load(self, path: str | Path, limit: int | None = None) -> list[dict]:
         """Rows of a benchmark file (.jsonl, .jsonl.gz or a .json list), validated, first `limit`."""
         path = Path(path)
         docs = [self.validate(row, where) for row, where in read_rows(path)]
         seen: dict[str, int] = {}
-        for i, doc in enumerate(docs):
+        for i, doc in enumerate(docs if self.unique_rows else []):
             did = self.doc_id(doc)
             if did in seen:
                 raise MergeflowError(

@@ -4,6 +4,8 @@ benchmark declares (mergeflow.benchmarks):
 lm_eval     -> lm-eval replay (lm_eval_replay.py)
 execution   -> sandboxed execution, pass@1 (code_exec.py, sandbox.py)
 alpaca_eval -> alpaca_eval win rate against the configured judge (alpaca.py)
+
+(loglik_mc benchmarks have no generations: `mergeflow loglik-mc`, loglik_mc_cli.py, scores them.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from mergeflow import benchmarks, gpus
 
 log = logging.getLogger(__name__)
 
-SCORERS = {name: benchmarks.get(name).scorer for name in benchmarks.NAMES}  # declared by each benchmark
+# declared by each benchmark; those scored on log-likelihoods are `mergeflow loglik-mc`'s (no generations)
+SCORERS = {name: benchmarks.get(name).scorer for name in benchmarks.NAMES if benchmarks.get(name).generates}
 
 
 def add_parser(subparsers) -> None:

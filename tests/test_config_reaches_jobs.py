@@ -257,6 +257,7 @@ VARIANTS = {
     "aggregate.bootstrap.resamples": put("aggregate", "bootstrap", "resamples", 500),
     "aggregate.bootstrap.seed": put("aggregate", "bootstrap", "seed", 1),
     "aggregate.own_tasks": put("aggregate", "own_tasks", {"lm": ["gsm8k"]}),
+    "aggregate.normalised_average": put("aggregate", "normalised_average", "expert"),
     "resources.merge_gpus": put("resources", "merge_gpus", 1),
     "resources.generate_gpus": put("resources", "generate_gpus", 1),
     "resources.merge_mem_mb": put("resources", "merge_mem_mb", 1000),

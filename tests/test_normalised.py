@@ -7,6 +7,7 @@ import re
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -98,6 +99,25 @@ def test_written_tables_carry_the_columns_and_the_footnote(scored, tmp_path):
     assert "gsm8k norm." in text and "mbpp forg." in text and re.search(r"\|\s+75\.0 \|", text)
     assert normalised.FOOTNOTE in text and normalised.DASH in text
     assert "norm." not in (tmp_path / "t" / "scores.md").read_text()  # the scores table is unchanged
+
+
+def test_the_average_per_expert_weighs_each_expert_once():
+    # two experts: math owns three benchmarks (norm. 50, 60, 100), code one (norm. 20)
+    norms = {"a": 50.0, "b": 60.0, "c": 100.0, "d": 20.0}
+    owner = {"a": "math", "b": "math", "c": "math", "d": "code"}
+    assert normalised.expert_average(norms, owner) == pytest.approx((70.0 + 20.0) / 2)  # not 57.5
+    assert normalised.expert_average({**norms, "d": None}, owner) is None  # one undefined part: undefined
+    top = pd.DataFrame([
+        {"model": m, "benchmark": b, "score": s, "role": r, "experts": e}
+        for m, b, s, r, e in [("math", "a", 40.0, "expert", ""), ("math", "b", 50.0, "expert", ""),
+                              ("code", "d", 10.0, "expert", ""), ("base", "a", 1.0, "base", ""),
+                              ("m", "a", 20.0, "merge", "math+code"), ("m", "b", 30.0, "merge", "math+code"),
+                              ("m", "d", 2.0, "merge", "math+code")]])
+    own = {"math": ["a", "b"], "code": ["d"]}
+    avg = lambda how: float(normalised.derived_rows(top, own, average=how).set_index("benchmark")  # noqa: E731
+                            .loc[f"{normalised.NORM} {normalised.AVG}", "score"])
+    assert avg("benchmark") == pytest.approx((50.0 + 60.0 + 20.0) / 3)
+    assert avg("expert") == pytest.approx(((50.0 + 60.0) / 2 + 20.0) / 2)
 
 
 def test_unknown_model_in_own_tasks_names_it():

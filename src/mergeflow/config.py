@@ -46,7 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "scoring": {"code": {"timeout": 10.0, "isolation": "auto", "max_workers": 2}},
     "aggregate": {"published": [], "claims": None, "headline": {}, "ci_level": 0.95, "alpha": 0.05,
                   "bootstrap": {"resamples": 2000, "seed": 0},
-                  "own_tasks": None},  # None: OWN_TASKS below (a given map replaces it whole)
+                  "own_tasks": None,  # None: OWN_TASKS below (a given map replaces it whole)
+                  "normalised_average": "benchmark"},  # or expert: per expert first (MergeBench)
     "resources": {"merge_gpus": 0, "generate_gpus": 0, "merge_mem_mb": 8000, "generate_mem_mb": 16000,
                   "judge_gpus": 0},
 }

@@ -11,7 +11,10 @@ belongs to whoever owns `t`. For a merge m with experts E and a benchmark b that
   s_base(b) − s_m(b), in points (positive: m lost what the base could do). Undefined when the
   base or m has no score on b.
 - `norm. avg` / `forg. avg`: the mean over m's benchmarks of that kind, undefined (em dash) as
-  soon as one of them is, so that an average never silently skips a task.
+  soon as one of them is, so that an average never silently skips a task. With
+  `aggregate.normalised_average: expert` `norm. avg` is the mean over m's experts of the mean of
+  each one's own benchmarks (MergeBench averages per task category, so that an expert with twelve
+  benchmarks does not outweigh one with one).
 
 Scores are the tables' headline scores in percent (mergeflow.aggregate.tables.headline).
 """
@@ -35,6 +38,8 @@ FOOTNOTE = (
     "it needs (the merge's, the expert's, the base's) is missing; an average with one undefined part is "
     "undefined. Seed replicates: mean ± std (n=k) of each seed's value."
 )
+EXPERT_FOOTNOTE = " `norm. avg` here: the mean over the merge's experts of each one's mean over its own benchmarks."
+
 
 
 def owner_tasks(benchmark: str, tasks: list[str]) -> bool:
@@ -74,11 +79,24 @@ def _average(values: list[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
-def derived_rows(top: pd.DataFrame, own: dict[str, list[str]], benchmarks: list[str] | None = None) -> pd.DataFrame:
+AVERAGES = ("benchmark", "expert")  # aggregate.normalised_average
+
+
+def expert_average(norms: dict[str, float | None], owner: dict[str, str]) -> float | None:
+    """The mean over owners of the mean of each owner's benchmarks (`owner`: benchmark -> owner)."""
+    groups: dict[str, list[float | None]] = {}
+    for bench, value in norms.items():
+        groups.setdefault(owner[bench], []).append(value)
+    return _average([_average(v) for v in groups.values()])
+
+
+def derived_rows(top: pd.DataFrame, own: dict[str, list[str]], benchmarks: list[str] | None = None,
+                 average: str = "benchmark") -> pd.DataFrame:
     """Per merge of `top` (headline rows, all roles): one row per derived column, a copy of one
     of the merge's rows with `benchmark` = the column (`gsm8k norm.`, `norm. avg`, `mbpp forg.`,
     `forg. avg`), `score` = the value (NaN where undefined) and `cell` its text (`—` where
-    undefined). `benchmarks`: the ones to consider (default: all in `top`)."""
+    undefined). `benchmarks`: the ones to consider (default: all in `top`). `average`: `norm. avg`
+    over benchmarks, or per expert first (`AVERAGES`)."""
     score = {(r.model, r.benchmark): r.score for r in top.itertuples()}
     base = {r.benchmark: r.score for r in top[top["role"] == "base"].itertuples()}
     rows = []
@@ -87,16 +105,18 @@ def derived_rows(top: pd.DataFrame, own: dict[str, list[str]], benchmarks: list[
         first = group.iloc[0]
         experts = str(first["experts"]).split("+")
         benches = [b for b in (benchmarks or list(dict.fromkeys(top["benchmark"]))) if b in set(group["benchmark"])]
-        norms, forgets = {}, {}
+        norms, forgets, owner = {}, {}, {}
         for bench in benches:
             mine = owners(bench, experts, own)
             if mine:
                 norms[bench] = normalised(score.get((model, bench)), [score.get((e, bench)) for e in mine])
+                owner[bench] = "+".join(mine)  # (two experts owning one benchmark: one group)
             else:
                 forgets[bench] = forgetting(score.get((model, bench)), base.get(bench))
         columns = {**{f"{b} {NORM}": v for b, v in norms.items()}}
         if norms:
-            columns[f"{NORM} {AVG}"] = _average(list(norms.values()))
+            columns[f"{NORM} {AVG}"] = (expert_average(norms, owner) if average == "expert"
+                                        else _average(list(norms.values())))
         columns.update({f"{b} {FORGET}": v for b, v in forgets.items()})
         if forgets:
             columns[f"{FORGET} {AVG}"] = _average(list(forgets.values()))

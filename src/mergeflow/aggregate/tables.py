@@ -146,7 +146,7 @@ def scores_table(frame: pd.DataFrame, cells: bool = False) -> pd.DataFrame:
 
 
 def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: dict | None = None,
-                 own_tasks: dict | None = None) -> pd.DataFrame:
+                 own_tasks: dict | None = None, average: str = "benchmark") -> pd.DataFrame:
     """The papers' layout for one expert combination: merge methods x benchmarks (`cells`: as
     text with the interval and `marks[(model, benchmark)]`); with `own_tasks` (model -> its
     own benchmarks), also the expert-normalised and forgetting columns (aggregate.normalised)."""
@@ -159,7 +159,7 @@ def method_table(frame: pd.DataFrame, experts: str, cells: bool = False, marks: 
     derived = []
     if own_tasks is not None and not top.empty:
         refs = headline(frame[frame["role"].isin(["base", "expert"])])
-        rows = normalised.derived_rows(pd.concat([refs, top], ignore_index=True), own_tasks, benches)
+        rows = normalised.derived_rows(pd.concat([refs, top], ignore_index=True), own_tasks, benches, average)
         if not rows.empty:
             derived = list(dict.fromkeys(rows["benchmark"]))
             top = pd.concat([top, rows[top.columns]], ignore_index=True)
@@ -255,7 +255,8 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
     marks = {} if tests is None else tests.marks
     for experts in sorted(set(merges["experts"].dropna())):
         path = out_dir / f"merges_{experts.replace('+', '_')}.md"
-        table = method_table(frame, experts, cells=True, marks=marks, own_tasks=own)
+        table = method_table(frame, experts, cells=True, marks=marks, own_tasks=own,
+                             average=(settings or {}).get("normalised_average", "benchmark"))
         text = to_markdown(
             table,
             f"Merge methods on {experts.replace('+', ' + ')}",
@@ -265,7 +266,8 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
         if tests is not None:
             text += "\n" + FOOTNOTE.format(alpha=tests.alpha) + "\n"
         if any(str(c).endswith((normalised.NORM, normalised.FORGET, normalised.AVG)) for c in table.columns):
-            text += "\n" + normalised.FOOTNOTE + "\n"
+            text += "\n" + normalised.FOOTNOTE + (
+                normalised.EXPERT_FOOTNOTE if (settings or {}).get("normalised_average") == "expert" else "") + "\n"
         path.write_text(text)
         written.append(path)
     if tests is not None and not tests.table.empty:

@@ -20,6 +20,7 @@ from mergeflow import benchmarks
 from mergeflow import config as mfconfig
 from mergeflow.cli import main
 from mergeflow.errors import MergeflowError
+from mergeflow.scoring import lm_eval_replay  # noqa: F401 - a model registered first, as in a worker that scored a replay
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = json.dumps({"backend": "hf", "dtype": "float32", "batch_size": 4})

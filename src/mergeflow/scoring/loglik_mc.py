@@ -102,6 +102,7 @@ def load_lm(model_dir: Path, setup: dict, settings: LoglikSettings) -> LM:
     """lm-eval's own model class of the set-up's backend, on the job's device."""
     import os
 
+    import lm_eval.models  # noqa: F401 - lm-eval registers hf/vllm itself only while no model is registered
     import torch
     from lm_eval.api.registry import get_model
 

@@ -200,15 +200,8 @@ def score(benchmark: str, pairs: list[tuple[dict, dict]], doc_id: Callable[[dict
         )
     if lm.served != len(pairs):
         raise MergeflowError(f"replay served {lm.served} of {len(pairs)} generations")
-    task_results = out["results"][task_name]
     n = len(pairs)
-    rows = []
-    for key, value in task_results.items():
-        if "," not in key or "_stderr," in key:
-            continue
-        metric, filter_name = key.split(",", 1)
-        stderr = task_results.get(f"{metric}_stderr,{filter_name}")
-        rows.append(results.row(key, value=value, stderr=stderr if isinstance(stderr, float) else None, n=n))
+    rows = results.lm_eval_rows(out["results"][task_name], n)
     samples = _samples(out["samples"][task_name], ids)
     details = {"task": task_name, "lm_eval_version": _version("lm_eval"), "n_docs": n}
     return rows, details, samples

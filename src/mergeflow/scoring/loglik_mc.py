@@ -233,14 +233,7 @@ def score(bench: Benchmark, docs: list[dict], ids: list[str], lm: CachedLoglikel
         task.set_fewshot_seed(seed=1234)
     # lm_eval.evaluate, not simple_evaluate: the model is ours (cached) and no environment report is wanted
     out = lm_eval.evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=1000)
-    task_results = out["results"][bench.name]
-    rows = []
-    for key, value in task_results.items():
-        if "," not in key or "_stderr," in key:
-            continue
-        metric, filter_name = key.split(",", 1)
-        stderr = task_results.get(f"{metric}_stderr,{filter_name}")
-        rows.append(results.row(key, value=value, stderr=stderr if isinstance(stderr, float) else None, n=len(docs)))
+    rows = results.lm_eval_rows(out["results"][bench.name], len(docs))
     samples = _samples(out["samples"][bench.name], ids)
     if len(samples) != len(docs):
         raise MergeflowError(f"{bench.name}: lm-eval scored {len(samples)} of {len(docs)} docs")

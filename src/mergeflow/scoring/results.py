@@ -143,3 +143,13 @@ def write_score(out: str | Path, benchmark: str, scorer: str, rows: list[dict], 
     return out
 
 
+def lm_eval_rows(task_results: dict, n: int) -> list[dict]:
+    """Score rows from lm-eval's results of one task: each `metric,filter` with its stderr."""
+    rows = []
+    for key, value in task_results.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filter_name = key.split(",", 1)
+        stderr = task_results.get(f"{metric}_stderr,{filter_name}")
+        rows.append(row(key, value=value, stderr=stderr if isinstance(stderr, float) else None, n=n))
+    return rows

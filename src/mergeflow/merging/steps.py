@@ -597,10 +597,12 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
 
 def div_exact_(x, divisor):
     """x / divisor in place, correctly rounded on every device: CUDA turns a division by a
-    Python scalar into a multiplication by its reciprocal, a 0-dim tensor divisor it does not."""
+    Python scalar into a multiplication by its reciprocal, a 0-dim tensor divisor it does not.
+    The divisor is filled on the device (`torch.tensor(..., device=cuda)` would copy it from
+    the host and wait for the GPU to finish everything queued before)."""
     import torch
 
-    return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))
+    return x.div_(torch.full((), divisor, dtype=x.dtype, device=x.device))
 
 
 def weighted_sum(deltas, weights):

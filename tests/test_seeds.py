@@ -39,9 +39,23 @@ PAPER_IDS = {
 }
 
 
+def plain(cfg: dict) -> dict:
+    """`cfg` without seed replicates and selection: each selecting entry at its first grid
+    value (the demo's: task arithmetic at lambda 1.0, the entry it was before selection)."""
+    cfg = copy.deepcopy(cfg)
+    for merge in cfg["merges"]:
+        merge.pop("seeds", None), merge.pop("n_seeds", None)
+        if merge.pop("select", None) is not None:
+            grid = merge.pop("grid")
+            merge["params"] = {**merge.get("params", {}), **{k: v[0] for k, v in grid.items()}}
+            merge.pop("benchmarks", None)
+    return cfg
+
+
 @pytest.fixture()
 def demo() -> dict:
-    return yaml.safe_load(DEMO.read_text())
+    """The demo config without its seed replicates and its selection (the tests below add their own)."""
+    return plain(yaml.safe_load(DEMO.read_text()))
 
 
 def specs_of(cfg: dict) -> dict:
@@ -50,6 +64,23 @@ def specs_of(cfg: dict) -> dict:
 
 def test_demo_merge_ids_are_unchanged(demo):
     assert list(specs_of(demo)) == DEMO_IDS
+
+
+def test_demo_replicates_and_sweep_keep_the_old_ids():
+    """The shipped demo: DARE, DELLA and M3 with seeds 42, 43, 44 (seed 42 keeps each one's id,
+    so its results are reused), task arithmetic's lambda swept over [1.0, 0.7, 0.5] (1.0 keeps
+    the id of the fixed entry it replaced)."""
+    shipped = yaml.safe_load(DEMO.read_text())
+    specs = specs_of(shipped)
+    assert set(DEMO_IDS) <= set(specs)
+    for method in ("dare", "della", "m3"):
+        reps = [s for s in specs.values() if s.method == method]
+        assert [s.seed for s in reps] == [42, 43, 44] and all(s.random for s in reps), method
+        assert len({s.config_id for s in reps}) == 1
+    sweep = [s for s in specs.values() if s.method == "task_arithmetic" and s.experts == ("lm", "math", "code")]
+    assert [s.params["lambda"] for s in sweep] == [1.0, 0.7, 0.5]
+    assert sweep[0].merge_id == DEMO_IDS[0] and not any(s.random for s in sweep)
+    assert len(specs) == len(DEMO_IDS) + 3 * 2 + 2
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_IDS))

@@ -70,11 +70,11 @@ def build_base(out: Path, seed: int, spec: ZooSpec, gsm8k_judge_prompt=None, ann
     out = Path(out)
     _start(spec.threads)
     splits, plain, pairs, judge_items = _training_data(seed, spec, gsm8k_judge_prompt, annotator)
-    for name, (test, train) in splits.items():
+    for name, (test, train_rows) in splits.items():
         atomic.write_jsonl(out / "data" / f"{name}.jsonl", test)
         # validation rows: another stream, after the others (nothing trained on them, nothing else moves)
         atomic.write_jsonl(out / families.validation_file(name),
-                           families.validation_rows(name, seed, spec.n_validation, test, train))
+                           families.validation_rows(name, seed, spec.n_validation, test, train_rows))
     # The tokenizer sees only training text (plain, templated, judging requests), never test rows.
     tokenizer = train_tokenizer(
         [t for texts in plain.values() for t in texts] + [p + r for ps in pairs.values() for p, r in ps]

@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -258,3 +259,29 @@ def test_tables_without_replicates_are_unchanged(demo, tmp_path):
     assert "±" not in text and "standard deviation" not in text
     cells = {idx[1]: row for idx, row in scores_table(frame, cells=True).iterrows()}
     assert cells[ties]["gsm8k"] == "45.0"
+
+
+def test_robustness_and_retention_tables_pool_replicates(tmp_path):
+    """The demo's M3 runs three seeds: its robustness and retention rows are pooled like the
+    scores (one row per configuration, mean ± std (n=3)); a single merge keeps its number."""
+    from mergeflow.aggregate.retention import METRIC
+    from mergeflow.aggregate.tables import robustness_table, write_robustness
+
+    rows = []
+    for model, cid, m3, lb, kept in (("m3-a", "m3-c", True, 0.2, 0.5), ("m3-b", "m3-c", True, 0.3, 0.6),
+                                     ("m3-d", "m3-c", True, 0.7, 1.0), ("ta-x", "ta-c", False, 0.25, 0.9)):
+        base = {"model": model, "config_id": cid, "role": "merge", "method": "m3" if m3 else "task_arithmetic",
+                "family": "task_arithmetic", "dare": False, "m3": m3, "experts": "lm+math", "n": 4}
+        rows.append({**base, "benchmark": "livebench_typos", "metric": "score", "value": lb})
+        rows.append({**base, "benchmark": "gsm8k", "metric": METRIC, "value": kept})
+    frame = pd.DataFrame(rows)
+    numbers = {idx[1]: r for idx, r in robustness_table(frame).iterrows()}
+    assert set(numbers) == {"m3-c", "ta-x"} and numbers["m3-c"]["livebench_typos"] == pytest.approx(40.0)
+    cells = {idx[1]: r for idx, r in robustness_table(frame, cells=True).iterrows()}
+    assert cells["m3-c"]["livebench_typos"] == "40.0 ± 26.5 (n=3)" and cells["ta-x"]["livebench_typos"] == "25.0"
+    write_robustness(frame, tmp_path)
+    text = (tmp_path / "robustness.md").read_text()
+    assert "40.0 ± 26.5 (n=3)" in text and "sample standard deviation" in text and "+M3" in text
+    write_tables(frame, tmp_path / "t")
+    kept = (tmp_path / "t" / "retention.md").read_text()
+    assert "70.0 ± 26.5 (n=3)" in kept and "| 90.0 " in kept and "m3-a" not in kept

@@ -61,6 +61,12 @@ def test_bad_config_names_the_key(demo_config, mutate, key):
     assert f"'{key}'" in str(err.value)
 
 
+def test_a_bare_on_in_select_says_to_quote_it():
+    text = DEMO.read_text().replace('select: {"on": validation', "select: {on: validation")
+    with pytest.raises(MergeflowError, match=r"'merges\[0\]\.select': a bare `on` key reads as true in YAML; quote it"):
+        mfconfig.prepare(yaml.safe_load(text))
+
+
 def test_merge_id_changes_only_with_what_changes_the_output(demo_config):
     cfg = mfconfig.prepare(demo_config)
     before = list(mfconfig.merge_specs(cfg))

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 from disk_sampler import DiskSampler
+from mergeflow import config as mfconfig
+from mergeflow.selection import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -51,9 +53,6 @@ def _demo_merges(work: Path) -> tuple[dict, dict, list[str]]:
     """(prepared config, merge specs, the merge ids evaluated on test): every merge but the
     sweep's grid members, and of those the selected ones (results/selection/)."""
     import json
-
-    from mergeflow import config as mfconfig
-    from mergeflow.selection import sweeps
 
     cfg = mfconfig.prepare(yaml.safe_load((work / "config" / "config.yaml").read_text()))
     specs = mfconfig.merge_specs(cfg)
@@ -144,8 +143,6 @@ def test_demo_selects_task_arithmetic_lambda_on_validation(demo_run):
 
     work, _ = demo_run
     cfg, specs, tested = _demo_merges(work)
-    from mergeflow.selection import sweeps
-
     (sweep,) = sweeps(cfg, specs).values()
     sel = json.loads((work / "results" / "selection" / f"{sweep.name}.json").read_text())
     assert [specs[m].params["lambda"] for m in sweep.members] == [1.0, 0.7, 0.5]
@@ -164,7 +161,7 @@ def test_demo_selects_task_arithmetic_lambda_on_validation(demo_run):
             docs = {json.loads(line)["doc_id"] for line in samples.read_text().splitlines()}
             assert docs == set(split["validation"]), (member, bench)
         # every model's test docs are the benchmark file's first `limit` rows, as without the sweep
-        limit = mfconfig_limit(cfg, bench)
+        limit = mfconfig.generation_settings(cfg, bench)["limit"]
         for model in ("base", sel["selected"]):
             samples = work / "results" / "scores" / model / f"{bench}.samples.jsonl"
             docs = [json.loads(line)["doc_id"] for line in samples.read_text().splitlines()]
@@ -175,12 +172,6 @@ def test_demo_selects_task_arithmetic_lambda_on_validation(demo_run):
     assert not (work / "results" / "scores" / sel["selected"] / "humaneval.json").exists()
     assert "✓" in (work / "results" / "tables" / "selection.md").read_text()
     assert "Validation-selected: " + sel["selected"] in (work / "results" / "tables" / "merges_lm_math_code.md").read_text()
-
-
-def mfconfig_limit(cfg: dict, bench: str) -> int:
-    from mergeflow import config as mfconfig
-
-    return mfconfig.generation_settings(cfg, bench)["limit"]
 
 
 def test_demo_adds_robustness_rows_with_and_without_m3(demo_run):
@@ -253,11 +244,15 @@ def test_changing_the_judge_reruns_only_judging(demo_run, tmp_path):
     res = _snakemake(work, "-n", "--cores", "2", "--configfile", str(path))
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout + res.stderr)
-    _, _, tested = _demo_merges(work)
+    _, specs, tested = _demo_merges(work)
     n_models = 4 + len(tested)
     # alpaca_eval scoring, the GSM8K judge and the judge's agreement with the demo labels are
-    # the judging jobs; nothing upstream reruns
-    assert jobs == {"score": n_models, "judge_gsm8k": n_models, "judge_agreement": 1, "aggregate": 1, "all": 1}, jobs
+    # the judging jobs; nothing upstream reruns. The sweep's grid members are judged on
+    # validation too (alpaca_eval, one each), so the selection reruns; the selected member's
+    # own judging jobs join the DAG once it has (a checkpoint): the dry run lists the others.
+    (sweep,) = sweeps(mfconfig.prepare(cfg), specs).values()
+    assert jobs == {"score": n_models - 1, "judge_gsm8k": n_models - 1, "judge_agreement": 1,
+                    "score_validation": len(sweep.members), "select": 1, "aggregate": 1, "all": 1}, jobs
 
 
 def test_report_includes_tables_and_plots(demo_run):
@@ -334,8 +329,6 @@ def test_demo_three_expert_merges_keep_a_measurable_share_of_every_skill(demo_ru
     exact match is too coarse for these tiny merges, see docs/demo.md), and a null merge
     (lambda = 0, the base's weights) keeps none of it."""
     import json
-
-    from mergeflow import config as mfconfig
 
     work, _ = demo_run
     scores = pd.read_csv(work / "results" / "scores.csv")

@@ -41,7 +41,6 @@ FOOTNOTE = (
 EXPERT_FOOTNOTE = " `norm. avg` here: the mean over the merge's experts of each one's mean over its own benchmarks."
 
 
-
 def owner_tasks(benchmark: str, tasks: list[str]) -> bool:
     """Whether a benchmark is one of `tasks` (gsm8k_judge is gsm8k's)."""
     return any(benchmark == t or benchmark.startswith(f"{t}_") for t in tasks)
@@ -79,9 +78,6 @@ def _average(values: list[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
-AVERAGES = ("benchmark", "expert")  # aggregate.normalised_average
-
-
 def expert_average(norms: dict[str, float | None], owner: dict[str, str]) -> float | None:
     """The mean over owners of the mean of each owner's benchmarks (`owner`: benchmark -> owner)."""
     groups: dict[str, list[float | None]] = {}
@@ -96,7 +92,7 @@ def derived_rows(top: pd.DataFrame, own: dict[str, list[str]], benchmarks: list[
     of the merge's rows with `benchmark` = the column (`gsm8k norm.`, `norm. avg`, `mbpp forg.`,
     `forg. avg`), `score` = the value (NaN where undefined) and `cell` its text (`—` where
     undefined). `benchmarks`: the ones to consider (default: all in `top`). `average`: `norm. avg`
-    over benchmarks, or per expert first (`AVERAGES`)."""
+    over benchmarks (`benchmark`), or per expert first (`expert`; aggregate.normalised_average)."""
     score = {(r.model, r.benchmark): r.score for r in top.itertuples()}
     base = {r.benchmark: r.score for r in top[top["role"] == "base"].itertuples()}
     rows = []

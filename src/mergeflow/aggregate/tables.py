@@ -232,6 +232,7 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
     from mergeflow.aggregate.significance import FOOTNOTE, significance
 
     own = mfconfig.own_tasks(settings)
+    average = (settings or {}).get("normalised_average", "benchmark")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,8 +256,7 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
     marks = {} if tests is None else tests.marks
     for experts in sorted(set(merges["experts"].dropna())):
         path = out_dir / f"merges_{experts.replace('+', '_')}.md"
-        table = method_table(frame, experts, cells=True, marks=marks, own_tasks=own,
-                             average=(settings or {}).get("normalised_average", "benchmark"))
+        table = method_table(frame, experts, cells=True, marks=marks, own_tasks=own, average=average)
         text = to_markdown(
             table,
             f"Merge methods on {experts.replace('+', ' + ')}",
@@ -266,8 +266,7 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
         if tests is not None:
             text += "\n" + FOOTNOTE.format(alpha=tests.alpha) + "\n"
         if any(str(c).endswith((normalised.NORM, normalised.FORGET, normalised.AVG)) for c in table.columns):
-            text += "\n" + normalised.FOOTNOTE + (
-                normalised.EXPERT_FOOTNOTE if (settings or {}).get("normalised_average") == "expert" else "") + "\n"
+            text += "\n" + normalised.FOOTNOTE + (normalised.EXPERT_FOOTNOTE if average == "expert" else "") + "\n"
         path.write_text(text)
         written.append(path)
     if tests is not None and not tests.table.empty:

@@ -23,21 +23,23 @@ def tree_bytes(path: Path) -> int:
 
 
 class DiskSampler(threading.Thread):
-    """Measures `root` every `interval` seconds until stopped (use as a context manager)."""
+    """Measures the entries of `roots` every `interval` seconds until stopped (use as a context manager)."""
 
-    def __init__(self, root: Path, interval: float = 0.2):
+    def __init__(self, *roots: Path, interval: float = 0.2):
         super().__init__(daemon=True)
-        self.root, self.interval = Path(root), interval
+        self.roots, self.interval = [Path(r) for r in roots], interval
         self.peak_bytes = 0
         self.largest_entry_bytes = 0
         self.samples = 0
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
-        try:
-            sizes = [tree_bytes(p) for p in self.root.iterdir()]
-        except FileNotFoundError:  # not created yet
-            sizes = []
+        sizes = []
+        for root in self.roots:
+            try:
+                sizes += [tree_bytes(p) for p in root.iterdir()]
+            except FileNotFoundError:  # not created yet
+                pass
         self.peak_bytes = max(self.peak_bytes, sum(sizes))
         self.largest_entry_bytes = max([self.largest_entry_bytes, *sizes])
         self.samples += 1

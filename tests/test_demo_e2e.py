@@ -37,7 +37,8 @@ def demo_run(tmp_path_factory):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
     start = time.time()
-    with DiskSampler(work / "results" / "merges") as disk:  # merged checkpoints on disk, sampled every 0.2 s
+    # merged checkpoints on disk (test merges, and a sweep's validation copies), sampled every 0.2 s
+    with DiskSampler(work / "results" / "merges", work / "results" / "validation" / "merges") as disk:
         res = _snakemake(work, "--cores", str(DEMO_CORES))
     elapsed = time.time() - start
     if res.returncode != 0:

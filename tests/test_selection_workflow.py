@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from disk_sampler import DiskSampler
 from dry_run_jobs import dry_run_env, job_counts
 from mergeflow import benchmarks
 from mergeflow import config as mfconfig
@@ -85,8 +86,14 @@ def test_the_dag_reads_no_test_number_for_selection(tmp_path):
     name, ids = members(config)
     jobs = planned(tmp_path, config)
     rules = [j["rule"] for j in jobs]
-    assert sorted(o for j in jobs if j["rule"] == "merge_validation" for o in j["output"] if "/merges/" in o) == \
-        sorted(f"results/validation/merges/{m}" for m in ids)
+    # each member merged into a scratch copy inside its validation generate job: no temp()
+    # checkpoint for Snakemake to keep while the selection is pending
+    assert sorted(o for j in jobs if j["rule"] == "merge_generate_validation" for o in j["output"]
+                  if "/merge_meta/" in o) == sorted(f"results/validation/merge_meta/{m}.json" for m in ids)
+    assert not [o for j in jobs for o in j["output"] if "/merges/" in o and "validation" in o]
+    # test merges wait for the selection (order only: a rewritten selection reruns none)
+    (ties,) = [j for j in jobs if j["rule"] == "merge"]
+    assert f"results/selection/{name}.json" in ties["input"]
     # no test-split job of any member before the selection: merges, generations, scores
     test_jobs = [j for j in jobs if j["rule"] in ("merge", "score") or j["rule"].startswith("generate")
                  and not j["rule"].startswith("generate_validation")]
@@ -103,7 +110,7 @@ def test_the_dag_reads_no_test_number_for_selection(tmp_path):
         if job["rule"] == "generate":
             assert {f for f in job["input"] if "resources/data" in f} == {
                 "resources/data/splits/gsm8k/test.jsonl", "resources/data/splits/math/test.jsonl"}
-        if job["rule"] == "generate_validation":
+        if job["rule"] in ("generate_validation", "merge_generate_validation"):
             assert {f for f in job["input"] if "resources/data" in f} == {
                 "resources/data/splits/gsm8k/validation.jsonl", "resources/data/splits/math/validation.jsonl"}
 
@@ -182,7 +189,7 @@ def test_selection_run_and_rerun_scope_after_editing_one_swept_value(tmp_path):
     counts = {}
     for job in jobs:
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1
-    assert counts == {"merge_validation": 1, "generate_validation": 1, "score_validation": 2, "select": 1,
+    assert counts == {"merge_generate_validation": 1, "score_validation": 2, "select": 1,
                       "aggregate": 1, "all": 1}, counts
     assert all(new in o for j in jobs if j["rule"].endswith("_validation") for o in j["output"])
 
@@ -202,7 +209,7 @@ def test_selection_run_and_rerun_scope_after_editing_one_swept_value(tmp_path):
     counts = {}
     for job in planned(work, again):
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1
-    assert counts == {"merge_validation": 1, "generate_validation": 1, "score_validation": 2, "select": 1,
+    assert counts == {"merge_generate_validation": 1, "score_validation": 2, "select": 1,
                       "aggregate": 1, "all": 1}, counts
 
 
@@ -231,7 +238,13 @@ def test_a_real_sweep_selects_on_validation_and_tabulates(tiny_model_dir, tmp_pa
     cfg["protocol"]["defaults"]["limit"] = 3
     cfg["protocol"]["benchmarks"] = {"gsm8k": {**cfg["protocol"]["benchmarks"]["gsm8k"], "max_new_tokens": 4}}
     name, (low, high) = members(cfg)
-    snakemake(work, cfg)
+    with DiskSampler(work / "results" / "merges", work / "results" / "validation" / "merges", interval=0.05) as disk:
+        snakemake(work, cfg)
+    # one job at a time (--cores 1): one merged checkpoint on disk at a time, none left
+    assert 0 < disk.largest_entry_bytes and disk.peak_bytes <= disk.largest_entry_bytes, disk.__dict__
+    for merges in (work / "results" / "merges", work / "results" / "validation" / "merges"):
+        assert not (merges.exists() and any(merges.iterdir())), merges
+    assert all((work / "results" / "validation" / "merge_meta" / f"{m}.json").is_file() for m in (low, high))
     split = json.loads((work / "results" / "splits" / "gsm8k.json").read_text())
     assert len(split["validation"]) == 4 and len(split["test"]) == 6 and split["source"]["seed"] == 1
     selection = json.loads((work / "results" / "selection" / f"{name}.json").read_text())
@@ -306,8 +319,8 @@ def test_plan_counts_a_sweeps_validation_jobs_as_the_dry_run_does(tiny_model_dir
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1
     plan = build_plan(mfconfig.prepare(config), root=tmp_path, concurrent=1)
     v = plan["validation"]
-    assert v["sweeps"] == 1 and v["members"] == v["merge_jobs"] == counts["merge_validation"] == 4
-    assert v["generate_jobs"] == sum(n for r, n in counts.items() if r.startswith("generate_validation")) == 5
+    assert v["sweeps"] == 1 and v["members"] == v["merge_jobs"] == counts["merge_generate_validation"] == 4
+    assert v["generate_jobs"] == sum(n for r, n in counts.items() if "generate_validation" in r) == 5
     assert plan["generate_jobs"] == counts["generate"] + 2  # base, e1, e2, TIES + the chosen value's 2 seeds
     assert plan["merges"] == 4 + 1 + 2  # validation members, TIES, the chosen value again for test
     # 10 rows each, fraction 0.3: 3 validation, 7 test

@@ -178,7 +178,11 @@ def merge_spec(wildcards):
 def merge_inputs(wildcards):
     spec = merge_spec(wildcards)
     names = [spec.base] + list(spec.experts)
-    return {name: model_dir(name) for name in dict.fromkeys(names)}
+    inputs = {name: model_dir(name) for name in dict.fromkeys(names)}
+    # While a checkpoint (rule select) is pending, Snakemake defers every temp() deletion, so
+    # test merges wait for the selections; ancient: a rewritten selection reruns no merge
+    inputs["_selections"] = [ancient(selection_file(s)) for s in SWEEPS]
+    return inputs
 
 
 def merge_experts(wildcards):
@@ -464,6 +468,34 @@ def validation_file(benchmark):
 def validation_model_dir(name):
     """A grid member's validation copy (its own merge job), or the base / an expert in place."""
     return f"results/validation/merges/{name}" if name in MERGES else model_dir(name)
+
+
+def validation_tasks(model, benches):
+    """The --task arguments of a model's validation generate job (the validation rows)."""
+    return " ".join(
+        f"--task {b} {validation_file(b)} "
+        f"{shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))} "
+        f"results/validation/cache/generations/{model}/{b}.jsonl "
+        f"results/validation/generations/{model}/{b}.jsonl"
+        for b in benches
+    )
+
+
+def member_merge_inputs(name):
+    """A grid member's base and experts (not the selections its own scores feed)."""
+    spec = MERGES[name]
+    return {m: model_dir(m) for m in dict.fromkeys([spec.base, *spec.experts])}
+
+
+def member_merge_args(name):
+    """`mergeflow merge` arguments of a grid member, as rule merge passes them."""
+    spec = MERGES[name]
+    args = ["--method", spec.method, "--base", model_dir(spec.base),
+            "--expert", *(f"{e}={model_dir(e)}" for e in spec.experts),
+            "--params", mfconfig.canonical_json(spec.params), "--seed", spec.seed,
+            "--dtype", spec.dtype or "auto", "--donor", spec.donor_label,
+            "--device", CFG["merge"]["device"], "--vocab-policy", CFG["merge"]["vocab_policy"]]
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def validation_score(model, benchmark):

@@ -40,55 +40,82 @@ if SWEEPS:
             "workflow/scripts/mergeflow split --benchmark {wildcards.benchmark} --data {input.data} {params.args} "
             "--validation-out {output.validation} --test-out {output.test} --record-out {output.record} > {log} 2>&1"
 
-    use rule merge as merge_validation with:
-        output:
-            model=merge_output("results/validation/merges/{merge_id}"),
-            meta="results/validation/merge_meta/{merge_id}.json",
-        log:
-            "results/logs/merge_validation/{merge_id}.log",
-        group:
-            "validation_{merge_id}"
-
     _VALIDATION_SETS = {}
     for _model, _benches in validation_benchmarks().items():
         _VALIDATION_SETS.setdefault(_benches, []).append(_model)
 
     for _benches, _models in _VALIDATION_SETS.items():
+        _suffix = "" if _benches == tuple(sorted(BENCHMARKS)) else "_" + "_".join(_benches)
+        _members = [m for m in _models if m in MERGES]
+        _references = [m for m in _models if m not in MERGES]
 
-        rule:
-            name:
-                "generate_validation" + ("" if _benches == tuple(sorted(BENCHMARKS)) else "_" + "_".join(_benches))
-            input:
-                model=lambda w: validation_model_dir(w.model),
-                data=[validation_file(b) for b in _benches],
-            output:
-                **{b: f"results/validation/generations/{{model}}/{b}.jsonl" for b in _benches},
-            params:
-                tasks=lambda w, benches=_benches: " ".join(
-                    f"--task {b} {validation_file(b)} "
-                    f"{shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))} "
-                    f"results/validation/cache/generations/{w.model}/{b}.jsonl "
-                    f"results/validation/generations/{w.model}/{b}.jsonl"
-                    for b in benches
-                ),
-                python=GENERATE_PYTHON,
-            wildcard_constraints:
-                model="|".join(re.escape(m) for m in _models),
-            log:
-                "results/logs/generate_validation/{model}.log",
-            group:
-                "validation_{model}"
-            priority: BEFORE_MERGES_PRIORITY
-            conda:
-                GENERATE_ENV
-            threads: GENERATE_THREADS
-            resources:
-                gpu=CFG["resources"]["generate_gpus"],
-                mem_mb=CFG["resources"]["generate_mem_mb"],
-            shell:
-                "MERGEFLOW_PYTHON={params.python:q} "
-                "workflow/scripts/mergeflow generate --model {input.model} {params.tasks} "
-                "--gpus {resources.gpu} > {log} 2>&1"
+        if _references:
+
+            rule:
+                name:
+                    "generate_validation" + _suffix
+                input:
+                    model=lambda w: model_dir(w.model),
+                    data=[validation_file(b) for b in _benches],
+                output:
+                    **{b: f"results/validation/generations/{{model}}/{b}.jsonl" for b in _benches},
+                params:
+                    tasks=lambda w, benches=_benches: validation_tasks(w.model, benches),
+                    python=GENERATE_PYTHON,
+                wildcard_constraints:
+                    model="|".join(re.escape(m) for m in _references),
+                log:
+                    "results/logs/generate_validation/{model}.log",
+                group:
+                    "validation_{model}"
+                priority: BEFORE_MERGES_PRIORITY
+                conda:
+                    GENERATE_ENV
+                threads: GENERATE_THREADS
+                resources:
+                    gpu=CFG["resources"]["generate_gpus"],
+                    mem_mb=CFG["resources"]["generate_mem_mb"],
+                shell:
+                    "MERGEFLOW_PYTHON={params.python:q} "
+                    "workflow/scripts/mergeflow generate --model {input.model} {params.tasks} "
+                    "--gpus {resources.gpu} > {log} 2>&1"
+
+        if _members:
+
+            # A grid member is merged into a scratch directory, generated and removed in one job:
+            # a temp() checkpoint would stay on disk until the selection (a checkpoint) has run.
+            rule:
+                name:
+                    "merge_generate_validation" + _suffix
+                input:
+                    unpack(lambda w: member_merge_inputs(w.model)),
+                    data=[validation_file(b) for b in _benches],
+                output:
+                    meta="results/validation/merge_meta/{model}.json",
+                    **{b: f"results/validation/generations/{{model}}/{b}.jsonl" for b in _benches},
+                params:
+                    merge=lambda w: member_merge_args(w.model),
+                    scratch=lambda w: validation_model_dir(w.model),
+                    tasks=lambda w, benches=_benches: validation_tasks(w.model, benches),
+                    python=GENERATE_PYTHON,
+                wildcard_constraints:
+                    model="|".join(re.escape(m) for m in _members),
+                log:
+                    merge="results/logs/merge_validation/{model}.log",
+                    generate="results/logs/generate_validation/{model}.log",
+                priority: BEFORE_MERGES_PRIORITY
+                conda:
+                    GENERATE_ENV
+                threads: GENERATE_THREADS
+                resources:
+                    gpu=max(CFG["resources"]["merge_gpus"], CFG["resources"]["generate_gpus"]),
+                    mem_mb=max(CFG["resources"]["merge_mem_mb"], CFG["resources"]["generate_mem_mb"]),
+                shell:
+                    "workflow/scripts/mergeflow merge {params.merge} --threads {threads} --out {params.scratch:q} "
+                    "--metadata-out {output.meta} --gpus {resources.gpu} > {log.merge} 2>&1 && "
+                    "MERGEFLOW_PYTHON={params.python:q} "
+                    "workflow/scripts/mergeflow generate --model {params.scratch:q} {params.tasks} "
+                    "--gpus {resources.gpu} > {log.generate} 2>&1 && rm -rf {params.scratch:q}"
 
     use rule score as score_validation with:
         input:

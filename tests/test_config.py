@@ -20,9 +20,21 @@ def demo_config() -> dict:
 
 
 def test_demo_config_is_valid(demo_config):
+    from mergeflow import selection
+
     cfg = mfconfig.prepare(demo_config)
     assert cfg["merge"]["vocab_policy"] == "truncate"
-    assert len(mfconfig.merge_specs(cfg)) == len(demo_config["merges"])
+    specs = mfconfig.merge_specs(cfg)
+    # task arithmetic: three grid values; TIES and the pair's task arithmetic: one merge each;
+    # DARE, DELLA and M3 (random): three seeds each
+    per_entry = [len({(s.params["lambda"], s.seed) for s in specs.values()
+                      if s.method == m["method"] and list(s.experts) == m["experts"]}) for m in demo_config["merges"]]
+    assert per_entry == [3, 1, 3, 3, 3, 1] and len(specs) == 14
+    (sweep,) = selection.sweeps(cfg, specs).values()
+    assert sweep.grid == {"lambda": [1.0, 0.7, 0.5]} and sweep.select["rule"] == "mean" and not sweep.references
+    assert sweep.benchmarks == ("gsm8k", "math", "mbpp", "alpaca_eval")  # HumanEval has no validation split
+    for bench in sweep.benchmarks:  # each tunes on the demo data's own validation file
+        assert cfg["benchmarks"][bench]["validation"]["path"] == f"resources/demo/data/validation/{bench}.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -49,6 +61,12 @@ def test_bad_config_names_the_key(demo_config, mutate, key):
     assert f"'{key}'" in str(err.value)
 
 
+def test_a_bare_on_in_select_says_to_quote_it():
+    text = DEMO.read_text().replace('select: {"on": validation', "select: {on: validation")
+    with pytest.raises(MergeflowError, match=r"'merges\[0\]\.select': a bare `on` key reads as true in YAML; quote it"):
+        mfconfig.prepare(yaml.safe_load(text))
+
+
 def test_merge_id_changes_only_with_what_changes_the_output(demo_config):
     cfg = mfconfig.prepare(demo_config)
     before = list(mfconfig.merge_specs(cfg))
@@ -56,9 +74,9 @@ def test_merge_id_changes_only_with_what_changes_the_output(demo_config):
     edited["merges"][1]["params"]["density"] = 0.7
     edited["merges"][0]["tag"] = "a label"  # labels are not part of the id
     after = list(mfconfig.merge_specs(mfconfig.prepare(edited)))
-    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
-    assert changed == [1]
-    assert before[1].startswith("ties-lm+math+code-")
+    changed = sorted(set(before) ^ set(after))
+    assert len(before) == len(after) and len(changed) == 2
+    assert all(i.startswith("ties-lm+math+code-") for i in changed)
 
 
 def test_duplicate_merge_is_an_error(demo_config):

@@ -24,6 +24,11 @@ from mergeflow import config as mfconfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+# The variants' base: the demo with merges[0] as the plain task arithmetic it sweeps (lambda
+# 1.0, no grid, no select); GRID and SWEEP below make it a sweep again, key by key. Its seed
+# replicates (merges[2-4].n_seeds) and the benchmarks' validation sources stay.
+assert DEMO["merges"][0]["grid"] == {"lambda": [1.0, 0.7, 0.5]} and "select" in DEMO["merges"][0]
+DEMO["merges"][0] = {"method": "task_arithmetic", "experts": DEMO["merges"][0]["experts"], "params": {"lambda": 1.0}}
 
 
 def schema_leaves() -> list[str]:
@@ -171,8 +176,8 @@ VARIANTS = {
     "merges[].base": (BASE2, put("merges", 0, "base", "base2")),
     "merges[].benchmarks": put("merges", 0, "benchmarks", ["gsm8k"]),
     "merges[].seed": put("merges", 0, "seed", 7),
-    "merges[].seeds": put("merges", 2, "seeds", [42, 7]),  # dare: one more merge, seed 7
-    "merges[].n_seeds": put("merges", 3, "n_seeds", 2),  # della: seeds 42 and 43
+    "merges[].seeds": both(put("merges", 2, "n_seeds", ...), put("merges", 2, "seeds", [42, 7])),  # dare: 42, 7
+    "merges[].n_seeds": put("merges", 3, "n_seeds", 2),  # della: seeds 42 and 43 (not 44)
     "merges[].tag": put("merges", 0, "tag", "sweep"),
     "merges[].select.on": (GRID, put("merges", 0, "select", {"on": "validation"})),
     "merges[].select.rule": (SWEEP, put("merges", 0, "select", "rule", "mean")),

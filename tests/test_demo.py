@@ -137,6 +137,32 @@ def test_full_size_rows_are_consistent(seed):
                               timeout=30).returncode != 0, row
 
 
+def test_validation_files_are_apart_from_test_and_training_rows(demo_dir):
+    """Each family's own validation split (what the demo's selecting sweep tunes on,
+    benchmarks.<b>.validation): its own rows, none of them a test or a training row, in the
+    benchmark's schema; the small zoo's here, the full demo's sizes below."""
+    from mergeflow.demo.models import FULL, SMALL
+
+    assert json.loads((demo_dir / "demo.json").read_text())["validation"] == {n: SMALL.n_validation
+                                                                              for n in families.FAMILIES}
+    for name in families.FAMILIES:
+        spec = benchmarks.get(name)
+        val = spec.load(demo_dir / families.validation_file(name))  # validates the schema, unique ids
+        assert [list(r) for r in val] == [list(SCHEMAS[name])] * SMALL.n_validation, name
+        test, train = families.split_rows(name, 0, SMALL.n_test, SMALL.n_train)
+        assert spec.load(demo_dir / "data" / f"{name}.jsonl") == test  # the test rows stay what they were
+        assert val == families.validation_rows(name, 0, SMALL.n_validation, test, train)
+        for seed, (n_test, n_train, n_val) in {0: (SMALL.n_test, SMALL.n_train, SMALL.n_validation),
+                                               7: (FULL.n_test, FULL.n_train, FULL.n_validation)}.items():
+            test, train = families.split_rows(name, seed, n_test, n_train)
+            val = families.validation_rows(name, seed, n_val, test, train)
+            keys = lambda rows: {families._key(name, r) for r in rows}  # noqa: E731
+            assert len(keys(val)) == n_val and not keys(val) & (keys(test) | keys(train)), (name, seed)
+            assert not set(spec.doc_ids(val)) & set(spec.doc_ids(test)), (name, seed)
+            if name == "mbpp":  # MBPP's validation ids, apart from test (11-) and train (601-)
+                assert [r["task_id"] for r in val] == list(range(511, 511 + n_val))
+
+
 def test_training_pairs_use_the_papers_templates():
     from mergeflow.generation import templates
 

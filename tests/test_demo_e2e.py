@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 from disk_sampler import DiskSampler
+from mergeflow import config as mfconfig
+from mergeflow.selection import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -48,6 +50,20 @@ def demo_run(tmp_path_factory):
     return work, elapsed
 
 
+def _demo_merges(work: Path) -> tuple[dict, dict, list[str]]:
+    """(prepared config, merge specs, the merge ids evaluated on test): every merge but the
+    sweep's grid members, and of those the selected ones (results/selection/)."""
+    import json
+
+    cfg = mfconfig.prepare(yaml.safe_load((work / "config" / "config.yaml").read_text()))
+    specs = mfconfig.merge_specs(cfg)
+    tested = list(specs)
+    for sweep in sweeps(cfg, specs).values():
+        sel = json.loads((work / "results" / "selection" / f"{sweep.name}.json").read_text())
+        tested = [m for m in tested if m not in sweep.members or m in sel["selected_ids"]]
+    return cfg, specs, tested
+
+
 def _jobs(dry_run_output: str) -> dict[str, int]:
     table = re.search(r"job\s+count\n[-\s]+\n(.*?)\ntotal", dry_run_output, re.S)
     if not table:
@@ -75,9 +91,14 @@ def test_demo_produces_scores_for_every_model_and_benchmark(demo_run):
     assert {"base", "lm", "math", "code"} <= models
     merges = scores[scores.role == "merge"]
     assert set(merges.method) == {m["method"] for m in cfg["merges"]}
+    _, specs, tested = _demo_merges(work)
+    assert models == {"base", "lm", "math", "code", *tested}
     for model in models:
         benches = set(scores[scores.model == model].benchmark)
-        assert {"gsm8k", "math", "mbpp", "humaneval", "alpaca_eval", "gsm8k_judge"} <= benches, (model, benches)
+        # a merge's own benchmarks (merges[].benchmarks: the sweep leaves HumanEval out), else all
+        own = set(specs[model].benchmarks or cfg["evaluate"]["benchmarks"]) if model in specs \
+            else set(cfg["evaluate"]["benchmarks"])
+        assert own | {"gsm8k_judge"} <= benches and not (benches & {"humaneval"}) - own, (model, benches)
     harness = scores[scores.benchmark.isin(["gsm8k", "math", "mbpp", "humaneval"])]
     assert harness.value.notna().all()
     # the demo judge is trained to answer in the parsers' formats: every judged headline exists
@@ -88,6 +109,70 @@ def test_demo_produces_scores_for_every_model_and_benchmark(demo_run):
     assert "judge_agreement.md" in tables  # the demo judge against its labels (judge.agreement)
     # A hang guard, not a benchmark (the demo's time is measured in README and benchmarks/README.md)
     assert elapsed < 2400, f"demo took {elapsed:.0f}s"
+
+
+def test_demo_pools_three_seeds_of_each_random_merge(demo_run):
+    """DARE, DELLA and M3 run with n_seeds: 3: scores.csv keeps each seed's row, the tables
+    show one row per configuration, mean ± std (n=3)."""
+    work, _ = demo_run
+    scores = pd.read_csv(work / "results" / "scores.csv")
+    merges = scores[scores.role == "merge"]
+    for method in ("dare", "della", "m3"):
+        rows = merges[merges.method == method]
+        assert sorted(rows.drop_duplicates("model").seed) == [42, 43, 44], method
+        assert rows.config_id.nunique() == 1 and rows.random.all(), method
+        for bench in ("gsm8k", "mbpp", "alpaca_eval"):  # one headline row per seed
+            assert (rows[rows.headline & (rows.benchmark == bench)].seed.value_counts() == 1).all()
+    for other in ("ties", "task_arithmetic"):
+        assert merges[merges.method == other].groupby("config_id").model.nunique().eq(1).all()
+    table = (work / "results" / "tables" / "merges_lm_math_code.md").read_text()
+    assert len(re.findall(r"\(n=3\)", table)) >= 2 * 4, table  # DARE and DELLA, every benchmark column
+    scores_md = (work / "results" / "tables" / "scores.md").read_text()
+    for method in ("dare", "della", "m3"):
+        (config_id,) = merges[merges.method == method].config_id.unique()
+        lines = [ln for ln in scores_md.splitlines() if config_id in ln]
+        assert lines and all("(n=3)" in ln for ln in lines), lines
+
+
+def test_demo_selects_task_arithmetic_lambda_on_validation(demo_run):
+    """Task arithmetic's lambda is chosen on the demo data's own validation files (rule mean
+    over GSM8K, MATH, MBPP and AlpacaEval): every grid value scored on validation rows only,
+    the selected one alone on test, whose rows are the benchmark files' as before."""
+    import json
+
+    from mergeflow import benchmarks
+
+    work, _ = demo_run
+    cfg, specs, tested = _demo_merges(work)
+    (sweep,) = sweeps(cfg, specs).values()
+    sel = json.loads((work / "results" / "selection" / f"{sweep.name}.json").read_text())
+    assert [specs[m].params["lambda"] for m in sweep.members] == [1.0, 0.7, 0.5]
+    assert sel["selected"] in sweep.members and sel["selected_ids"] == [sel["selected"]]
+    assert set(sweep.benchmarks) == {"gsm8k", "math", "mbpp", "alpaca_eval"}
+    for bench in sweep.benchmarks:
+        spec = benchmarks.get(bench)
+        split = json.loads((work / "results" / "splits" / f"{bench}.json").read_text())
+        test_rows = spec.load(work / "resources" / "demo" / "data" / f"{bench}.jsonl")
+        val_rows = spec.load(work / "resources" / "demo" / "data" / "validation" / f"{bench}.jsonl")
+        assert split["source"]["kind"] == "dataset"  # the demo data's own validation split
+        assert split["test"] == spec.doc_ids(test_rows) and split["validation"] == spec.doc_ids(val_rows)
+        assert len(val_rows) == 6 and not set(split["validation"]) & set(split["test"])
+        for member in sweep.members:  # every grid value, on validation docs only
+            samples = work / "results" / "validation" / "scores" / member / f"{bench}.samples.jsonl"
+            docs = {json.loads(line)["doc_id"] for line in samples.read_text().splitlines()}
+            assert docs == set(split["validation"]), (member, bench)
+        # every model's test docs are the benchmark file's first `limit` rows, as without the sweep
+        limit = mfconfig.generation_settings(cfg, bench)["limit"]
+        for model in ("base", sel["selected"]):
+            samples = work / "results" / "scores" / model / f"{bench}.samples.jsonl"
+            docs = [json.loads(line)["doc_id"] for line in samples.read_text().splitlines()]
+            assert set(docs) == set(split["test"][:limit]), (model, bench)
+    for member in sweep.members:
+        assert (member in tested) == (member == sel["selected"])
+        assert (work / "results" / "scores" / member).exists() == (member == sel["selected"])
+    assert not (work / "results" / "scores" / sel["selected"] / "humaneval.json").exists()
+    assert "✓" in (work / "results" / "tables" / "selection.md").read_text()
+    assert "Validation-selected: " + sel["selected"] in (work / "results" / "tables" / "merges_lm_math_code.md").read_text()
 
 
 def test_demo_adds_robustness_rows_with_and_without_m3(demo_run):
@@ -126,8 +211,11 @@ def test_demo_keeps_at_most_one_checkpoint_per_running_job_and_none_after(demo_r
     assert disk.peak_bytes <= DEMO_CORES * disk.largest_entry_bytes, (disk.peak_bytes, disk.largest_entry_bytes)
     merges = work / "results" / "merges"  # Snakemake removes the emptied directory too
     assert not (merges.exists() and any(merges.iterdir())), "a merged checkpoint outlived its evaluations"
-    assert len(list((work / "results" / "merge_meta").glob("*.json"))) == len(yaml.safe_load(
-        (work / "config" / "config.yaml").read_text())["merges"])
+    validation = work / "results" / "validation" / "merges"  # the sweep's grid members: temporary too
+    assert not (validation.exists() and any(validation.iterdir())), "a validation merge outlived its evaluations"
+    _, specs, tested = _demo_merges(work)
+    assert sorted(p.stem for p in (work / "results" / "merge_meta").glob("*.json")) == sorted(tested)
+    assert len(tested) == 12  # TA (selected), TIES, TA lm+math, 3 seeds each of DARE, DELLA, M3
 
 
 def test_editing_one_hyperparameter_reruns_only_that_merge(demo_run, tmp_path):
@@ -157,10 +245,15 @@ def test_changing_the_judge_reruns_only_judging(demo_run, tmp_path):
     res = _snakemake(work, "-n", "--cores", "2", "--configfile", str(path))
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout + res.stderr)
-    n_models = 4 + len(cfg["merges"])
+    _, specs, tested = _demo_merges(work)
+    n_models = 4 + len(tested)
     # alpaca_eval scoring, the GSM8K judge and the judge's agreement with the demo labels are
-    # the judging jobs; nothing upstream reruns
-    assert jobs == {"score": n_models, "judge_gsm8k": n_models, "judge_agreement": 1, "aggregate": 1, "all": 1}, jobs
+    # the judging jobs; nothing upstream reruns. The sweep's grid members are judged on
+    # validation too (alpaca_eval, one each), so the selection reruns; the selected member's
+    # own judging jobs join the DAG once it has (a checkpoint): the dry run lists the others.
+    (sweep,) = sweeps(mfconfig.prepare(cfg), specs).values()
+    assert jobs == {"score": n_models - 1, "judge_gsm8k": n_models - 1, "judge_agreement": 1,
+                    "score_validation": len(sweep.members), "select": 1, "aggregate": 1, "all": 1}, jobs
 
 
 def test_report_includes_tables_and_plots(demo_run):
@@ -202,9 +295,18 @@ def test_demo_m3_merge_keeps_the_math_skill_and_a_null_merge_would_not(demo_run,
 
     work, _ = demo_run
     scores = pd.read_csv(work / "results" / "scores.csv")
-    (m3,) = scores[(scores.role == "merge") & (scores.method == "m3")].model.unique()
+    import json
+
+    m3 = scores[(scores.role == "merge") & (scores.method == "m3")].drop_duplicates("model")
+    assert len(m3) == 3  # seeds 42, 43, 44
     base, expert = _headline(scores, "base", "gsm8k"), _headline(scores, "math", "gsm8k")
-    assert skill_kept(_headline(scores, m3, "gsm8k"), base, expert)
+    # each seed draws its own mixing ratio (lambda_m, in expert order lm, math): every seed
+    # that gives math the larger share keeps the math skill (seeds 42 and 43 give it 0.91 and
+    # 0.998; seed 44 gives lm 0.81)
+    math_heavy = [row.model for row in m3.itertuples() if json.loads(row.lambda_m)[1] > 0.5]
+    assert math_heavy
+    for model in math_heavy:
+        assert skill_kept(_headline(scores, model, "gsm8k"), base, expert), model
     # A broken merge (lambda = 0) gives back the base's weights, hence the base's greedy
     # generations and score, which the check above rejects.
     models = work / "resources" / "demo" / "models"
@@ -229,15 +331,15 @@ def test_demo_three_expert_merges_keep_a_measurable_share_of_every_skill(demo_ru
     (lambda = 0, the base's weights) keeps none of it."""
     import json
 
-    from mergeflow import config as mfconfig
-
     work, _ = demo_run
     scores = pd.read_csv(work / "results" / "scores.csv")
     kept = scores[(scores.metric == "skill_retention") & (scores.experts == "lm+math+code")]
     assert set(kept.method) == {"task_arithmetic", "ties", "dare", "della"}, set(kept.method)
+    three = set(scores[(scores.role == "merge") & (scores.experts == "lm+math+code")].model)
+    assert len(three) == 8  # the selected task arithmetic, TIES, three seeds each of DARE and DELLA
     for bench in ("gsm8k", "mbpp", "alpaca_eval"):
         rows = kept[kept.benchmark == bench]
-        assert len(rows) == 4 and (rows.value >= 0.4).all(), rows[["model", "value"]]
+        assert set(rows.model) == three and (rows.value >= 0.4).all(), rows[["model", "value"]]
     # the same measure on a null merge
     models = work / "resources" / "demo" / "models"
     null = tmp_path / "null"

@@ -20,6 +20,7 @@ import yaml
 
 from disk_sampler import DiskSampler, tree_bytes
 from mergeflow import config as mfconfig
+from mergeflow.selection import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,11 +74,23 @@ def demo_specs():
 def test_merged_checkpoints_are_temporary_and_grouped_with_their_consumers(demo_specs):
     cfg, specs = demo_specs
     out = dry_run()
+    # the sweep's grid members are merged for validation (results/validation/merges/, temporary
+    # too, grouped with their validation generation); the selected one is merged again for
+    # test once the selection exists (a checkpoint: not in this dry run)
+    members = {m for sw in sweeps(cfg, specs).values() for m in sw.members}
+    assert len(members) == 3
     removed = set(re.findall(r"^Would remove temporary output results/merges/(\S+)$", out, re.M))
-    assert removed == set(specs), removed
+    assert removed == set(specs) - members, removed
+    validation = set(re.findall(r"^Would remove temporary output results/validation/merges/(\S+)$", out, re.M))
+    assert validation == members, validation
     groups = group_rules(out)
+    for member in members:
+        rules = sorted(groups.get(f"validation_{member}", []))
+        assert len(rules) == 2 and rules[0].startswith("generate_validation") and rules[1] == "merge_validation", rules
     robust_pairs = {frozenset(e.get("experts") or ()) for e in cfg["robustness"]["livebench"]["categories"].values()}
     for merge_id, spec in specs.items():
+        if merge_id in members:
+            continue
         rules = sorted(groups.get(f"model_{merge_id}", []))
         expected = ["merge", "likelihood", "generate"]  # one generate job for all the merge's benchmarks
         if frozenset(spec.experts) in robust_pairs:  # the demo's robustness evaluations read the checkpoint too
@@ -87,16 +100,19 @@ def test_merged_checkpoints_are_temporary_and_grouped_with_their_consumers(demo_
     # the aggregate reads the small metadata copies, so it pins no checkpoint on disk
     aggregate = re.search(r"^\s*(?:local)?rule aggregate:\n\s+input: (.*)$", out, re.M).group(1)
     assert "results/merges/" not in aggregate
-    assert {f"results/merge_meta/{m}.json" for m in specs} <= set(aggregate.split(", "))
+    assert {f"results/merge_meta/{m}.json" for m in set(specs) - members} <= set(aggregate.split(", "))
 
 
 @pytest.mark.slow
 def test_keep_merges_keeps_the_checkpoints(tmp_path, demo_specs):
-    _, specs = demo_specs
+    cfg, specs = demo_specs
     out = dry_run("--configfile", str(write_config(tmp_path, keep_merges=True)))
     assert "Would remove temporary output results/merges/" not in out
-    assert job_counts(out)["merge"] == len(specs)
-    merge_outputs = re.findall(r"^\s+output: (results/merges/\S+.*)$", out, re.M)
+    assert "Would remove temporary output results/validation/merges/" not in out
+    members = {m for sw in sweeps(cfg, specs).values() for m in sw.members}
+    counts = job_counts(out)
+    assert counts["merge"] == len(specs) - len(members) and counts["merge_validation"] == len(members)
+    merge_outputs = re.findall(r"^\s+output: (results/(?:validation/)?merges/\S+.*)$", out, re.M)
     assert len(merge_outputs) == len(specs) and not any("(nodelocal)" in line for line in merge_outputs)
 
 

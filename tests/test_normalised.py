@@ -46,7 +46,7 @@ def test_formulas_by_hand():
 @pytest.fixture()
 def scored(tmp_path):
     demo = copy.deepcopy(DEMO)
-    demo["merges"][2]["seeds"] = [1, 2, 3]  # dare: three replicates
+    assert demo["merges"][2]["n_seeds"] == 3  # dare: the demo's three replicates (seeds 42, 43, 44)
     cfg = mfconfig.prepare(demo)
     specs = mfconfig.merge_specs(cfg)
     ta3 = next(i for i, s in specs.items() if s.method == "task_arithmetic" and len(s.experts) == 3)

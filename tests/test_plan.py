@@ -15,6 +15,7 @@ import yaml
 from dry_run_jobs import job_counts
 from mergeflow import config as mfconfig
 from mergeflow.plan import build_plan, load_rates
+from mergeflow.selection import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,14 +96,28 @@ def test_configs_plan_and_match_the_dry_run(name, snakemake_dry_run):
     assert re.search(rf"^\s*Config file\(s\): \[PosixPath\('{re.escape(str(ROOT))}/config/{name}\.yaml'\)\]$", out, re.M), \
         out[:3000]
     jobs = job_counts(out)
-    assert plan["merges"] == jobs["merge"]
+    # a selecting sweep (the demo's task arithmetic): its grid members are merge_validation and
+    # generate_validation* jobs; the chosen value's test jobs join the DAG after the selection
+    # (a checkpoint), which the plan counts as the first value's seeds
+    cfg = mfconfig.load(ROOT / "config" / f"{name}.yaml")
+    specs = mfconfig.merge_specs(cfg)
+    chosen = sum(len({specs[m].seed for m in sw.members if specs[m].params == specs[sw.members[0]].params})
+                 for sw in sweeps(cfg, specs).values())
+    assert chosen == (1 if name == "config" else 0)
+    assert plan["merges"] == jobs["merge"] + jobs.get("merge_validation", 0) + chosen
+    assert plan["validation"]["merge_jobs"] == jobs.get("merge_validation", 0)
+    assert plan["validation"]["generate_jobs"] == sum(n for rule, n in jobs.items()
+                                                      if rule.startswith("generate_validation"))
     # one generate rule per benchmark set (generate, generate_<set>), one job per model
-    assert plan["generate_jobs"] == sum(n for rule, n in jobs.items() if rule.startswith("generate"))
-    assert plan["likelihood_jobs"] == jobs.get("likelihood", 0)
+    assert plan["generate_jobs"] == chosen + sum(n for rule, n in jobs.items()
+                                                 if rule.startswith("generate") and "validation" not in rule)
+    assert plan["likelihood_jobs"] == jobs.get("likelihood", 0) + (chosen if cfg["evaluate"]["reference_likelihood"]
+                                                                   else 0)
     # one loglik_mc rule per benchmark set (loglik_mc, loglik_mc_<set>), one job per model
     assert plan["loglik_mc_jobs"] == sum(n for rule, n in jobs.items() if rule.startswith("loglik_mc"))
     assert plan["loglik_mc_jobs"] == (13 if name == "mergebench" else 0)
-    assert plan["judge"].get("gsm8k_judge", {}).get("models", 0) == jobs.get("judge_gsm8k", 0)
+    assert plan["judge"].get("gsm8k_judge", {}).get("models", 0) == jobs.get("judge_gsm8k", 0) + (
+        chosen if cfg["evaluate"]["gsm8k_judge"] else 0)
     text = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120).stdout
     assert "peak, keep_merges: true" in text and "GPU-hours" in text

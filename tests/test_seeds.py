@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -39,9 +40,23 @@ PAPER_IDS = {
 }
 
 
+def plain(cfg: dict) -> dict:
+    """`cfg` without seed replicates and selection: each selecting entry at its first grid
+    value (the demo's: task arithmetic at lambda 1.0, the entry it was before selection)."""
+    cfg = copy.deepcopy(cfg)
+    for merge in cfg["merges"]:
+        merge.pop("seeds", None), merge.pop("n_seeds", None)
+        if merge.pop("select", None) is not None:
+            grid = merge.pop("grid")
+            merge["params"] = {**merge.get("params", {}), **{k: v[0] for k, v in grid.items()}}
+            merge.pop("benchmarks", None)
+    return cfg
+
+
 @pytest.fixture()
 def demo() -> dict:
-    return yaml.safe_load(DEMO.read_text())
+    """The demo config without its seed replicates and its selection (the tests below add their own)."""
+    return plain(yaml.safe_load(DEMO.read_text()))
 
 
 def specs_of(cfg: dict) -> dict:
@@ -50,6 +65,23 @@ def specs_of(cfg: dict) -> dict:
 
 def test_demo_merge_ids_are_unchanged(demo):
     assert list(specs_of(demo)) == DEMO_IDS
+
+
+def test_demo_replicates_and_sweep_keep_the_old_ids():
+    """The shipped demo: DARE, DELLA and M3 with seeds 42, 43, 44 (seed 42 keeps each one's id,
+    so its results are reused), task arithmetic's lambda swept over [1.0, 0.7, 0.5] (1.0 keeps
+    the id of the fixed entry it replaced)."""
+    shipped = yaml.safe_load(DEMO.read_text())
+    specs = specs_of(shipped)
+    assert set(DEMO_IDS) <= set(specs)
+    for method in ("dare", "della", "m3"):
+        reps = [s for s in specs.values() if s.method == method]
+        assert [s.seed for s in reps] == [42, 43, 44] and all(s.random for s in reps), method
+        assert len({s.config_id for s in reps}) == 1
+    sweep = [s for s in specs.values() if s.method == "task_arithmetic" and s.experts == ("lm", "math", "code")]
+    assert [s.params["lambda"] for s in sweep] == [1.0, 0.7, 0.5]
+    assert sweep[0].merge_id == DEMO_IDS[0] and not any(s.random for s in sweep)
+    assert len(specs) == len(DEMO_IDS) + 3 * 2 + 2
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_IDS))
@@ -227,3 +259,29 @@ def test_tables_without_replicates_are_unchanged(demo, tmp_path):
     assert "±" not in text and "standard deviation" not in text
     cells = {idx[1]: row for idx, row in scores_table(frame, cells=True).iterrows()}
     assert cells[ties]["gsm8k"] == "45.0"
+
+
+def test_robustness_and_retention_tables_pool_replicates(tmp_path):
+    """The demo's M3 runs three seeds: its robustness and retention rows are pooled like the
+    scores (one row per configuration, mean ± std (n=3)); a single merge keeps its number."""
+    from mergeflow.aggregate.retention import METRIC
+    from mergeflow.aggregate.tables import robustness_table, write_robustness
+
+    rows = []
+    for model, cid, m3, lb, kept in (("m3-a", "m3-c", True, 0.2, 0.5), ("m3-b", "m3-c", True, 0.3, 0.6),
+                                     ("m3-d", "m3-c", True, 0.7, 1.0), ("ta-x", "ta-c", False, 0.25, 0.9)):
+        base = {"model": model, "config_id": cid, "role": "merge", "method": "m3" if m3 else "task_arithmetic",
+                "family": "task_arithmetic", "dare": False, "m3": m3, "experts": "lm+math", "n": 4}
+        rows.append({**base, "benchmark": "livebench_typos", "metric": "score", "value": lb})
+        rows.append({**base, "benchmark": "gsm8k", "metric": METRIC, "value": kept})
+    frame = pd.DataFrame(rows)
+    numbers = {idx[1]: r for idx, r in robustness_table(frame).iterrows()}
+    assert set(numbers) == {"m3-c", "ta-x"} and numbers["m3-c"]["livebench_typos"] == pytest.approx(40.0)
+    cells = {idx[1]: r for idx, r in robustness_table(frame, cells=True).iterrows()}
+    assert cells["m3-c"]["livebench_typos"] == "40.0 ± 26.5 (n=3)" and cells["ta-x"]["livebench_typos"] == "25.0"
+    write_robustness(frame, tmp_path)
+    text = (tmp_path / "robustness.md").read_text()
+    assert "40.0 ± 26.5 (n=3)" in text and "sample standard deviation" in text and "+M3" in text
+    write_tables(frame, tmp_path / "t")
+    kept = (tmp_path / "t" / "retention.md").read_text()
+    assert "70.0 ± 26.5 (n=3)" in kept and "| 90.0 " in kept and "m3-a" not in kept

@@ -210,12 +210,21 @@ def _deep_defaults(config: dict, defaults: dict) -> dict:
 
 def prepare(config: dict) -> dict:
     """Validate a raw config and return it with defaults filled in."""
+    _check_bare_on(config)
     validate(config)
     prepared = _deep_defaults(config, DEFAULTS)
     _check_sentence_encoder(prepared)
     _check_merge_device(prepared)
     _check_own_tasks(prepared)
     return prepared
+
+
+def _check_bare_on(config: dict) -> None:
+    # YAML 1.1 (PyYAML, Snakemake) reads a bare `on` key as the boolean true
+    for i, merge in enumerate(config.get("merges") or []):
+        if isinstance(merge, dict) and isinstance(merge.get("select"), dict) and True in merge["select"]:
+            raise MergeflowError(f"config key 'merges[{i}].select': a bare `on` key reads as true in YAML; "
+                                 "quote it: {\"on\": validation, ...}")
 
 
 def _check_own_tasks(config: dict) -> None:

@@ -47,9 +47,11 @@ def doc_count(cfg: dict, benchmark: str, root: Path) -> int:
         if path.is_file():
             n = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
         elif _demo_asset(cfg, source):
+            from mergeflow.demo.data import FAMILIES, validation_file
             from mergeflow.demo.models import FULL
 
-            n = FULL.n_test
+            own_validation = {Path(cfg["demo"]["out"]) / validation_file(b) for b in FAMILIES}
+            n = FULL.n_validation if Path(source["path"]) in own_validation else FULL.n_test
     if n is None:
         raise MergeflowError(f"config key 'benchmarks.{benchmark}': size unknown (not in the benchmark registry "
                              "and no local file yet); for a demo config, build the demo data first")

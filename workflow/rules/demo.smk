@@ -1,7 +1,7 @@
 # Stage 0 (demo config only): tiny checkpoints and benchmark-shaped data, from a seed.
 
 if CFG["demo"]["enabled"]:
-    from mergeflow.demo.data import FAMILIES as DEMO_DATA  # light: the demo's data files, by benchmark
+    from mergeflow.demo.data import FAMILIES as DEMO_DATA, validation_file as demo_validation_file  # light
     from mergeflow.demo.models import FINETUNED as DEMO_FINETUNED, FULL as DEMO_SPEC  # light: dataclasses
 
     # The zoo in steps: the base (with the data and the tokenizer), then each fine-tuned model
@@ -10,6 +10,8 @@ if CFG["demo"]["enabled"]:
         output:
             base=directory(f"{DEMO_OUT}/models/base"),
             data=[f"{DEMO_OUT}/data/{b}.jsonl" for b in DEMO_DATA],
+            # each benchmark's own validation split (benchmarks.<b>.validation), apart from test and training rows
+            validation=[f"{DEMO_OUT}/{demo_validation_file(b)}" for b in DEMO_DATA],
             manifest=f"{DEMO_OUT}/demo.json",
         params:
             out=lambda w, output: os.path.dirname(output.manifest),

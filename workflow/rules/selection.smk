@@ -11,7 +11,9 @@ if SWEEPS:
         output:
             "resources/data/validation/{benchmark}.jsonl",
         params:
-            source=lambda w: mfconfig.source_args(CFG["benchmarks"][w.benchmark]["validation"]),
+            # split `validation` unless the source names one: not the benchmark's default (MBPP's
+            # test ids would filter out a validation file's rows, a Hub source would give test rows)
+            source=lambda w: mfconfig.source_args({"split": "validation", **CFG["benchmarks"][w.benchmark]["validation"]}),
         log:
             "results/logs/fetch/validation_data_{benchmark}.log",
         conda:

@@ -40,13 +40,14 @@ def retention_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=frame.columns)
 
 
-def retention_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Merges x benchmarks: skill retention in percent."""
+def retention_table(frame: pd.DataFrame, cells: bool = False) -> pd.DataFrame:
+    """Merges x benchmarks: skill retention in percent; seed replicates pooled into one row
+    (model: the config id), the mean or with `cells` `mean ± std (n=k)`."""
+    from mergeflow.aggregate.tables import pooled_pivot
+
     kept = frame[frame["metric"] == METRIC]
     if kept.empty:
         return pd.DataFrame()
     kept = kept.assign(score=100.0 * pd.to_numeric(kept["value"], errors="coerce"),
                        label=kept["method"].astype(str) + " (" + kept["experts"].astype(str) + ")")
-    table = kept.pivot_table(index=["label", "model"], columns="benchmark", values="score", aggfunc="first",
-                             dropna=False)
-    return table.dropna(how="all", axis=0)
+    return pooled_pivot(kept, "benchmark", cells).dropna(how="all", axis=0)

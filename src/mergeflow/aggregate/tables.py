@@ -110,6 +110,26 @@ def pool_replicates(top: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([top[~mine], pd.DataFrame(rows)], ignore_index=True)
 
 
+def pooled_pivot(rows: pd.DataFrame, column: str, cells: bool = False) -> pd.DataFrame:
+    """(label, model) x `column` of `rows`' scores (percent) with the seed replicates of a
+    configuration pooled into one row (model: its config id): the mean, or with `cells` the
+    text `mean ± std (n=k)`, every cell then text (`.1f`). No replicates: the scores as they are."""
+    pooled = _replicated(rows)
+    if pooled:
+        rows = rows.assign(cell=[None if pd.isna(v) else f"{v:.1f}" for v in rows["score"]])
+        mine = rows["config_id"].isin(pooled) & (rows["role"] == "merge")
+        out = []
+        for (config_id, _column), group in rows[mine].groupby(["config_id", column], sort=False):
+            row = group.iloc[0].copy()
+            row["model"] = config_id
+            row["score"] = group["score"].mean()
+            row["cell"] = replicate_cell(group["score"])
+            out.append(row)
+        rows = pd.concat([rows[~mine], pd.DataFrame(out)], ignore_index=True)
+    values = "cell" if cells and pooled else "score"
+    return rows.pivot_table(index=["label", "model"], columns=column, values=values, aggfunc="first", dropna=False)
+
+
 def _replicate_note(frame: pd.DataFrame) -> str:
     if not _replicated(frame):
         return ""
@@ -271,7 +291,7 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
         written.append(path)
     if tests is not None and not tests.table.empty:
         written += tests.write(out_dir)
-    kept = retention_table(frame)
+    kept = retention_table(frame, cells=True)
     if not kept.empty:
         path = out_dir / "retention.md"
         path.write_text(
@@ -280,7 +300,8 @@ def write_tables(frame: pd.DataFrame, out_dir: Path, per_doc: dict | None = None
                 "Skill retention of each merge (reference likelihood)",
                 "Share of its best expert's gain over the base, in percent: (nll_base - nll_merge) / "
                 "(nll_base - nll_best_expert), nll = mean negative log-likelihood per token of the "
-                "benchmark's reference responses (metric ref_nll). 100 keeps the whole gain, 0 is the base.",
+                "benchmark's reference responses (metric ref_nll). 100 keeps the whole gain, 0 is the base."
+                + _replicate_note(frame),
             )
         )
         written.append(path)
@@ -295,8 +316,10 @@ def _robustness_label(row) -> str:
     return _label(row)
 
 
-def robustness_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """M3's robustness layout: merges x (LiveBench score, PDR per attack), in percent."""
+def robustness_table(frame: pd.DataFrame, cells: bool = False) -> pd.DataFrame:
+    """M3's robustness layout: merges x (LiveBench score, PDR per attack), in percent. Seed
+    replicates of one configuration are pooled into one row (model: its config id): the mean,
+    or with `cells` the text `mean ± std (n=k)` (every cell then text, `.1f`)."""
     rob = frame[frame["benchmark"].str.startswith(("livebench_", "adv_"))]
     rob = rob[(rob["benchmark"].str.startswith("livebench_")) | rob["metric"].str.startswith("pdr,")]
     if rob.empty:
@@ -306,14 +329,14 @@ def robustness_table(frame: pd.DataFrame) -> pd.DataFrame:
         score=100.0 * pd.to_numeric(rob["value"], errors="coerce"),
         label=rob.apply(_robustness_label, axis=1),
     )
-    table = rob.pivot_table(index=["label", "model"], columns="column", values="score", aggfunc="first", dropna=False)
+    table = pooled_pivot(rob, "column", cells)
     # the paper's order: out-of-distribution scores first, then the PDRs
     table = table[sorted(table.columns, key=lambda c: (not c.startswith("livebench_"), c))]
     return table.dropna(how="all", axis=0)
 
 
 def write_robustness(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    table = robustness_table(frame)
+    table = robustness_table(frame, cells=True)
     if table.empty:
         return []
     path = Path(out_dir) / "robustness.md"
@@ -322,7 +345,7 @@ def write_robustness(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
             table,
             "Robustness (M3 layout): LiveBench OOD score and PromptBench performance drop rate",
             "LiveBench columns: mean question score (percent, higher is better); `adv_* pdr,<attack>`: "
-            "performance drop rate under that attack (percent, lower is better).",
+            "performance drop rate under that attack (percent, lower is better)." + _replicate_note(frame),
         )
     )
     return [path]

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def build_demo(out: Path, seed: int, spec: ZooSpec, models: tuple[str, ...] = MODELS,
                gsm8k_judge_prompt: str | Path | None = None, annotator: str | Path | None = None) -> dict:
-    """Write `out/data/*.jsonl`, `out/models/{base,lm,math,code,judge}/`, `out/training/*.json`
+    """Write `out/data/*.jsonl` (test rows), `out/data/validation/*.jsonl`, `out/models/{base,lm,math,code,judge}/`, `out/training/*.json`
     and `out/demo.json`: the base step, then each fine-tuned model (`models` picks them).
 
     `gsm8k_judge_prompt` / `annotator`: the judge prompt file and alpaca_eval annotator the
@@ -70,8 +70,11 @@ def build_base(out: Path, seed: int, spec: ZooSpec, gsm8k_judge_prompt=None, ann
     out = Path(out)
     _start(spec.threads)
     splits, plain, pairs, judge_items = _training_data(seed, spec, gsm8k_judge_prompt, annotator)
-    for name, (test, _) in splits.items():
+    for name, (test, train_rows) in splits.items():
         atomic.write_jsonl(out / "data" / f"{name}.jsonl", test)
+        # validation rows: another stream, after the others (nothing trained on them, nothing else moves)
+        atomic.write_jsonl(out / families.validation_file(name),
+                           families.validation_rows(name, seed, spec.n_validation, test, train_rows))
     # The tokenizer sees only training text (plain, templated, judging requests), never test rows.
     tokenizer = train_tokenizer(
         [t for texts in plain.values() for t in texts] + [p + r for ps in pairs.values() for p, r in ps]
@@ -89,6 +92,7 @@ def build_base(out: Path, seed: int, spec: ZooSpec, gsm8k_judge_prompt=None, ann
     _save(base, tokenizer, out / "models" / "base")
     _record(out, "base", losses, len(tokenizer), time.monotonic() - t0)
     manifest = {"seed": seed, "spec": asdict(spec), "data": {n: len(t) for n, (t, _) in splits.items()},
+                "validation": {n: spec.n_validation for n in splits},
                 "cpu_kernels": "pinned" if cpu.pinned() else "native"}
     atomic.write_text(out / "demo.json", json.dumps(manifest, indent=2) + "\n")
 

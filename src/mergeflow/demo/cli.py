@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="build the demo zoo and benchmark-shaped data (deterministic from --seed)",
-        description="Writes OUT/data/{gsm8k,mbpp,alpaca_eval,math}.jsonl, OUT/models/{base,lm,math,code}/ "
+        description="Writes OUT/data/{gsm8k,mbpp,alpaca_eval,math}.jsonl (test rows), OUT/data/validation/*.jsonl "
+        "(their validation rows, apart from test and training), OUT/models/{base,lm,math,code}/ "
         "(safetensors + tokenizer) and OUT/demo.json. The same seed gives the same bytes on every x86-64 CPU "
         "(training runs with portable CPU kernels: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE,STRICT).",
     )

@@ -231,6 +231,11 @@ FAMILIES = {  # data file -> (row maker, training pair); the expert that masters
 EXPERT_OF = {"gsm8k": "math", "math": "math", "mbpp": "code", "alpaca_eval": "lm"}
 MBPP_FIRST_TEST_ID = 11  # the test split's task ids start here, as in MBPP
 MBPP_FIRST_TRAIN_ID = 601  # MBPP's train split ids, so training and test never share one
+MBPP_FIRST_VALIDATION_ID = 511  # MBPP's validation split ids (511-600), apart from both
+# Seed offsets of the row streams: test rows from the seed itself, training and validation
+# rows from streams of their own, so that adding validation rows leaves the others unchanged.
+TRAIN_STREAM = 1_000_003
+VALIDATION_STREAM = 2_000_006
 
 
 def _key(name: str, row: dict) -> str:
@@ -257,9 +262,24 @@ def make_rows(name: str, seed: int, n: int, exclude: set[str] = frozenset(), fir
 def split_rows(name: str, seed: int, n_test: int, n_train: int) -> tuple[list[dict], list[dict]]:
     """Held-out test rows (the benchmark file) and disjoint training rows."""
     test = make_rows(name, seed, n_test, first_id=MBPP_FIRST_TEST_ID)
-    train = make_rows(name, seed + 1_000_003, n_train, exclude={_key(name, r) for r in test},
+    train = make_rows(name, seed + TRAIN_STREAM, n_train, exclude={_key(name, r) for r in test},
                       first_id=MBPP_FIRST_TRAIN_ID)
     return test, train
+
+
+def validation_rows(name: str, seed: int, n: int, test: list[dict], train: list[dict]) -> list[dict]:
+    """The benchmark's own validation split (what a selecting sweep tunes on, docs/selection.md):
+    `n` rows from a stream of their own, sharing no key with the test or the training rows
+    (MBPP task ids from 511, MBPP's validation ids). Drawn after the other two, from another
+    stream: the test rows, the training rows and everything trained on them are unchanged."""
+    exclude = {_key(name, r) for r in test} | {_key(name, r) for r in train}
+    return make_rows(name, seed + VALIDATION_STREAM, n, exclude=exclude, first_id=MBPP_FIRST_VALIDATION_ID)
+
+
+def validation_file(name: str) -> str:
+    """Where the demo writes a family's validation rows, relative to the demo's output directory
+    (beside the benchmark file data/NAME.jsonl)."""
+    return f"data/validation/{name}.jsonl"
 
 
 def pretraining_text(name: str, row: dict) -> str:

@@ -17,6 +17,7 @@ class ZooSpec:
     num_heads: int = 4
     max_positions: int = 1024
     n_test: int = 20  # rows per benchmark file
+    n_validation: int = 6  # rows per validation file (data/validation/NAME.jsonl), apart from test and training
     n_train: int = 2000  # training rows per family
     pretrain_steps: int = 800
     pretrain_templated: float = 0.0  # share of pre-training batches drawn from the templated pairs
@@ -43,7 +44,7 @@ FULL = ZooSpec()
 # For tests: the same pipeline in a second or two.
 SMALL = ZooSpec(
     vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=512,
-    n_test=4, n_train=12, pretrain_steps=2, finetune_steps=2, judge_steps=2, batch_size=4, max_length=256,
+    n_test=4, n_validation=2, n_train=12, pretrain_steps=2, finetune_steps=2, judge_steps=2, batch_size=4, max_length=256,
     judge_max_length=512, n_judge_rows=4,
 )
 

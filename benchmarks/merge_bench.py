@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/merge_bench")
     ap.add_argument("--methods", default="task_arithmetic,ties,dare_ties,della")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--tools", default="mergeflow,mergekit")
+    ap.add_argument("--tools", default="mergeflow,mergekit",
+                    help="mergeflow, mergekit, and mergeflow@DIR: mergeflow from the tree DIR (an A/B)")
     ap.add_argument("--shard-size", type=int, default=2 * 10**9, help="input shard bytes")
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
     ap.add_argument("--json", help="append results as JSON lines to this file")
@@ -294,10 +295,17 @@ def main(argv=None) -> int:
         mf_method, mf_params, *_ = METHODS[method]
         res = {"size": args.size, "method": method, "device": args.device, "repeat": rep, "floor": floor}
         for tool in args.tools.split(","):
-            out = work / f"out-{tool}-{method}"
+            label = tool.replace("/", "_")
+            out = work / f"out-{label}-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            log = work / f"log-{tool}-{method}.txt"
-            if tool == "mergeflow":
+            log = work / f"log-{label}-{method}.txt"
+            tool_env = env
+            if tool.startswith("mergeflow@"):  # an A/B: mergeflow from another source tree (DIR/src)
+                src = str(Path(tool.partition("@")[2]).resolve() / "src")
+                here = str(Path(__file__).resolve().parents[1] / "src")
+                path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != Path(here)]
+                tool_env = dict(env, PYTHONPATH=os.pathsep.join([src, *path]))
+            if tool.startswith("mergeflow"):
                 cmd = [sys.executable, "-m", "mergeflow.merging", "--method", mf_method, "--base", str(dirs["base"])]
                 for n in ("lm", "math", "code"):
                     cmd += ["--expert", f"{n}={dirs[n]}"]
@@ -311,11 +319,11 @@ def main(argv=None) -> int:
                 if args.device == "cuda":
                     cmd.append("--cuda")
             os.sync()  # the previous run's output written back now, not during this one
-            wall, rss, rc = run_child(cmd, env, log)
+            wall, rss, rc = run_child(cmd, tool_env, log)
             res[tool] = {"wall_s": round(wall, 2), "peak_rss_gib": round(rss / 2**30, 2), "rc": rc}
             if rc != 0:
                 print(f"!! {tool} {method} failed (exit {rc}), see {log}:\n" + log.read_text()[-3000:], flush=True)
-            if tool == "mergeflow" and rc == 0:
+            if tool.startswith("mergeflow") and rc == 0:
                 meta = json.loads((out / "mergeflow_merge.json").read_text())
                 res[tool]["engine"] = meta.get("engine")
                 res[tool]["timings"] = dict(meta.get("timings") or {}, engine_s=meta["wall_time_s"])

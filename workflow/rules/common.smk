@@ -178,11 +178,7 @@ def merge_spec(wildcards):
 def merge_inputs(wildcards):
     spec = merge_spec(wildcards)
     names = [spec.base] + list(spec.experts)
-    inputs = {name: model_dir(name) for name in dict.fromkeys(names)}
-    # While a checkpoint (rule select) is pending, Snakemake defers every temp() deletion, so
-    # test merges wait for the selections; ancient: a rewritten selection reruns no merge
-    inputs["_selections"] = [ancient(selection_file(s)) for s in SWEEPS]
-    return inputs
+    return {name: model_dir(name) for name in dict.fromkeys(names)}
 
 
 def merge_experts(wildcards):
@@ -348,6 +344,9 @@ def merge_metadata_files():
 # (default priority 0), so a local run keeps at most one checkpoint per running job:
 # Snakemake's scheduler sizes a temp directory as its inode and would merge everything first.
 BEFORE_MERGES_PRIORITY = 1
+# A sweep's validation jobs and its selection go first of all: while the checkpoint select is
+# pending, Snakemake defers every temp() deletion (docs/selection.md, "Disk")
+VALIDATION_PRIORITY = 2
 
 
 def merge_output(path):

@@ -34,7 +34,7 @@ if SWEEPS:
             args=split_args,
         log:
             "results/logs/split/{benchmark}.log",
-        priority: BEFORE_MERGES_PRIORITY
+        priority: VALIDATION_PRIORITY
         localrule: True
         conda:
             "../../envs/fetch.yaml"
@@ -55,7 +55,7 @@ if SWEEPS:
 
             rule:
                 name:
-                    "generate_validation" + _suffix
+                    f"generate_validation{_suffix}"
                 input:
                     model=lambda w: model_dir(w.model),
                     data=[validation_file(b) for b in _benches],
@@ -70,7 +70,7 @@ if SWEEPS:
                     "results/logs/generate_validation/{model}.log",
                 group:
                     "validation_{model}"
-                priority: BEFORE_MERGES_PRIORITY
+                priority: VALIDATION_PRIORITY
                 conda:
                     GENERATE_ENV
                 threads: GENERATE_THREADS
@@ -88,7 +88,7 @@ if SWEEPS:
             # a temp() checkpoint would stay on disk until the selection (a checkpoint) has run.
             rule:
                 name:
-                    "merge_generate_validation" + _suffix
+                    f"merge_generate_validation{_suffix}"
                 input:
                     unpack(lambda w: member_merge_inputs(w.model)),
                     data=[validation_file(b) for b in _benches],
@@ -105,7 +105,7 @@ if SWEEPS:
                 log:
                     merge="results/logs/merge_validation/{model}.log",
                     generate="results/logs/generate_validation/{model}.log",
-                priority: BEFORE_MERGES_PRIORITY
+                priority: VALIDATION_PRIORITY
                 conda:
                     GENERATE_ENV
                 threads: GENERATE_THREADS
@@ -129,6 +129,7 @@ if SWEEPS:
             samples="results/validation/scores/{model}/{benchmark}.samples.jsonl",
         log:
             "results/logs/score_validation/{model}/{benchmark}.log",
+        priority: VALIDATION_PRIORITY
 
     checkpoint select:
         input:
@@ -141,6 +142,7 @@ if SWEEPS:
             sweep="|".join(re.escape(s) for s in SWEEPS),
         log:
             "results/logs/select/{sweep}.log",
+        priority: VALIDATION_PRIORITY
         localrule: True
         conda:
             "../../envs/aggregate.yaml"

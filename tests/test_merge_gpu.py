@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeflow.merging import rng, steps
+from mergeflow.merging import fused, rng, steps
 from mergeflow.merging.engine import run_merge
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_uniforms_are_bit_identical_on_cpu_and_cuda(monkeypatch, backend, offset):
     monkeypatch.setenv("MERGEFLOW_GPU_RNG", backend)
     monkeypatch.setattr(rng, "_GPU", {})
-    monkeypatch.setattr(rng, "_TRITON", None)
+    monkeypatch.setattr(fused, "_KERNELS", None)
     key = rng.stream_key(42, "model.layers.7.mlp.up_proj.weight", 2, "magprune")
     cpu = rng.uniform(key, offset, (300, 1000))
     kernel = rng._gpu_uniform(torch.device("cuda"))
@@ -28,13 +28,52 @@ def test_uniforms_are_bit_identical_on_cpu_and_cuda(monkeypatch, backend, offset
 
 def test_kernel_warmed_in_a_thread_while_the_main_thread_draws(monkeypatch):
     monkeypatch.setattr(rng, "_GPU", {})
-    monkeypatch.setattr(rng, "_TRITON", None)
+    monkeypatch.setattr(fused, "_KERNELS", None)
     key = rng.stream_key(3, "lm_head.weight", 1, "dare")
-    warm = rng.warm_gpu(torch.device("cuda"))
+    warm = fused.warm(torch.device("cuda"), draws=True, experts=3)
     gpu = rng.uniform(key, 5, (70_000,), "cuda")  # waits for the kernel the thread loads
     warm.join(timeout=120)
     assert not warm.is_alive() and rng._gpu_uniform(torch.device("cuda")) is not None
     assert torch.equal(gpu.cpu(), rng.uniform(key, 5, (70_000,)))
+
+
+def _adversarial(shape, seed):
+    """Few distinct values: exact ties, cancelling sums, +0 and -0 (the sign of zero checked too)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=g).float() * 0.375
+    return torch.where(torch.rand(shape, generator=g) < 0.5, x, -x)
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32).cpu()
+
+
+@pytest.mark.parametrize("n_exp,weights", [(1, [0.7]), (2, [1.0, 1.0]), (3, [0.7, -0.3, 1.0]),
+                                           (5, [1.0, 0.3, 2.5, -1.25, 0.1])])
+@pytest.mark.parametrize("zero_sign", [1, -1, 0])
+def test_fused_disjoint_mean_gives_the_torch_steps_bits(monkeypatch, n_exp, weights, zero_sign):
+    x = _adversarial((n_exp, 257, 1031), n_exp)
+    monkeypatch.setenv("MERGEFLOW_GPU_FUSED", "torch")
+    ref = steps.disjoint_fuse_(x.cuda(), weights, zero_sign=zero_sign)
+    cpu = steps.disjoint_fuse_(x.clone(), weights, zero_sign=zero_sign)
+    monkeypatch.setenv("MERGEFLOW_GPU_FUSED", "triton")
+    assert fused.enabled()
+    out = steps.disjoint_fuse_(x.cuda(), weights, zero_sign=zero_sign)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(out.cpu(), cpu)
+
+
+@pytest.mark.parametrize("drop_rate,offset", [(0.5, 0), (0.9, 12345), (0.1, 2**32 - 300_000)])
+def test_fused_dare_drop_gives_the_torch_steps_bits(monkeypatch, drop_rate, offset):
+    x = _adversarial((291, 1000), 7)
+    key = rng.stream_key(42, "model.layers.3.mlp.down_proj.weight", 1, "dare")
+    monkeypatch.setenv("MERGEFLOW_GPU_FUSED", "torch")
+    ref = steps.bernoulli_drop_(x.cuda(), drop_rate, "inverse", key, offset)
+    cpu = steps.bernoulli_drop_(x.clone(), drop_rate, "inverse", key, offset)
+    monkeypatch.setenv("MERGEFLOW_GPU_FUSED", "triton")
+    out = steps.bernoulli_drop_(x.cuda(), drop_rate, "inverse", key, offset)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(out), _bits(cpu))
 
 
 def test_sorted_columns_and_trims_match_on_cpu_and_cuda():

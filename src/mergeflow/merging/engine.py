@@ -40,7 +40,7 @@ from mergeflow.checkpoints import (
     vocab_rows,
 )
 from mergeflow.errors import MergeflowError
-from mergeflow.merging import methods, rng, steps, vocab
+from mergeflow.merging import fused, methods, steps, vocab
 
 log = logging.getLogger(__name__)
 
@@ -565,8 +565,9 @@ class MergeEngine:
         self.timings: dict[str, float] = {}
         pinning = None
         if self.device.type == "cuda":
-            if self.method.random:  # Triton's import and kernel load overlap the pinning and first reads
-                self._warm = rng.warm_gpu(self.device)
+            if self.method.random or self.method.elects:  # Triton's kernels load beside the pinning and first reads
+                self._warm = fused.warm(self.device, draws=self.method.random,
+                                        experts=len(self.expert_names) if self.method.elects else None)
             # CUDA's context and the pinned slabs in a thread, while the plan and the check run
             pinning = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-pin")
             pinned = pinning.submit(self._pin_timed)

@@ -794,7 +794,8 @@ class Method:
         self.random = bool(spec.random(params))
         self.global_trim = bool(spec.model_stats(params))
         self.tensor_topk = bool(spec.tensor_topk(params))
-        self.majority_sign = self.global_trim and bool(spec.elects(params))
+        self.elects = bool(spec.elects(params))
+        self.majority_sign = self.global_trim and self.elects
 
     @property
     def tensor_wide(self) -> bool:

@@ -180,67 +180,10 @@ def _gpu_uniform(device):
     return _GPU[index]
 
 
-def warm_gpu(device) -> threading.Thread:
-    """Import Triton and load the kernel on `device` (one launch) in a background thread,
-    so a random method's first draw does not wait for them; the draws are the same."""
-    import torch
-
-    def warm():
-        try:
-            with torch.cuda.device(device):
-                uniform((0, 0), 0, (1 << 16,), device)
-                torch.cuda.synchronize(device)
-        except Exception:  # noqa: BLE001 - the merge's own first draw retries and reports
-            pass
-
-    t = threading.Thread(target=warm, name="mergeflow-rng-warm", daemon=True)
-    t.start()
-    return t
-
-
-_TRITON = None
-
-
 def _triton_uniform():
-    """The same hash as a fused Triton kernel (CUDA only), or None when Triton is absent.
-    Bit-identical to the tensor-op version (integer arithmetic)."""
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON or None
-    _TRITON = False
-    try:
-        import torch
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+    """The same hash as a fused Triton kernel (CUDA only; `fused.py`), or None when Triton is
+    absent. Bit-identical to the tensor-op version (integer arithmetic)."""
+    from mergeflow.merging import fused
 
-    @triton.jit(do_not_specialize=["n", "offset", "k0", "k1"])
-    def _kernel(out_ptr, n, offset, k0, k1, BLOCK: tl.constexpr):
-        # lowbias32 twice on uint32, products truncated back to 32 bits explicitly.
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = ((i + offset) & 0xFFFFFFFF).to(tl.uint32)
-        x = x ^ k0.to(tl.uint32, bitcast=True)
-        x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D).to(tl.uint32)
-        x = x ^ (x >> 15)
-        x = (x * 0x846CA68B).to(tl.uint32)
-        x = x ^ (x >> 16)
-        x = x ^ k1.to(tl.uint32, bitcast=True)
-        x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D).to(tl.uint32)
-        x = x ^ (x >> 15)
-        x = (x * 0x846CA68B).to(tl.uint32)
-        x = x ^ (x >> 16)
-        u = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
-        tl.store(out_ptr + i, u, mask=i < n)
-
-    def run(key, offset, numel, device):
-        out = torch.empty(numel, dtype=torch.float32, device=device)
-        block = 1024
-        # keys as signed int32 so the kernel sees 32-bit ints it can bitcast
-        _kernel[(triton.cdiv(numel, block),)](out, numel, offset, _signed(key[0]), _signed(key[1]), BLOCK=block)
-        return out
-
-    _TRITON = run
-    return run
+    kernels = fused._kernels()
+    return kernels["uniform"] if kernels else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mergeflow.merging import rng
+from mergeflow.merging import fused, rng
 
 
 @dataclass
@@ -378,6 +378,8 @@ def bernoulli_drop_(delta, drop_rate: float, rescale: str, key, offset: int):
     if drop_rate <= 0:
         return delta
     keep = f32(1.0 - drop_rate)
+    if rescale == "inverse" and fused.dare_inverse_(delta, keep, key, offset):  # CUDA: one pass
+        return delta
     l1 = l1_norm(delta) if rescale == "l1" else None
     u = rng.uniform(key, offset, delta.shape, delta.device)
     mask = u < keep
@@ -550,6 +552,10 @@ def disjoint_fuse_(deltas, weights, fuse_weights=None, elect: bool = True, zero_
     """
     import torch
 
+    if fuse_weights is None and normalize:
+        tau = fused.disjoint_(deltas, weights, zero_sign)  # CUDA: one pass
+        if tau is not None:
+            return tau
     for d, w in zip(deltas, weights):
         if w != 1.0:
             d.mul_(w)

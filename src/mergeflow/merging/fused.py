@@ -5,8 +5,9 @@ draw, compare, multiply, divide; then the election and the disjoint mean); on th
 main thread's launches, not the arithmetic, bound the merge (benchmarks/README.md, GPU
 profile). Each kernel here does the same float32 operations in the same order, one
 rounding each (no FMA contraction: `enable_fp_fusion=False`; IEEE division: `div_rn`), so
-the bits equal those of the torch steps in `steps.py` (tests/test_merge_gpu.py compares
-them). MERGEFLOW_GPU_FUSED=torch uses the torch steps instead; without Triton they run.
+the bits equal those of the torch steps in `steps.py` on the CPU, which made the recorded
+release bytes (tests/test_merge_gpu.py compares them). MERGEFLOW_GPU_FUSED=torch uses the
+torch steps instead; without Triton they run.
 """
 
 from __future__ import annotations

@@ -6,22 +6,20 @@ import triton.language as tl
 
 
 @triton.jit
+def lowbias32(x):
+    """One round of rng's hash on uint32, products truncated back to 32 bits explicitly."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D).to(tl.uint32)
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B).to(tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def uniform24(i, k0, k1):
-    # rng.uniform for int64 counters i: lowbias32 twice on uint32 (rng.py has the hash),
-    # products truncated back to 32 bits explicitly
-    x = (i & 0xFFFFFFFF).to(tl.uint32)
-    x = x ^ k0.to(tl.uint32, bitcast=True)
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D).to(tl.uint32)
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B).to(tl.uint32)
-    x = x ^ (x >> 16)
-    x = x ^ k1.to(tl.uint32, bitcast=True)
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D).to(tl.uint32)
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B).to(tl.uint32)
-    x = x ^ (x >> 16)
+    """rng.uniform for int64 counters i: lowbias32 twice, keyed between rounds (rng.py)."""
+    x = lowbias32((i & 0xFFFFFFFF).to(tl.uint32) ^ k0.to(tl.uint32, bitcast=True))
+    x = lowbias32(x ^ k1.to(tl.uint32, bitcast=True))
     return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 

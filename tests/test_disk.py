@@ -74,19 +74,18 @@ def demo_specs():
 def test_merged_checkpoints_are_temporary_and_grouped_with_their_consumers(demo_specs):
     cfg, specs = demo_specs
     out = dry_run()
-    # the sweep's grid members are merged for validation (results/validation/merges/, temporary
-    # too, grouped with their validation generation); the selected one is merged again for
-    # test once the selection exists (a checkpoint: not in this dry run)
+    # the sweep's grid members are merged for validation into a scratch copy inside their
+    # validation generate job (merge_generate_validation), which removes it: no temp() output
+    # for a pending checkpoint to keep; the selected one is merged again for test once the
+    # selection exists (a checkpoint: not in this dry run)
     members = {m for sw in sweeps(cfg, specs).values() for m in sw.members}
     assert len(members) == 3
     removed = set(re.findall(r"^Would remove temporary output results/merges/(\S+)$", out, re.M))
     assert removed == set(specs) - members, removed
-    validation = set(re.findall(r"^Would remove temporary output results/validation/merges/(\S+)$", out, re.M))
-    assert validation == members, validation
+    assert not re.search(r"^\s+output: .*results/validation/merges/", out, re.M)
+    jobs = re.findall(r"^\s*(?:local)?rule (merge_generate_validation\S*):\n(?:.*\n)*?\s+output: (.*)$", out, re.M)
+    assert {re.search(r"merge_meta/(\S+)\.json", outputs).group(1) for _, outputs in jobs} == members, jobs
     groups = group_rules(out)
-    for member in members:
-        rules = sorted(groups.get(f"validation_{member}", []))
-        assert len(rules) == 2 and rules[0].startswith("generate_validation") and rules[1] == "merge_validation", rules
     robust_pairs = {frozenset(e.get("experts") or ()) for e in cfg["robustness"]["livebench"]["categories"].values()}
     for merge_id, spec in specs.items():
         if merge_id in members:
@@ -111,9 +110,10 @@ def test_keep_merges_keeps_the_checkpoints(tmp_path, demo_specs):
     assert "Would remove temporary output results/validation/merges/" not in out
     members = {m for sw in sweeps(cfg, specs).values() for m in sw.members}
     counts = job_counts(out)
-    assert counts["merge"] == len(specs) - len(members) and counts["merge_validation"] == len(members)
-    merge_outputs = re.findall(r"^\s+output: (results/(?:validation/)?merges/\S+.*)$", out, re.M)
-    assert len(merge_outputs) == len(specs) and not any("(nodelocal)" in line for line in merge_outputs)
+    assert counts["merge"] == len(specs) - len(members)
+    assert sum(n for rule, n in counts.items() if rule.startswith("merge_generate_validation")) == len(members)
+    merge_outputs = re.findall(r"^\s+output: (results/merges/\S+.*)$", out, re.M)
+    assert len(merge_outputs) == len(specs) - len(members) and not any("(nodelocal)" in line for line in merge_outputs)
 
 
 @pytest.mark.slow

@@ -96,18 +96,18 @@ def test_configs_plan_and_match_the_dry_run(name, snakemake_dry_run):
     assert re.search(rf"^\s*Config file\(s\): \[PosixPath\('{re.escape(str(ROOT))}/config/{name}\.yaml'\)\]$", out, re.M), \
         out[:3000]
     jobs = job_counts(out)
-    # a selecting sweep (the demo's task arithmetic): its grid members are merge_validation and
-    # generate_validation* jobs; the chosen value's test jobs join the DAG after the selection
+    # a selecting sweep (the demo's task arithmetic): its grid members are merge_generate_validation*
+    # jobs; the chosen value's test jobs join the DAG after the selection
     # (a checkpoint), which the plan counts as the first value's seeds
     cfg = mfconfig.load(ROOT / "config" / f"{name}.yaml")
     specs = mfconfig.merge_specs(cfg)
     chosen = sum(len({specs[m].seed for m in sw.members if specs[m].params == specs[sw.members[0]].params})
                  for sw in sweeps(cfg, specs).values())
     assert chosen == (1 if name == "config" else 0)
-    assert plan["merges"] == jobs["merge"] + jobs.get("merge_validation", 0) + chosen
-    assert plan["validation"]["merge_jobs"] == jobs.get("merge_validation", 0)
-    assert plan["validation"]["generate_jobs"] == sum(n for rule, n in jobs.items()
-                                                      if rule.startswith("generate_validation"))
+    members = sum(n for rule, n in jobs.items() if rule.startswith("merge_generate_validation"))
+    assert plan["merges"] == jobs["merge"] + members + chosen
+    assert plan["validation"]["merge_jobs"] == members
+    assert plan["validation"]["generate_jobs"] == sum(n for rule, n in jobs.items() if "generate_validation" in rule)
     # one generate rule per benchmark set (generate, generate_<set>), one job per model
     assert plan["generate_jobs"] == chosen + sum(n for rule, n in jobs.items()
                                                  if rule.startswith("generate") and "validation" not in rule)

@@ -98,6 +98,8 @@ if SWEEPS:
                 params:
                     merge=lambda w: member_merge_args(w.model),
                     scratch=lambda w: validation_model_dir(w.model),
+                    # keep_merges keeps the copy too
+                    cleanup=lambda w: "" if CFG["keep_merges"] else f" && rm -rf {shlex.quote(validation_model_dir(w.model))}",
                     tasks=lambda w, benches=_benches: validation_tasks(w.model, benches),
                     python=GENERATE_PYTHON,
                 wildcard_constraints:
@@ -117,7 +119,7 @@ if SWEEPS:
                     "--metadata-out {output.meta} --gpus {resources.gpu} > {log.merge} 2>&1 && "
                     "MERGEFLOW_PYTHON={params.python:q} "
                     "workflow/scripts/mergeflow generate --model {params.scratch:q} {params.tasks} "
-                    "--gpus {resources.gpu} > {log.generate} 2>&1 && rm -rf {params.scratch:q}"
+                    "--gpus {resources.gpu} > {log.generate} 2>&1{params.cleanup}"
 
     use rule score as score_validation with:
         input:

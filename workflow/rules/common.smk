@@ -175,10 +175,15 @@ def merge_spec(wildcards):
     return MERGES[wildcards.merge_id]
 
 
+def merge_input_dirs(name):
+    """A merge's base and experts by name (rule merge, and a sweep member's validation job)."""
+    spec = MERGES[name]
+    return {m: model_dir(m) for m in dict.fromkeys([spec.base, *spec.experts])}
+
+
 def merge_inputs(wildcards):
-    spec = merge_spec(wildcards)
-    names = [spec.base] + list(spec.experts)
-    return {name: model_dir(name) for name in dict.fromkeys(names)}
+    merge_spec(wildcards)  # an unknown id: its error
+    return merge_input_dirs(wildcards.merge_id)
 
 
 def merge_experts(wildcards):
@@ -325,12 +330,15 @@ def loglik_tasks(model, benches):
                     for b in benches)
 
 
-def generation_tasks(model, benches):
+def generation_tasks(model, benches, validation=False):
     """`--task BENCHMARK DATA SETTINGS CACHE OUT` per benchmark: its settings are the job's
-    params, so editing one reruns the job, and its cache makes the others cost no generation."""
+    params, so editing one reruns the job, and its cache makes the others cost no generation.
+    `validation`: a sweep's validation rows, under results/validation/."""
+    root = "results/validation" if validation else "results"
     return " ".join(
-        f"--task {b} {data_file(b)} {shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))} "
-        f"results/cache/generations/{model}/{b}.jsonl results/generations/{model}/{b}.jsonl"
+        f"--task {b} {validation_file(b) if validation else data_file(b)} "
+        f"{shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))} "
+        f"{root}/cache/generations/{model}/{b}.jsonl {root}/generations/{model}/{b}.jsonl"
         for b in benches
     )
 
@@ -469,21 +477,6 @@ def validation_model_dir(name):
     return f"results/validation/merges/{name}" if name in MERGES else model_dir(name)
 
 
-def validation_tasks(model, benches):
-    """The --task arguments of a model's validation generate job (the validation rows)."""
-    return " ".join(
-        f"--task {b} {validation_file(b)} "
-        f"{shlex.quote(mfconfig.canonical_json(mfconfig.generation_settings(CFG, b)))} "
-        f"results/validation/cache/generations/{model}/{b}.jsonl "
-        f"results/validation/generations/{model}/{b}.jsonl"
-        for b in benches
-    )
-
-
-def member_merge_inputs(name):
-    """A grid member's base and experts (not the selections its own scores feed)."""
-    spec = MERGES[name]
-    return {m: model_dir(m) for m in dict.fromkeys([spec.base, *spec.experts])}
 
 
 def member_merge_args(name):

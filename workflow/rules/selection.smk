@@ -62,7 +62,7 @@ if SWEEPS:
                 output:
                     **{b: f"results/validation/generations/{{model}}/{b}.jsonl" for b in _benches},
                 params:
-                    tasks=lambda w, benches=_benches: validation_tasks(w.model, benches),
+                    tasks=lambda w, benches=_benches: generation_tasks(w.model, benches, validation=True),
                     python=GENERATE_PYTHON,
                 wildcard_constraints:
                     model="|".join(re.escape(m) for m in _references),
@@ -90,7 +90,7 @@ if SWEEPS:
                 name:
                     f"merge_generate_validation{_suffix}"
                 input:
-                    unpack(lambda w: member_merge_inputs(w.model)),
+                    unpack(lambda w: merge_input_dirs(w.model)),
                     data=[validation_file(b) for b in _benches],
                 output:
                     meta="results/validation/merge_meta/{model}.json",
@@ -100,7 +100,7 @@ if SWEEPS:
                     scratch=lambda w: validation_model_dir(w.model),
                     # keep_merges keeps the copy too
                     cleanup=lambda w: "" if CFG["keep_merges"] else f" && rm -rf {shlex.quote(validation_model_dir(w.model))}",
-                    tasks=lambda w, benches=_benches: validation_tasks(w.model, benches),
+                    tasks=lambda w, benches=_benches: generation_tasks(w.model, benches, validation=True),
                     python=GENERATE_PYTHON,
                 wildcard_constraints:
                     model="|".join(re.escape(m) for m in _members),

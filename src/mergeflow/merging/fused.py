@@ -82,12 +82,6 @@ def _weights(weights, device):
     return _WEIGHTS[key]
 
 
-def uniform(key, offset: int, numel: int, device):
-    """`rng.uniform`'s draws in one kernel (None: use the tensor ops)."""
-    k = _kernels()
-    return k["uniform"](key, offset, numel, device) if k else None
-
-
 def dare_inverse_(delta, keep: float, key, offset: int) -> bool:
     """`steps.bernoulli_drop_` with rescale inverse in one pass, in place; False: not done."""
     if not (delta.is_cuda and delta.is_contiguous() and enabled()):

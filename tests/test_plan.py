@@ -118,6 +118,10 @@ def test_configs_plan_and_match_the_dry_run(name, snakemake_dry_run):
     assert plan["loglik_mc_jobs"] == (13 if name == "mergebench" else 0)
     assert plan["judge"].get("gsm8k_judge", {}).get("models", 0) == jobs.get("judge_gsm8k", 0) + (
         chosen if cfg["evaluate"]["gsm8k_judge"] else 0)
+    if name == "config":  # its CPU judge is started by every judging job: GSM8K and AlpacaEval (test and
+        # validation rows) of every model, and the agreement (the demo's log: 36 judging jobs)
+        judged = jobs["judge_gsm8k"] + chosen
+        assert plan["judge_servers"]["starts"] == 2 * judged + members + jobs["judge_agreement"] == 36
     text = subprocess.run([sys.executable, "-m", "mergeflow", "plan", f"config/{name}.yaml"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120).stdout
     assert "peak, keep_merges: true" in text and "GPU-hours" in text
@@ -151,3 +155,55 @@ def test_hf_generation_hours_follow_the_decoding_set_up(tmp_path):
     plain = steps * gen["transformers"]["step_s"][1] * scale
     assert hours["auto"] == pytest.approx((compiled + start) / 3600)
     assert hours["plain"] == pytest.approx((plain + start) / 3600)
+
+
+def test_overlays_merge_as_snakemake_merges_configfiles():
+    """`mergeflow plan della.yaml judges/open_weights.yaml` plans the config Snakemake runs for
+    `--configfile della.yaml judges/open_weights.yaml` (snakemake.utils.update_config, left to right)."""
+    from snakemake.common.configfile import load_configfile
+    from snakemake.utils import update_config
+
+    files = [ROOT / "config" / "della.yaml", ROOT / "config" / "judges" / "open_weights.yaml"]
+    merged: dict = {}
+    for f in files:
+        update_config(merged, load_configfile(str(f)))
+    assert mfconfig.load(*files) == mfconfig.prepare(merged)
+    assert mfconfig.load(*files)["judge"]["endpoint"]["launch"]["server"] == "vllm"
+    assert mfconfig.overlay_config({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 3}, "d": {"e": 4}}) == \
+        {"a": {"b": 3, "c": 2}, "d": {"e": 4}}
+
+
+def test_a_launched_judge_is_charged_its_server_starts(tmp_path):
+    """Every judging job starts the launched judge: hand-counted on the small config with a
+    vLLM judge on 4 GPUs (6 models judged on GSM8K, no AlpacaEval), and on the paper config
+    with the open-weights overlay; a hosted judge starts none."""
+    rates = load_rates()
+    cfg = small_config(tmp_path)
+    cfg["judge"]["endpoint"]["launch"] = {"server": "vllm", "model": str(tmp_path / "judge"), "tensor_parallel_size": 4}
+    cfg["judge"]["endpoint"]["prices"] = {"input_per_1k": 0, "output_per_1k": 0}
+    cfg["resources"]["judge_gpus"] = 4
+    plan = build_plan(mfconfig.prepare(cfg), root=tmp_path, rates=rates, concurrent=2)
+    start = rates["judge_server"]["start_s"]["vllm"]
+    assert plan["judge_servers"] == {"server": "vllm", "starts": 6, "start_s": start, "gpus": 4, "gpu_s": 6 * start * 4}
+    g = plan["gpu_hours"]
+    assert g["judge_server_starts"] == pytest.approx(6 * start * 4 / 3600)
+    assert g["total"] == pytest.approx(g["merge"] + g["generate"] + g["likelihood"] + g["loglik_mc"] + 6 * start * 4 / 3600)
+    assert plan["judge"]["gsm8k_judge"]["cost_usd"] == 0.0
+
+    res = subprocess.run([sys.executable, "-m", "mergeflow", "plan", "config/della.yaml",
+                          "config/judges/open_weights.yaml", "--json"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    paper = json.loads(res.stdout)
+    judged = paper["judge"]["gsm8k_judge"]["models"] + paper["judge"]["alpaca_eval"]["models"]
+    assert paper["judge_servers"]["starts"] == judged and paper["judge_servers"]["gpus"] == 4
+    assert build_plan(mfconfig.load(ROOT / "config" / "della.yaml"), root=ROOT)["judge_servers"] is None
+
+
+def test_a_missing_or_malformed_overlay_is_named(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n")
+    for path, says in ((tmp_path / "nope.yaml", "config file not found"), (bad, "must be a mapping")):
+        res = subprocess.run([sys.executable, "-m", "mergeflow", "plan", "config/della.yaml", str(path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and says in res.stderr and str(path) in res.stderr, res.stderr

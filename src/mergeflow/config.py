@@ -268,16 +268,34 @@ def _check_sentence_encoder(config: dict) -> None:
                 "robustness.adversarial.settings.min_sentence_cos_sim: null to run without it")
 
 
-def load(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise MergeflowError(f"config file not found: {path}")
-    with open(path) as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            raise MergeflowError(f"config file {path} is not valid YAML: {err}") from err
+def load(path: str | Path, *overlays: str | Path) -> dict:
+    """A config file, with overlays (config/judges/*.yaml) merged over it left to right, key
+    by key, as Snakemake merges several --configfile files; then validated."""
+    raw: dict = {}
+    for p in (path, *overlays):
+        p = Path(p)
+        if not p.is_file():
+            raise MergeflowError(f"config file not found: {p}")
+        with open(p) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise MergeflowError(f"config file {p} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise MergeflowError(f"config file {p} must be a mapping of config keys, not a {type(data).__name__}")
+        overlay_config(raw, data)
     return prepare(raw)
+
+
+def overlay_config(config: dict, overlay: dict) -> dict:
+    """`config` updated in place by `overlay`, nested mappings key by key: snakemake.utils.update_config's rule."""
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            below = config.get(key)
+            config[key] = overlay_config(below if isinstance(below, dict) else {}, value)
+        else:
+            config[key] = value
+    return config
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`mergeflow plan CONFIG`: what a config will run and cost, before anything is submitted.
+"""`mergeflow plan CONFIG [OVERLAY ...]`: what a config will run and cost, before anything is submitted.
 
 Counts jobs with the functions the workflow's rules use (mergeflow.config: evaluated models,
 per-merge benchmarks; tests/test_plan.py checks the counts against a Snakemake dry run),
@@ -279,6 +279,9 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
 
     # judging
     judge = _judge_plan(cfg, models, root, rates, specs)
+    val_judged = sum("alpaca_eval" in benches for benches in selection.validation_benchmarks(sweeps).values())
+    servers = _judge_servers(cfg, judge, rates, val_judged)
+    server_gpu_s = servers["gpu_s"] if servers else 0.0
 
     return {
         "config": cfg.get("protocol", {}).get("name"),
@@ -298,6 +301,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
         "loglik_mc": loglik_bench,
         "backends": sorted(backends),
         "judge": judge,
+        "judge_servers": servers,
         "disk": {
             "sources_bytes": sources_bytes,
             "sources": {n: {"bytes": b, "from": how} for n, (b, _, how) in sources.items()},
@@ -312,9 +316,11 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
             "generate": gen_gpu_s / 3600,
             "likelihood": lik_gpu_s / 3600,
             "loglik_mc": loglik_gpu_s / 3600,
-            "total": (merge_gpu_s + gen_gpu_s + lik_gpu_s + loglik_gpu_s) / 3600,
+            "judge_server_starts": server_gpu_s / 3600,
+            "total": (merge_gpu_s + gen_gpu_s + lik_gpu_s + loglik_gpu_s + server_gpu_s) / 3600,
         },
-        "rates": _rate_sources(rates, backends if gpu else set(), loglik=bool(loglik_jobs and gpu)),
+        "rates": _rate_sources(rates, backends if gpu else set(), loglik=bool(loglik_jobs and gpu),
+                               judge_server=servers["server"] if servers else None),
     }
 
 
@@ -356,6 +362,20 @@ def _judge_plan(cfg: dict, models: list[str], root: Path, rates: dict, specs: di
     return out
 
 
+def _judge_servers(cfg: dict, judge: dict, rates: dict, validation_judged: int) -> dict | None:
+    """A launched judge's server starts: one per judging job (a model's GSM8K judging, its
+    AlpacaEval judging on test and on validation rows, each agreement source), each on
+    resources.judge_gpus GPUs."""
+    launch = cfg["judge"]["endpoint"].get("launch")
+    if not launch:
+        return None
+    server = launch.get("server") or "transformers"
+    starts = sum(row["models"] for row in judge.values()) + validation_judged + len(cfg["judge"].get("agreement") or {})
+    start_s = rates["judge_server"]["start_s"][server]
+    gpus = cfg["resources"].get("judge_gpus", 0)
+    return {"server": server, "starts": starts, "start_s": start_s, "gpus": gpus, "gpu_s": starts * start_s * gpus}
+
+
 def _cost(requests: int, tokens_in: int, tokens_out: int, prices: dict, launch, models: int, per_model: int) -> dict:
     row = {"models": models, "per_model": per_model, "requests": requests, "input_tokens": requests * tokens_in,
            "output_tokens": requests * tokens_out, "cost_usd": None}
@@ -367,7 +387,7 @@ def _cost(requests: int, tokens_in: int, tokens_out: int, prices: dict, launch, 
     return row
 
 
-def _rate_sources(rates: dict, backends: set[str], loglik: bool = False) -> list[dict]:
+def _rate_sources(rates: dict, backends: set[str], loglik: bool = False, judge_server: str | None = None) -> list[dict]:
     used = [("merge", rates["merge"]), ("likelihood", rates["likelihood"]),
             ("engine start", rates["generation"]["engine_start_s"])]
     if "hf" in backends:
@@ -377,6 +397,8 @@ def _rate_sources(rates: dict, backends: set[str], loglik: bool = False) -> list
         used.append(("generate (vLLM)", rates["generation"]["vllm"]))
     if loglik:
         used.append(("loglik_mc", rates["loglik_mc"]))
+    if judge_server:
+        used.append((f"judge server start ({judge_server})", rates["judge_server"]))
     used += [("judge tokens: alpaca_eval", rates["judge_tokens"]["alpaca_eval"]),
              ("judge tokens: gsm8k_judge", rates["judge_tokens"]["gsm8k_judge"])]
     return [{"stage": stage, "kind": r["kind"], "source": r["source"]} for stage, r in used]
@@ -434,6 +456,11 @@ def render(plan: dict) -> str:
         lines.append(f"  {kind:<13}judged by {row['judge']}"
                      + (f"; the paper used {row['paper_judge']}" if row["paper_judge"] else ""))
     total_cost = sum(r["cost_usd"] or 0 for r in plan["judge"].values())
+    js = plan["judge_servers"]
+    if js:
+        lines.append(f"  judge servers: {js['starts']} starts of `{js['server']} serve` (one per judging job), "
+                     + (f"{js['start_s']} s each on {js['gpus']} GPUs: {js['gpu_s'] / 3600:,.1f} GPU-hours of start-up "
+                        "(judging itself not estimated)" if js["gpus"] else "on the CPU"))
     lines += [
         f"  judge cost total: ${total_cost:,.2f} (configured prices; a GSM8K answer is charged its max_new_tokens)",
         "",
@@ -444,7 +471,7 @@ def render(plan: dict) -> str:
         f"{'   <- this config' if d['keep_merges'] else ''}",
         "",
         f"  GPU-hours: merge {g['merge']:,.1f}, generate {g['generate']:,.1f}, likelihood {g['likelihood']:,.1f}, "
-        f"loglik_mc {g['loglik_mc']:,.1f}, total {g['total']:,.1f}"
+        f"loglik_mc {g['loglik_mc']:,.1f}, judge server starts {g['judge_server_starts']:,.1f}, total {g['total']:,.1f}"
         + ("   (upper bound: every prompt decodes its full max_new_tokens"
            + ("; loglik_mc at the whole-run rate" if g["loglik_mc"] else "") + ")" if g["total"]
                                       else "   (no GPU in this config's resources)"),
@@ -459,7 +486,9 @@ def render(plan: dict) -> str:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="print the jobs, judge calls, peak disk, GPU-hours and judge cost of a config",
                               description="Plan a config before submitting it (no Snakemake needed).")
-    p.add_argument("config", type=Path, help="config file (e.g. config/della.yaml)")
+    p.add_argument("config", type=Path, nargs="+",
+                   help="config file (e.g. config/della.yaml), then any overlays (config/judges/open_weights.yaml), "
+                        "merged left to right as Snakemake merges --configfile files")
     p.add_argument("--jobs", type=int, default=None,
                    help="jobs running at once (default: the SLURM profile's `jobs`)")
     p.add_argument("--rates", type=Path, default=RATES_PATH, help="per-stage rates file")
@@ -468,7 +497,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = mfconfig.load(args.config)
+    cfg = mfconfig.load(*args.config)
     plan = build_plan(cfg, root=Path.cwd(), rates=load_rates(args.rates), concurrent=args.jobs)
     print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0

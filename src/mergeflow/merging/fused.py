@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
-from mergeflow.merging.rng import as_int32
+from mergeflow.merging.rng import _signed
 
 _KERNELS = None  # None: not loaded yet; False: no Triton (or switched off)
 _LOCK = threading.Lock()
@@ -50,12 +50,12 @@ def _build():
         import torch
 
         out = torch.empty(numel, dtype=torch.float32, device=device)
-        fk.uniform[(triton.cdiv(numel, BLOCK),)](out, numel, offset, as_int32(key[0]), as_int32(key[1]), BLOCK=BLOCK)
+        fk.uniform[(triton.cdiv(numel, BLOCK),)](out, numel, offset, _signed(key[0]), _signed(key[1]), BLOCK=BLOCK)
         return out
 
     def dare_inverse_(d, keep, key, offset):
         n = d.numel()
-        fk.dare_inverse[(triton.cdiv(n, BLOCK),)](d, n, offset, as_int32(key[0]), as_int32(key[1]), keep,
+        fk.dare_inverse[(triton.cdiv(n, BLOCK),)](d, n, offset, _signed(key[0]), _signed(key[1]), keep,
                                                   BLOCK=BLOCK, enable_fp_fusion=False)
         return d
 

@@ -32,9 +32,7 @@ def stream_key(seed: int, tensor: str, expert: int, purpose: str = "mask") -> tu
     return k0, k1
 
 
-def as_int32(x: int) -> int:
-    """The uint32 `x` (mod 2**32) as the int32 of the same bits: what torch's int32 tensors
-    and Triton's int32 arguments take."""
+def _signed(x: int) -> int:
     x &= 0xFFFFFFFF
     return x - (1 << 32) if x >= (1 << 31) else x
 
@@ -61,10 +59,10 @@ def random_bits(key: tuple[int, int], offset: int, numel: int, device="cpu"):
         raise ValueError(f"counter range {offset}+{numel} exceeds 2**32")
     x = torch.arange(numel, dtype=torch.int32, device=device)
     if offset:
-        x.add_(as_int32(offset))  # wraps like uint32 addition
-    x.bitwise_xor_(as_int32(key[0]))
+        x.add_(_signed(offset))  # wraps like uint32 addition
+    x.bitwise_xor_(_signed(key[0]))
     _lowbias32_(x)
-    x.bitwise_xor_(as_int32(key[1]))
+    x.bitwise_xor_(_signed(key[1]))
     _lowbias32_(x)
     return x
 

@@ -231,9 +231,10 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
     chosen = [m for sw in sweeps.values() for m in _first_value(sw, specs)]
     test_models = [m for m in models if m not in members] + chosen
     split = {b for sw in sweeps.values() for b in sw.benchmarks}
+    val_benches = selection.validation_benchmarks(sweeps)  # member -> its benchmarks on validation rows
     fraction = (cfg.get("validation") or {}).get("fraction", selection.SPLIT_DEFAULTS["fraction"])
     counts = {}  # benchmark -> (test docs, validation docs)
-    for model in set(test_models) | set(selection.validation_benchmarks(sweeps)):
+    for model in set(test_models) | set(val_benches):
         for bench in mfconfig.benchmarks_of(cfg, model, specs):
             if bench not in counts:
                 counts[bench] = _split_counts(cfg, bench, root, fraction) if bench in split else (
@@ -242,8 +243,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
     # generation
     test_work = {m: [(b, counts[b][0]) for b in mfconfig.generated_benchmarks(cfg, m, specs)] for m in test_models}
     generate_jobs, prompts, per_bench, backends, gen_gpu_s = _generation(cfg, test_work, params_of, rates, gpu)
-    val_work = {m: [(b, counts[b][1]) for b in benches]
-                for m, benches in selection.validation_benchmarks(sweeps).items()}
+    val_work = {m: [(b, counts[b][1]) for b in benches] for m, benches in val_benches.items()}
     val_jobs, val_prompts, _, val_backends, val_gpu_s = _generation(cfg, val_work, params_of, rates, gpu)
     backends |= val_backends
     gen_gpu_s += val_gpu_s
@@ -279,8 +279,7 @@ def build_plan(cfg: dict, *, root: Path = mfconfig.REPO_ROOT, rates: dict | None
 
     # judging
     judge = _judge_plan(cfg, models, root, rates, specs)
-    val_judged = sum("alpaca_eval" in benches for benches in selection.validation_benchmarks(sweeps).values())
-    servers = _judge_servers(cfg, judge, rates, val_judged)
+    servers = _judge_servers(cfg, judge, rates, sum("alpaca_eval" in b for b in val_benches.values()))
     server_gpu_s = servers["gpu_s"] if servers else 0.0
 
     return {
